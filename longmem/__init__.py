@@ -1,0 +1,1 @@
+from longmem.errors import LongMemError

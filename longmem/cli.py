@@ -1,0 +1,61 @@
+"""The ``longmem`` command line.
+
+Each subcommand lives next to the code it drives and registers itself through an
+``add_parser(subparsers)`` function; this module only assembles them and turns every
+``LongMemError`` (and the few other foreseeable failures) into one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# module -> registers one or more subcommands via add_parser(subparsers)
+_COMMAND_MODULES = [
+    "longmem.data",
+    "longmem.pretrain",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="longmem",
+        description="LongMem: a frozen causal LM with a long-term memory read by a trainable SideNet.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:  # a command module not written yet
+            if e.name == name:
+                continue
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from longmem.errors import LongMemError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except LongMemError as e:
+        print(f"longmem {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"longmem {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:  # disk full, permission denied, missing file not caught earlier
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"longmem {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
