@@ -1,0 +1,366 @@
+"""The memory bank: per-row, FIFO, chunked cache of block-m keys and values (LONGMEM.md section 4).
+
+Glossary:
+    B    rows: each row is one document stream / user / conversation, with a memory of its own
+    Hkv  key/value heads of block m (one memory per row and head)
+    H    query heads (a multiple of Hkv; query head h searches key/value head h // (H / Hkv))
+    csz  chunk_size: tokens per chunk; a chunk is represented by the mean of its token keys
+    C    chunks per row at most (memory_size / csz); N the chunks currently stored
+    k_c  chunks retrieved per query; K = k_c * csz tokens
+
+Storage is a ring buffer per row, allocated lazily and grown by doubling up to C, so a small memory
+costs little and a full one is never copied on eviction: the oldest chunk is overwritten in place.
+Tokens that do not fill a whole chunk wait in a per-row pending buffer for the next write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from longmem.config import BACKENDS
+from longmem.errors import LongMemError
+
+FORMAT_VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Retrieved:
+    keys: torch.Tensor  # (B, H, T, K, Dh)
+    values: torch.Tensor  # (B, H, T, K, Dh)
+    mask: torch.Tensor  # (B, H, T, K) bool, True = a real memory token
+    chunks: torch.Tensor  # (B, H, T, k_c) slot index of each retrieved chunk, -1 where missing
+
+
+@dataclass
+class _Row:
+    count: int = 0  # valid chunks, always slots [0, count)
+    head: int = 0  # next slot to write (the oldest chunk once the ring is full)
+    pending_k: torch.Tensor | None = None  # (Hkv, p, Dh), p < csz
+    pending_v: torch.Tensor | None = None
+    sources: list = field(default_factory=list)  # free-form provenance (file names), saved with the memory
+
+
+class MemoryBank:
+    """Isolated long-term memories for B rows. ``add`` writes, ``search`` reads, ``reset`` forgets.
+
+    Args:
+        batch_size: B, the number of independent memories.
+        num_heads: Hkv, key/value heads of the cached layer.
+        head_dim: Dh.
+        chunk_size: csz tokens per chunk.
+        memory_size: tokens kept per row (FIFO beyond that); a multiple of chunk_size.
+        topk_chunks: k_c chunks returned per query by ``search``.
+        dtype, device: storage dtype and device (the model's).
+        backend: "faiss" (exact inner product, CPU), "torch" (matmul + top-k, any device) or "auto".
+        info: what this memory belongs to (model name, fingerprint, layer); saved with it.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        chunk_size: int = 4,
+        memory_size: int = 65536,
+        topk_chunks: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        backend: str = "auto",
+        info: dict | None = None,
+    ):
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
+                            ("chunk_size", chunk_size), ("memory_size", memory_size), ("topk_chunks", topk_chunks)):
+            if not isinstance(value, int) or value < 1:
+                raise LongMemError(f"MemoryBank {name} must be a positive integer, got {value!r}")
+        if memory_size % chunk_size:
+            raise LongMemError(f"memory_size ({memory_size}) must be a multiple of chunk_size ({chunk_size})")
+        if backend not in BACKENDS:
+            raise LongMemError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.batch_size, self.num_heads, self.head_dim = batch_size, num_heads, head_dim
+        self.chunk_size, self.memory_size, self.topk_chunks = chunk_size, memory_size, topk_chunks
+        self.max_chunks = memory_size // chunk_size
+        self.dtype, self.device = dtype, torch.device(device)
+        self.backend = backend
+        self.info = dict(info or {})
+        self.rows = [_Row() for _ in range(batch_size)]
+        self.keys = self.values = None  # (B, Hkv, cap, csz, Dh)
+        self.chunk_keys = None  # (B, Hkv, cap, Dh): mean key of each chunk
+
+    # -- bookkeeping -------------------------------------------------------------------------------
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def num_tokens(self, row: int) -> int:
+        """Tokens stored in whole chunks (searchable) for one row; at most memory_size."""
+        return self.rows[self._row(row)].count * self.chunk_size
+
+    def num_pending(self, row: int) -> int:
+        """Tokens waiting for their chunk to fill (not yet searchable)."""
+        p = self.rows[self._row(row)].pending_k
+        return 0 if p is None else p.shape[1]
+
+    def reset(self, rows=None) -> None:
+        """Forget the given rows (all rows when None), e.g. at a document boundary."""
+        for b in range(self.batch_size) if rows is None else rows:
+            self.rows[self._row(b)] = _Row()
+        if all(r.count == 0 for r in self.rows):
+            self.keys = self.values = self.chunk_keys = None
+
+    def _row(self, row: int) -> int:
+        if not isinstance(row, int) or not 0 <= row < self.batch_size:
+            raise LongMemError(f"memory row must be an integer in [0, {self.batch_size}), got {row!r}")
+        return row
+
+    def _backend(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "faiss" if self.device.type == "cpu" else "torch"
+
+    def _grow(self, needed: int) -> None:
+        """Make room for ``needed`` chunks per row (before the ring wraps, slots [0, count) are used)."""
+        cap = self.capacity
+        if needed <= cap:
+            return
+        new_cap = min(self.max_chunks, max(needed, 2 * cap, 16))
+        B, Hkv, csz, Dh = self.batch_size, self.num_heads, self.chunk_size, self.head_dim
+        keys = torch.zeros(B, Hkv, new_cap, csz, Dh, dtype=self.dtype, device=self.device)
+        values = torch.zeros_like(keys)
+        chunk_keys = torch.zeros(B, Hkv, new_cap, Dh, dtype=self.dtype, device=self.device)
+        if cap:
+            keys[:, :, :cap] = self.keys
+            values[:, :, :cap] = self.values
+            chunk_keys[:, :, :cap] = self.chunk_keys
+        self.keys, self.values, self.chunk_keys = keys, values, chunk_keys
+
+    # -- write -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, rows=None) -> None:
+        """Append tokens (oldest first) to the rows' memories; evict the oldest chunks beyond memory_size.
+
+        Args:
+            keys, values: (B, Hkv, T, Dh) for all B rows, or (len(rows), Hkv, T, Dh) for the given rows.
+            rows: which rows the first dimension refers to (default: all rows in order).
+        """
+        rows = list(range(self.batch_size)) if rows is None else [self._row(r) for r in rows]
+        expected = (len(rows), self.num_heads, keys.shape[2] if keys.dim() == 4 else -1, self.head_dim)
+        if keys.dim() != 4 or tuple(keys.shape) != expected or values.shape != keys.shape:
+            raise LongMemError(
+                f"memory add expects keys and values of shape (rows={len(rows)}, heads={self.num_heads}, T, "
+                f"head_dim={self.head_dim}), got {tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        keys = keys.detach().to(self.device, self.dtype)
+        values = values.detach().to(self.device, self.dtype)
+        csz, C = self.chunk_size, self.max_chunks
+        for i, b in enumerate(rows):
+            row = self.rows[b]
+            k, v = keys[i], values[i]  # (Hkv, T, Dh)
+            if row.pending_k is not None:
+                k, v = torch.cat([row.pending_k, k], dim=1), torch.cat([row.pending_v, v], dim=1)
+            n = k.shape[1] // csz  # whole chunks
+            row.pending_k = k[:, n * csz:].clone() if k.shape[1] % csz else None
+            row.pending_v = v[:, n * csz:].clone() if k.shape[1] % csz else None
+            if n == 0:
+                continue
+            k = k[:, : n * csz].reshape(self.num_heads, n, csz, self.head_dim)  # (Hkv, n, csz, Dh)
+            v = v[:, : n * csz].reshape(self.num_heads, n, csz, self.head_dim)
+            if n > C:  # more than fits: only the newest C chunks survive
+                k, v, n = k[:, -C:], v[:, -C:], C
+            self._grow(min(C, row.count + n))
+            slots = (row.head + torch.arange(n, device=self.device)) % C
+            self.keys[b, :, slots] = k
+            self.values[b, :, slots] = v
+            self.chunk_keys[b, :, slots] = k.float().mean(dim=2).to(self.dtype)  # chunk representative
+            row.head = (row.head + n) % C
+            row.count = min(C, row.count + n)
+
+    # -- read --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def search_chunks(self, queries: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact maximum-inner-product search over chunk-mean keys, per row and key/value head.
+
+        Args:
+            queries: (B, Hkv, Q, Dh).
+        Returns:
+            slots (B, Hkv, Q, k) long, scores (B, Hkv, Q, k) float32, best first; slot -1 and
+            score -inf where fewer than k chunks are stored.
+        """
+        k = k or self.topk_chunks
+        B, Hkv, Q, _ = queries.shape
+        slots = torch.full((B, Hkv, Q, k), -1, dtype=torch.long, device=queries.device)
+        scores = torch.full((B, Hkv, Q, k), float("-inf"), dtype=torch.float32, device=queries.device)
+        counts = [r.count for r in self.rows]
+        if max(counts) == 0:
+            return slots, scores
+        if self._backend() == "faiss":
+            import faiss
+
+            q_np = queries.detach().float().cpu().numpy()
+            ck = self.chunk_keys.float().cpu().numpy()
+            for b in range(B):
+                if counts[b] == 0:
+                    continue
+                kk = min(k, counts[b])
+                for h in range(Hkv):
+                    D, I = faiss.knn(q_np[b, h], ck[b, h, : counts[b]], kk, metric=faiss.METRIC_INNER_PRODUCT)
+                    slots[b, h, :, :kk] = torch.from_numpy(I).to(slots.device)
+                    scores[b, h, :, :kk] = torch.from_numpy(D).to(scores.device)
+        else:
+            s = torch.matmul(queries.float(), self.chunk_keys.float().transpose(-1, -2))  # (B, Hkv, Q, cap)
+            valid = torch.arange(self.capacity, device=s.device) < torch.tensor(counts, device=s.device).view(B, 1)
+            s = s.masked_fill(~valid.view(B, 1, 1, -1), float("-inf"))
+            kk = min(k, self.capacity)
+            top, idx = s.topk(kk, dim=-1)
+            found = torch.isfinite(top)
+            slots[..., :kk] = torch.where(found, idx, -1)
+            scores[..., :kk] = top
+        return slots, scores
+
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor) -> Retrieved:
+        """Retrieve the top-k_c chunks per query token and head, expanded to their tokens.
+
+        Args:
+            queries: (B, H, T, Dh) retrieval queries (H a multiple of the memory's Hkv).
+        Returns:
+            Retrieved keys/values (B, H, T, K, Dh) with K = k_c * csz, and a validity mask.
+        """
+        B, H, T, Dh = queries.shape
+        if B != self.batch_size or H % self.num_heads or Dh != self.head_dim:
+            raise LongMemError(
+                f"memory search expects queries (B={self.batch_size}, H=multiple of {self.num_heads}, T, "
+                f"Dh={self.head_dim}), got {tuple(queries.shape)}"
+            )
+        G, kc, csz = H // self.num_heads, self.topk_chunks, self.chunk_size
+        q = queries.reshape(B, self.num_heads, G * T, Dh)  # query head h -> kv head h // G
+        slots, _ = self.search_chunks(q, kc)  # (B, Hkv, G*T, kc)
+        found = slots >= 0
+        if self.keys is None:
+            shape = (B, H, T, kc * csz, Dh)
+            empty = torch.zeros(shape, dtype=self.dtype, device=queries.device)
+            return Retrieved(empty, empty, torch.zeros(shape[:-1], dtype=torch.bool, device=queries.device),
+                             slots.view(B, H, T, kc))
+        safe = slots.clamp_min(0).to(self.device)
+        b_idx = torch.arange(B, device=self.device).view(B, 1, 1, 1)
+        h_idx = torch.arange(self.num_heads, device=self.device).view(1, -1, 1, 1)
+        mem_k = self.keys[b_idx, h_idx, safe]  # (B, Hkv, G*T, kc, csz, Dh)
+        mem_v = self.values[b_idx, h_idx, safe]
+        mask = found.unsqueeze(-1).expand(B, self.num_heads, G * T, kc, csz)
+        return Retrieved(
+            keys=mem_k.reshape(B, H, T, kc * csz, Dh).to(queries.device),  # (B, H, T, K, Dh)
+            values=mem_v.reshape(B, H, T, kc * csz, Dh).to(queries.device),
+            mask=mask.reshape(B, H, T, kc * csz).to(queries.device),
+            chunks=slots.view(B, H, T, kc),
+        )
+
+    # -- views -------------------------------------------------------------------------------------
+
+    def chronological(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One row's stored chunks, oldest first: keys and values (Hkv, N, csz, Dh)."""
+        r = self.rows[self._row(row)]
+        if r.count == 0:
+            shape = (self.num_heads, 0, self.chunk_size, self.head_dim)
+            return torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        start = r.head if r.count == self.max_chunks else 0
+        order = (start + torch.arange(r.count, device=self.device)) % self.max_chunks
+        return self.keys[row, :, order], self.values[row, :, order]
+
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors (allocated capacity, all rows)."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.chunk_keys) if t is not None)
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def header(self) -> dict:
+        return {
+            "format": "longmem-memory",
+            "version": FORMAT_VERSION,
+            "batch_size": self.batch_size,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "chunk_size": self.chunk_size,
+            "memory_size": self.memory_size,
+            "topk_chunks": self.topk_chunks,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "backend": self.backend,
+            "info": self.info,
+            "rows": [{"tokens": r.count * self.chunk_size, "pending": self.num_pending(b), "sources": r.sources}
+                     for b, r in enumerate(self.rows)],
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the memory to one safetensors file (JSON header in its metadata). Atomic."""
+        from safetensors.torch import save_file
+
+        tensors = {}
+        for b, r in enumerate(self.rows):
+            if r.count:
+                k, v = self.chronological(b)
+                tensors[f"row{b}.keys"], tensors[f"row{b}.values"] = k.contiguous().cpu(), v.contiguous().cpu()
+            if r.pending_k is not None:
+                tensors[f"row{b}.pending_keys"] = r.pending_k.contiguous().cpu()
+                tensors[f"row{b}.pending_values"] = r.pending_v.contiguous().cpu()
+        path = os.fspath(path)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            save_file(tensors, tmp, metadata={"longmem": json.dumps(self.header())})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", expect: dict | None = None) -> "MemoryBank":
+        """Read a memory written by ``save``. ``expect``: info fields that must match (e.g. the model's)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise LongMemError(f"no memory file at {path}")
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                header = json.loads(meta["longmem"])
+                tensors = {name: f.get_tensor(name) for name in f.keys()}
+        except (SafetensorError, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
+            raise LongMemError(f"{path} is not a readable LongMem memory file ({type(e).__name__}); it may be truncated or from another program") from None
+        if header.get("format") != "longmem-memory":
+            raise LongMemError(f"{path} is not a LongMem memory file")
+        if header.get("version") != FORMAT_VERSION:
+            raise LongMemError(f"{path} has memory format version {header.get('version')}, this longmem reads version {FORMAT_VERSION}; upgrade longmem")
+        if expect:
+            mismatched = {k: (header["info"].get(k), v) for k, v in expect.items() if header["info"].get(k) != v}
+            if mismatched:
+                raise LongMemError(_mismatch_message(path, mismatched))
+        bank = cls(
+            batch_size=header["batch_size"], num_heads=header["num_heads"], head_dim=header["head_dim"],
+            chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
+            dtype=_DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
+        )
+        for b, meta_row in enumerate(header["rows"]):
+            bank.rows[b].sources = list(meta_row.get("sources", []))
+            if f"row{b}.keys" in tensors:
+                k, v = tensors[f"row{b}.keys"], tensors[f"row{b}.values"]  # (Hkv, N, csz, Dh)
+                flat = lambda t: t.reshape(t.shape[0], -1, t.shape[-1]).unsqueeze(0)  # noqa: E731  (1, Hkv, N*csz, Dh)
+                bank.add(flat(k), flat(v), rows=[b])
+            if f"row{b}.pending_keys" in tensors:
+                bank.add(tensors[f"row{b}.pending_keys"].unsqueeze(0), tensors[f"row{b}.pending_values"].unsqueeze(0), rows=[b])
+            if bank.num_tokens(b) != meta_row["tokens"] or bank.num_pending(b) != meta_row["pending"]:
+                raise LongMemError(f"{path} is inconsistent (row {b}: header and tensors disagree); the file is damaged")
+        return bank
+
+
+def _mismatch_message(path: str, mismatched: dict) -> str:
+    what = ", ".join(f"{k}: memory has {have!r}, model has {want!r}" for k, (have, want) in mismatched.items())
+    return f"memory {path} belongs to another model ({what}); build a new memory with this model"

@@ -1,0 +1,274 @@
+"""LongMem = frozen backbone + memory bank + SideNet (paper figure 2).
+
+| paper        | here                                   |
+|--------------|----------------------------------------|
+| m            | ``config.memory_layer``                |
+| csz          | ``config.chunk_size``                  |
+| M            | ``config.memory_size``                 |
+| k_c, K       | ``config.topk_chunks``, k_c * csz      |
+| g            | ``sidenet.gate`` (one logit per head)  |
+| SideNet L_s  | ``sidenet.num_layers`` = L // 2        |
+| j            | ``sidenet.memory_index`` = (m - 1) / 2 |
+
+One call of ``forward`` processes one segment (B, T) of B independent streams: the frozen backbone
+encodes it, the SideNet reads the backbone's hidden states and retrieves from each row's memory, and
+only then is the segment's block-m key/value written to the memory (write after read, section 3.7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longmem.backbone import Backbone, load_causal_lm
+from longmem.config import LongMemConfig, default_memory_layer
+from longmem.errors import LongMemError
+from longmem.memory import MemoryBank
+from longmem.sidenet import SideNet
+
+CHECKPOINT_VERSION = 1
+CONFIG_FILE = "longmem.json"
+WEIGHTS_FILE = "sidenet.safetensors"
+
+
+@dataclass
+class LongMemOutput:
+    logits: torch.Tensor  # (B, T, V)
+    loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
+
+
+class LongMem(nn.Module):
+    """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
+
+    def __init__(self, backbone: Backbone, config: LongMemConfig, sidenet: SideNet | None = None):
+        super().__init__()
+        L = backbone.num_layers
+        if config.memory_layer is None:
+            config = config.replace(memory_layer=default_memory_layer(L))
+        if config.memory_layer >= 2 * (L // 2):
+            raise LongMemError(
+                f"memory_layer {config.memory_layer} has no SideNet layer to read it in a {L}-layer backbone; "
+                f"choose an odd block below {2 * (L // 2)}"
+            )
+        self.config = config
+        self.backbone = backbone
+        self.sidenet = sidenet if sidenet is not None else SideNet(backbone, config.memory_layer)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
+        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
+        config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
+        return cls(Backbone(load_causal_lm(model_or_path)), config)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(False)  # the backbone never leaves eval mode
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.sidenet.parameters() if p.requires_grad]
+
+    @property
+    def memory_layer(self) -> int:
+        return self.config.memory_layer
+
+    @property
+    def segment_length(self) -> int:
+        """T, the local window used when streaming documents."""
+        if self.config.segment_length is not None:
+            return self.config.segment_length
+        limits = [1024, self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else [])
+        return min(limits)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.sidenet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.sidenet.parameters()).dtype
+
+    def memory_info(self) -> dict:
+        """What a memory built by this model records, and what ``forward`` checks before using one."""
+        return {"model": self.backbone.name, "fingerprint": self.backbone.fingerprint(), "memory_layer": self.memory_layer}
+
+    def new_memory(self, batch_size: int = 1, *, memory_size: int | None = None, chunk_size: int | None = None,
+                   topk_chunks: int | None = None, backend: str | None = None, device=None, dtype=None) -> MemoryBank:
+        """An empty memory bank with one isolated memory per row. Sizes default to the config's."""
+        return MemoryBank(
+            batch_size=batch_size,
+            num_heads=self.backbone.num_kv_heads,
+            head_dim=self.backbone.head_dim,
+            chunk_size=chunk_size or self.config.chunk_size,
+            memory_size=memory_size or self.config.memory_size,
+            topk_chunks=topk_chunks or self.config.topk_chunks,
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+            backend=backend or self.config.retrieval_backend,
+            info=self.memory_info(),
+        )
+
+    def load_memory(self, path, device=None) -> MemoryBank:
+        """Load a memory saved with ``MemoryBank.save``, refusing one built by another model."""
+        return MemoryBank.load(path, device=device or self.device, expect=self.memory_info())
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
+                update_memory: bool = True) -> LongMemOutput:
+        """One segment of B streams.
+
+        Args:
+            input_ids: (B, T) token ids, T <= the backbone's context.
+            memory: the rows' memory bank (B rows), or None for the SideNet without memory.
+            labels: (B, T) as in HF causal LMs: shifted inside, -100 ignored.
+            update_memory: write this segment's block-m keys/values to ``memory`` after reading it.
+        Returns:
+            LongMemOutput with logits (B, T, V) and loss (when labels are given).
+        """
+        self._check_inputs(input_ids, labels, memory)
+        bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
+        rope = self.backbone.rotary(bb.hidden_states[0], positions)
+        retrieve = memory.search if memory is not None else None
+        logits = self.sidenet(self.backbone, bb.hidden_states, rope, retrieve)
+        if memory is not None and update_memory:
+            memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
+        return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
+
+    @torch.no_grad()
+    def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's own logits for a segment (the paper's baseline), (B, T, V)."""
+        self._check_inputs(input_ids, None, None)
+        bb = self.backbone(input_ids, self.memory_layer)
+        return self.backbone.logits(bb.hidden_states[-1])
+
+    def _check_inputs(self, input_ids, labels, memory) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int16):
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise LongMemError(f"input_ids must be an integer tensor of shape (batch, tokens), got {got}")
+        B, T = input_ids.shape
+        if B == 0 or T == 0:
+            raise LongMemError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        vocab = self.backbone.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise LongMemError(f"token ids must lie in [0, {vocab}) for this model, got values in [{lo}, {hi}]; was the text encoded with this model's tokenizer?")
+        limit = min([self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else []))
+        if T > limit:
+            raise LongMemError(f"segment of {T} tokens is longer than the backbone's context ({limit}); split the stream into segments of at most {limit} tokens")
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise LongMemError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        if memory is not None:
+            if not isinstance(memory, MemoryBank):
+                raise LongMemError(f"memory must be a longmem.MemoryBank (see model.new_memory), got {type(memory).__name__}")
+            if memory.batch_size != B:
+                raise LongMemError(f"memory has {memory.batch_size} rows but input_ids has {B}; one memory row per batch row")
+            mine = self.memory_info()
+            for key in ("fingerprint", "memory_layer"):
+                if memory.info.get(key) != mine[key]:
+                    raise LongMemError(
+                        f"this memory belongs to another model ({key}: memory has {memory.info.get(key)!r}, "
+                        f"model has {mine[key]!r}); build a new memory with model.new_memory()"
+                    )
+            if (memory.num_heads, memory.head_dim) != (self.backbone.num_kv_heads, self.backbone.head_dim):
+                raise LongMemError("memory head layout does not match this model; build a new memory with model.new_memory()")
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None) -> None:
+        """Save the SideNet (the only trained part) and the config; the backbone by reference.
+
+        ``save_backbone=True`` also writes the backbone (and ``tokenizer``) into ``path/backbone`` so
+        the folder is self-contained and relocatable.
+        """
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if save_backbone:
+            self.backbone.model.save_pretrained(path / "backbone")
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path / "backbone")
+            ref = "backbone"
+        else:
+            name = self.backbone.name
+            ref = os.path.abspath(name) if os.path.isdir(name) else name
+        meta = {
+            "format": "longmem-checkpoint",
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
+        }
+        state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
+        _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
+        _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, path, backbone=None, **config_overrides) -> "LongMem":
+        """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        meta = read_checkpoint_meta(path)
+        if backbone is None:
+            ref = meta["backbone"]["path"]
+            backbone = path / ref if (path / ref).is_dir() else ref
+        bb = Backbone(load_causal_lm(backbone))
+        want = meta["backbone"]["fingerprint"]
+        if bb.fingerprint() != want:
+            raise LongMemError(
+                f"checkpoint {path} was trained on another backbone (fingerprint {want}, given {bb.name!r} has "
+                f"{bb.fingerprint()}); pass the backbone it was trained on"
+            )
+        config = LongMemConfig.from_dict(meta["config"])
+        if config_overrides:
+            config = config.replace(**config_overrides)
+        model = cls(bb, config)
+        try:
+            state = load_file(str(path / WEIGHTS_FILE))
+        except (SafetensorError, OSError) as e:
+            raise LongMemError(f"cannot read {path / WEIGHTS_FILE}: {e}; the checkpoint is damaged or incomplete") from None
+        missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return model
+
+
+def read_checkpoint_meta(path: Path) -> dict:
+    if not (path / CONFIG_FILE).is_file():
+        raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); create one with `longmem train` or save_pretrained")
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LongMemError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
+    if meta.get("format") != "longmem-checkpoint" or meta.get("version") != CHECKPOINT_VERSION:
+        raise LongMemError(f"{path / CONFIG_FILE} is not a version-{CHECKPOINT_VERSION} LongMem checkpoint")
+    return meta
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF convention: position t predicts labels[t + 1]; -100 is ignored."""
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+    )
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = f"{target}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,67 @@
+"""The SideNet: the trainable network that reads the frozen backbone and the memory (paper section 3.2).
+
+Glossary: B rows, T tokens, D hidden size, H query heads, Hkv key/value heads, Dh head dim,
+L backbone layers, L_s = L // 2 SideNet layers, j = (m - 1) / 2 the memory-augmented layer.
+
+    x_0     = Hb[0]                                          (embeddings, frozen)
+    x_{i+1} = Block_i(x_i) + (Hb[2i+2] - Hb[2i])              eq (2): cross-network residual
+    logits  = lm_head(norm(x_{L_s}))                         (LM head frozen, norm trainable)
+
+Block_i is a copy of backbone block 2i+1. The last residual uses the raw output of the last
+backbone block Hb[L] (the official code used the final-normed state; LONGMEM.md section 3), which
+for an odd L also covers block L-1.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from longmem.attention import causal_attention, joint_attention
+from longmem.backbone import Backbone
+
+
+class SideNet(nn.Module):
+    def __init__(self, backbone: Backbone, memory_layer: int):
+        super().__init__()
+        L = backbone.num_layers
+        self.num_layers = L // 2
+        self.memory_index = (memory_layer - 1) // 2  # j
+        # deep copies, never aliases: training the SideNet must not touch the backbone
+        self.blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[2 * i + 1]) for i in range(self.num_layers))
+        self.norm = copy.deepcopy(backbone.norm)
+        self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
+        self.requires_grad_(True)
+        self._residual_from = [(2 * i, 2 * i + 2) for i in range(self.num_layers)]
+        self._residual_from[-1] = (2 * (self.num_layers - 1), L)
+
+    def forward(self, backbone: Backbone, hidden: list[torch.Tensor], rope, retrieve=None) -> torch.Tensor:
+        """Run the SideNet over one segment.
+
+        Args:
+            backbone: the frozen backbone (its family code runs the copied blocks; its LM head is used).
+            hidden: Hb[0..L], each (B, T, D).
+            rope: the family's position information for the segment (None for GPT-2).
+            retrieve: callable(mem_q (B, H, T, Dh)) -> Retrieved or None; None runs without memory.
+        Returns:
+            logits (B, T, V)
+        """
+        scale = backbone.scale
+
+        def local(q, k, v, q_raw, k_raw):
+            return causal_attention(q, k, v, scale=scale)
+
+        def joint(q, k, v, q_raw, k_raw):
+            mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
+            if mem is None:
+                return causal_attention(q, k, v, scale=scale)
+            return joint_attention(q, k, v, mem.keys, mem.values, self.gate, mem.mask, mem_q=q_raw, scale=scale)
+
+        x = hidden[0]
+        for i, block in enumerate(self.blocks):
+            core = joint if (i == self.memory_index and retrieve is not None) else local
+            lo, hi = self._residual_from[i]
+            x = backbone.block_forward(block, x, rope, core) + (hidden[hi] - hidden[lo])  # eq (2)
+        return backbone.logits(x, norm=self.norm)

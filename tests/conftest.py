@@ -1,0 +1,51 @@
+"""Tiny random-config backbones built offline, shared by the tests."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB = 97
+
+
+def make_gpt2(layers=4, seed=0, **kw):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=128, n_embd=32, n_layer=layers, n_head=4, bos_token_id=0,
+                     eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **kw)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def make_llama(layers=4, seed=0, model_type="llama", **kw):
+    import transformers
+
+    torch.manual_seed(seed)
+    Config, Model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[model_type]
+    cfg = Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0,
+                 eos_token_id=0, pad_token_id=0, **kw)
+    return Model(cfg).eval()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def backbone_hf(request):
+    """A tiny HF causal LM of each supported family (Llama with grouped-query attention)."""
+    return make_gpt2() if request.param == "gpt2" else make_llama()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_llama()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_gpt2()

@@ -1,0 +1,75 @@
+"""The frozen backbone adapter computes exactly what the HF model computes."""
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import VOCAB, make_gpt2, make_llama
+from longmem import LongMemError
+from longmem.backbone import Backbone, load_causal_lm
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "mistral", "qwen2"])
+def test_hidden_states_logits_and_block_m_kv_match_hf(family):
+    hf = make_gpt2(attn_implementation="eager") if family == "gpt2" else make_llama(model_type=family, attn_implementation="eager")
+    bb = Backbone(hf)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    m = 3
+    out = bb(ids, memory_layer=m)
+    ref = hf(ids, output_hidden_states=True, use_cache=True)
+    assert len(out.hidden_states) == bb.num_layers + 1
+    for i in range(bb.num_layers):  # HF's last entry is after the final norm; ours is the raw Hb[L]
+        assert_close(out.hidden_states[i], ref.hidden_states[i])
+    assert_close(bb.norm(out.hidden_states[-1]), ref.hidden_states[-1])
+    assert_close(bb.logits(out.hidden_states[-1]), ref.logits)
+    cached = ref.past_key_values.layers[m]
+    keys = out.keys
+    if family != "gpt2":  # ours are pre-rotary: rotating them must give HF's cached keys
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = bb.rotary(out.hidden_states[0], torch.arange(12).view(1, -1))
+        _, keys = apply_rotary_pos_emb(keys, keys, cos, sin)
+        assert out.keys.shape[1] == 2  # one entry per key/value head (GQA)
+    assert_close(keys, cached.keys)
+    assert_close(out.values, cached.values)
+
+
+def test_pre_rotary_keys_do_not_depend_on_position():
+    bb = Backbone(make_llama())
+    ids = torch.randint(0, VOCAB, (1, 8))
+    a = bb(ids, 3, positions=torch.arange(8))
+    b = bb(ids, 3, positions=torch.arange(8) + 40)
+    assert_close(a.keys[:, :, 0], b.keys[:, :, 0])  # the first token sees only itself: same key
+
+
+def test_backbone_is_frozen_and_stays_in_eval():
+    bb = Backbone(make_gpt2())
+    bb.train()
+    assert not bb.model.training
+    assert not any(p.requires_grad for p in bb.parameters())
+
+
+def test_unsupported_and_non_causal_models_are_clear_errors():
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2Model
+
+    with pytest.raises(LongMemError, match="supported causal LM families: gpt2, llama, mistral, qwen2"):
+        Backbone(BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)))
+    with pytest.raises(LongMemError, match="not a causal LM"):
+        Backbone(GPT2Model(GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0)))
+    with pytest.raises(LongMemError, match="is not an HF model"):
+        Backbone(torch.nn.Linear(2, 2))
+
+
+def test_unknown_hub_id_offline_is_a_clear_error():
+    with pytest.raises(LongMemError, match="cannot load backbone"):
+        load_causal_lm("no-such-org/no-such-model-xyz")
+
+
+def test_loads_a_saved_model_from_a_local_folder(tmp_path):
+    hf = make_llama()
+    hf.save_pretrained(tmp_path / "bb")
+    bb = Backbone(load_causal_lm(tmp_path / "bb"))
+    ids = torch.randint(0, VOCAB, (1, 6))
+    assert_close(bb.logits(bb(ids, 3).hidden_states[-1]), hf(ids).logits)
+    assert bb.fingerprint() == Backbone(hf).fingerprint()
+    assert bb.fingerprint() != Backbone(make_llama(seed=1)).fingerprint()

@@ -1,0 +1,177 @@
+"""The memory bank: chunking, FIFO, search backends, isolation, persistence."""
+
+import numpy as np
+import pytest
+import torch
+from torch.testing import assert_close
+
+from longmem import LongMemError, MemoryBank
+
+
+def bank(B=2, Hkv=2, Dh=8, csz=4, M=64, kc=3, backend="faiss", **kw):
+    return MemoryBank(B, Hkv, Dh, chunk_size=csz, memory_size=M, topk_chunks=kc, backend=backend, **kw)
+
+
+def stream(B=2, Hkv=2, T=10, Dh=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, Hkv, T, Dh, generator=g), torch.randn(B, Hkv, T, Dh, generator=g)
+
+
+def test_partial_chunks_wait_and_are_never_dropped():
+    m = bank(csz=4)
+    k, v = stream(T=3)
+    m.add(k, v)
+    assert (m.num_tokens(0), m.num_pending(0)) == (0, 3)
+    k2, v2 = stream(T=3, seed=1)
+    m.add(k2, v2)
+    assert (m.num_tokens(0), m.num_pending(0)) == (4, 2)
+    keys, values = m.chronological(0)  # (Hkv, N, csz, Dh)
+    expected_k = torch.cat([k, k2], dim=2)[0, :, :4]
+    assert_close(keys.reshape(2, 4, 8), expected_k)
+    assert_close(values.reshape(2, 4, 8), torch.cat([v, v2], dim=2)[0, :, :4])
+
+
+@pytest.mark.parametrize("T", [4, 6, 20, 100])
+def test_fifo_holds_exactly_memory_size_and_evicts_the_oldest(T):
+    m = bank(M=32, csz=4)
+    ks, vs = [], []
+    for s in range(7):
+        k, v = stream(T=T, seed=s)
+        m.add(k, v)
+        ks.append(k), vs.append(v)
+    total = 7 * T
+    whole = (total // 4) * 4
+    assert m.num_tokens(1) == min(32, whole)
+    assert m.num_pending(1) == total - whole
+    allk = torch.cat(ks, dim=2)[1, :, :whole]
+    keys, _ = m.chronological(1)
+    assert_close(keys.reshape(2, -1, 8), allk[:, -min(32, whole):])  # the newest tokens, oldest first
+
+
+def test_rows_are_isolated_and_reset_only_forgets_the_given_rows():
+    m = bank()
+    k, v = stream(T=12)
+    m.add(k, v)
+    m.reset(rows=[0])
+    assert m.num_tokens(0) == 0 and m.num_tokens(1) == 12
+    q = torch.randn(2, 2, 5, 8)
+    r = m.search(q)
+    assert not r.mask[0].any() and r.mask[1].all()
+    # row 1 only ever sees its own tokens
+    stored = set(map(tuple, k[1].reshape(-1, 8).tolist()))
+    assert all(tuple(x) in stored for x in r.keys[1].reshape(-1, 8).tolist())
+
+
+def _brute_force(m, queries, row, head):
+    """Reference: chunk means from the chronological tokens, ranked by numpy inner products."""
+    keys, _ = m.chronological(row)
+    means = keys[head].double().mean(dim=1).numpy()  # (N, Dh)
+    scores = queries.double().numpy() @ means.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, : m.topk_chunks], means
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_search_is_exact_top_k_over_chunk_means(backend):
+    m = bank(M=32, csz=4, kc=3, backend=backend)
+    for s in range(5):  # wraps the ring
+        m.add(*stream(T=9, seed=s))
+    q = torch.randn(2, 2, 6, 8)
+    slots, _ = m.search_chunks(q)
+    for row in range(2):
+        keys, _ = m.chronological(row)
+        for h in range(2):
+            ref, means = _brute_force(m, q[row, h], row, h)
+            got = m.chunk_keys[row, h, slots[row, h]].double().numpy()  # (Q, kc, Dh)
+            assert np.allclose(got, means[ref], atol=1e-6)
+
+
+def test_faiss_and_torch_backends_return_identical_chunks():
+    a, b = bank(M=64, kc=5, backend="faiss"), bank(M=64, kc=5, backend="torch")
+    for s in range(6):
+        k, v = stream(T=11, seed=s)
+        a.add(k, v), b.add(k, v)
+    a.reset(rows=[0]); b.reset(rows=[0])
+    a.add(*stream(T=9, seed=9)); b.add(*stream(T=9, seed=9))  # row 0 has fewer chunks than k_c
+    q = torch.randn(2, 4, 7, 8)  # 4 query heads over 2 key/value heads
+    ra, rb = a.search(q), b.search(q)
+    assert torch.equal(ra.chunks, rb.chunks)
+    assert torch.equal(ra.mask, rb.mask)
+    assert torch.equal(ra.keys, rb.keys) and torch.equal(ra.values, rb.values)
+
+
+def test_missing_results_are_masked():
+    m = bank(kc=4, csz=2)
+    m.add(*stream(T=4))  # two chunks per row, four asked for
+    r = m.search(torch.randn(2, 2, 3, 8))
+    assert r.mask.shape == (2, 2, 3, 8)
+    assert r.mask[..., :4].all() and not r.mask[..., 4:].any()
+    assert (r.chunks[..., 2:] == -1).all()
+
+
+def test_empty_memory_returns_an_all_false_mask():
+    r = bank().search(torch.randn(2, 2, 3, 8))
+    assert not r.mask.any()
+
+
+def test_save_load_round_trip_is_identical(tmp_path):
+    m = bank(M=32, info={"fingerprint": "abc", "memory_layer": 3})
+    for s in range(5):
+        m.add(*stream(T=7, seed=s))
+    m.rows[1].sources.append("book.txt")
+    m.save(tmp_path / "mem.safetensors")
+    n = MemoryBank.load(tmp_path / "mem.safetensors", expect={"fingerprint": "abc"})
+    for row in range(2):
+        assert (n.num_tokens(row), n.num_pending(row)) == (m.num_tokens(row), m.num_pending(row))
+        for x, y in zip(n.chronological(row), m.chronological(row)):
+            assert torch.equal(x, y)
+    q = torch.randn(2, 2, 5, 8)
+    assert torch.equal(n.search(q).keys, m.search(q).keys)
+    assert n.rows[1].sources == ["book.txt"]
+    # the next write continues exactly where the original would
+    k, v = stream(T=3, seed=42)
+    m.add(k, v), n.add(k, v)
+    assert torch.equal(n.chronological(0)[0], m.chronological(0)[0])
+
+
+def test_load_refuses_a_memory_of_another_model(tmp_path):
+    m = bank(info={"fingerprint": "abc"})
+    m.save(tmp_path / "m.safetensors")
+    with pytest.raises(LongMemError, match="another model"):
+        MemoryBank.load(tmp_path / "m.safetensors", expect={"fingerprint": "xyz"})
+
+
+def test_load_detects_damaged_files(tmp_path):
+    m = bank()
+    m.add(*stream(T=16))
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    data = p.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LongMemError):
+        MemoryBank.load(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a memory")
+    with pytest.raises(LongMemError):
+        MemoryBank.load(tmp_path / "junk.safetensors")
+    with pytest.raises(LongMemError, match="no memory file"):
+        MemoryBank.load(tmp_path / "missing.safetensors")
+
+
+def test_bad_arguments_are_clear_errors():
+    with pytest.raises(LongMemError, match="multiple of chunk_size"):
+        bank(M=30, csz=4)
+    with pytest.raises(LongMemError, match="backend"):
+        bank(backend="annoy")
+    m = bank()
+    with pytest.raises(LongMemError, match="shape"):
+        m.add(torch.randn(2, 3, 4, 8), torch.randn(2, 3, 4, 8))
+    with pytest.raises(LongMemError, match="queries"):
+        m.search(torch.randn(2, 3, 4, 8))
+    with pytest.raises(LongMemError, match="row"):
+        m.num_tokens(5)
+
+
+def test_storage_keeps_the_given_dtype():
+    m = bank(dtype=torch.bfloat16)
+    m.add(*stream(T=8))
+    assert m.keys.dtype == torch.bfloat16 and m.chunk_keys.dtype == torch.bfloat16
+    assert m.search(torch.randn(2, 2, 3, 8)).keys.dtype == torch.bfloat16

@@ -1,0 +1,204 @@
+"""LongMem as a whole: SideNet initialisation and equations, invariants, persistence, errors."""
+
+import copy
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from conftest import VOCAB, make_gpt2, make_llama
+from longmem import LongMem, LongMemConfig, LongMemError
+
+CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4)
+
+
+@pytest.fixture
+def model(backbone_hf):
+    return LongMem.from_backbone(backbone_hf, CFG).eval()
+
+
+def segments(n=4, B=2, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (B, T), generator=g) for _ in range(n)]
+
+
+def test_defaults_follow_the_paper():
+    cfg = LongMemConfig()
+    assert (cfg.chunk_size, cfg.memory_size, cfg.topk_chunks, cfg.retrieved_tokens) == (4, 65536, 16, 64)
+    from longmem.config import default_memory_layer
+
+    assert default_memory_layer(24) == 17  # the paper's m for a 24-layer backbone
+    m = LongMem.from_backbone(make_llama(layers=8))
+    assert (m.memory_layer, m.sidenet.memory_index, m.sidenet.num_layers) == (5, 2, 4)
+
+
+def test_sidenet_blocks_are_copies_of_odd_backbone_blocks(model):
+    bb = model.backbone
+    assert model.sidenet.num_layers == bb.num_layers // 2
+    for i, block in enumerate(model.sidenet.blocks):
+        src = bb.blocks[2 * i + 1]
+        for (n1, p1), (n2, p2) in zip(block.named_parameters(), src.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2)
+            assert p1.data_ptr() != p2.data_ptr()  # a copy, never an alias
+    for p1, p2 in zip(model.sidenet.norm.parameters(), bb.norm.parameters()):
+        assert torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+    assert torch.equal(model.sidenet.gate, torch.zeros(bb.num_heads))
+
+
+def _hf_block(hf, block, x):
+    """Run an HF block through HF's own forward, with an explicit causal mask."""
+    T = x.shape[1]
+    mask = torch.full((T, T), float("-inf")).triu(1).view(1, 1, T, T)
+    if hf.config.model_type == "gpt2":
+        out = block(x, attention_mask=mask)
+    else:
+        pe = hf.model.rotary_emb(x, torch.arange(T).view(1, -1))
+        out = block(x, attention_mask=mask, position_embeddings=pe)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def test_sidenet_without_memory_is_eq2_over_hf_blocks(backbone_hf):
+    """x_{i+1} = Block_i(x_i) + Hb[2i+2] - Hb[2i], logits = head(norm(x_Ls)), restated with HF's own modules."""
+    hf = copy.deepcopy(backbone_hf)
+    hf.config._attn_implementation = "eager"
+    model = LongMem.from_backbone(hf, CFG).eval()
+    with torch.no_grad():
+        for p in model.sidenet.parameters():  # make the SideNet differ from the backbone
+            p.add_(0.05 * torch.randn_like(p))
+    ids = segments(1)[0]
+    hb = hf(ids, output_hidden_states=True).hidden_states[:-1]
+    hb = list(hb) + [model.backbone(ids, model.memory_layer).hidden_states[-1]]
+    x = hb[0]
+    for i, block in enumerate(model.sidenet.blocks):
+        x = _hf_block(hf, block, x) + hb[2 * i + 2] - hb[2 * i]
+    ref = hf.get_output_embeddings()(model.sidenet.norm(x))
+    assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_memory_equals_no_memory_and_write_follows_read(model):
+    ids = segments(1)[0]
+    mem = model.new_memory(2)
+    assert_close(model(ids, memory=mem).logits, model(ids).logits, rtol=0, atol=0)
+    assert mem.num_tokens(0) == 16  # written after the read
+
+
+def test_closed_gate_equals_no_memory(model):
+    with torch.no_grad():
+        model.sidenet.gate.fill_(float("-inf"))
+    mem = model.new_memory(2)
+    for ids in segments(3):
+        assert_close(model(ids, memory=mem).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_memory_changes_predictions(model):
+    """A segment that repeats text only in memory (not in the local window) is predicted differently."""
+    first, filler, _ = segments(3, B=1)
+    mem = model.new_memory(1)
+    model(first, memory=mem)
+    model(filler, memory=mem)
+    with_memory = model(first, memory=mem, update_memory=False).logits
+    assert not torch.allclose(with_memory, model(first).logits, atol=1e-4)
+    # and the memory is actually read: the retrieved chunks come from the stored stream
+    assert mem.num_tokens(0) == 32
+
+
+def test_batch_rows_are_independent(model):
+    """Row 0 of a batch of two streams equals the same stream alone: no document sees another's memory."""
+    both = segments(4, B=2)
+    alone = [s[:1] for s in both]
+    mem2, mem1 = model.new_memory(2), model.new_memory(1)
+    for s2, s1 in zip(both, alone):
+        assert_close(model(s2, memory=mem2).logits[:1], model(s1, memory=mem1).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_sidenet_trains_and_the_backbone_stays_bit_identical(model):
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    side_before = {k: v.clone() for k, v in model.sidenet.state_dict().items()}
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    model.train()
+    mem = model.new_memory(2)
+    for ids in segments(3):
+        loss = model(ids, memory=mem, labels=ids).loss
+        loss.backward()
+        opt.step(), opt.zero_grad()
+    assert not model.backbone.model.training
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert all(p.grad is None for p in model.backbone.parameters())
+    changed = [k for k, v in model.sidenet.state_dict().items() if not torch.equal(v, side_before[k])]
+    assert "gate" in changed and len(changed) == len(side_before)  # every SideNet tensor moved, the gate too
+
+
+def test_loss_is_hf_style_shifted_cross_entropy(model):
+    ids = segments(1)[0]
+    labels = ids.clone()
+    labels[:, :5] = -100
+    out = model(ids, labels=labels)
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert_close(out.loss, ref)
+
+
+def test_save_pretrained_from_pretrained_gives_identical_logits(model, tmp_path):
+    with torch.no_grad():
+        for p in model.sidenet.parameters():
+            p.add_(0.01)
+    model.backbone.model.save_pretrained(tmp_path / "bb")
+    model.save_pretrained(tmp_path / "lm")
+    loaded = LongMem.from_pretrained(tmp_path / "lm", backbone=tmp_path / "bb").eval()
+    mem_a, mem_b = model.new_memory(2), loaded.new_memory(2)
+    for ids in segments(3):
+        assert_close(loaded(ids, memory=mem_b).logits, model(ids, memory=mem_a).logits, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "self", save_backbone=True)  # self-contained folder
+    again = LongMem.from_pretrained(tmp_path / "self").eval()
+    ids = segments(1, seed=5)[0]
+    assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_backbone_is_refused(model, tmp_path):
+    model.save_pretrained(tmp_path / "lm")
+    other = make_llama(seed=7) if model.backbone.model_type == "llama" else make_gpt2(seed=7)
+    with pytest.raises(LongMemError, match="another backbone"):
+        LongMem.from_pretrained(tmp_path / "lm", backbone=other)
+    with pytest.raises(LongMemError, match="not a LongMem checkpoint"):
+        LongMem.from_pretrained(tmp_path)
+
+
+def test_memory_save_load_gives_identical_logits(model, tmp_path):
+    segs = segments(4)
+    mem = model.new_memory(2)
+    for ids in segs[:3]:
+        model(ids, memory=mem)
+    mem.save(tmp_path / "m.safetensors")
+    loaded = model.load_memory(tmp_path / "m.safetensors")
+    assert_close(model(segs[3], memory=loaded).logits, model(segs[3], memory=mem).logits, rtol=0, atol=0)
+
+
+def test_memory_of_another_model_is_refused(model, tmp_path):
+    other = LongMem.from_backbone(make_llama(seed=3), CFG)
+    mem = other.new_memory(2)
+    with pytest.raises(LongMemError, match="another model"):
+        model(segments(1)[0], memory=mem)
+    mem.save(tmp_path / "o.safetensors")
+    with pytest.raises(LongMemError, match="another model"):
+        model.load_memory(tmp_path / "o.safetensors")
+
+
+def test_bad_inputs_are_clear_errors(model):
+    ids = segments(1)[0]
+    cases = [
+        (lambda: model(ids.float()), "integer tensor"),
+        (lambda: model(ids[0]), "shape \\(batch, tokens\\)"),
+        (lambda: model(ids + VOCAB), "token ids must lie in"),
+        (lambda: model(ids[:, :0]), "empty"),
+        (lambda: model(torch.randint(0, VOCAB, (1, 200))), "longer than the backbone's context"),
+        (lambda: model(ids, labels=ids[:, :3]), "labels must have the shape"),
+        (lambda: model(ids, memory=model.new_memory(3)), "3 rows"),
+        (lambda: model(ids, memory="mem"), "MemoryBank"),
+        (lambda: LongMemConfig(memory_layer=2), "odd"),
+        (lambda: LongMemConfig(memory_size=10, chunk_size=4), "multiple"),
+        (lambda: LongMem.from_backbone(make_llama(), LongMemConfig(memory_layer=5)), "no SideNet layer"),
+    ]
+    for call, message in cases:
+        with pytest.raises(LongMemError, match=message):
+            call()
