@@ -1,0 +1,499 @@
+"""Pretrain a small Llama-style backbone from scratch on CPU; measure perplexity.
+
+The loop is visible: sample random windows of ``seq_len + 1`` tokens from the token streams of
+the training sets (each batch row picks its set uniformly, so a small corpus is not drowned by a
+large one), next-token cross-entropy, AdamW with linear warmup then cosine decay to
+``min_lr_ratio * lr``, gradient clipping, bf16 autocast on CPU. Every ``save_every`` steps the
+full state (model, optimizer, scheduler, sampler and torch RNG, step) goes to
+``OUT/checkpoint/state.pt`` (atomically), so a killed run restarted with ``--resume`` continues
+exactly as if it had never stopped.
+
+Outputs in ``OUT``: ``config.json`` + ``model.safetensors`` + tokenizer files (load with
+``AutoModelForCausalLM`` / ``AutoTokenizer``), ``metrics.jsonl`` (one record per log/eval),
+``loss.png``, and ``checkpoint/`` (drop it when shipping the model).
+
+Token streams: each document is encoded in newline-cut pieces (``encode_batch``) and followed by
+``<|endoftext|>``; the stream of a data set is all its documents in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from longmem.data import EOT, iter_documents, text_pieces
+from longmem.errors import LongMemError
+
+# fields that define the network: a checkpoint resumes only into the same ones
+_SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "seq_len",
+                 "max_position", "rope_theta")
+
+
+@dataclass
+class PretrainConfig:
+    data: list[str]
+    tokenizer: str
+    out: str
+    val_data: list[str] | None = None  # None: the validation.jsonl next to each train.jsonl
+    # model shape (LlamaConfig)
+    layers: int = 8
+    hidden: int = 256
+    heads: int = 8
+    kv_heads: int = 4  # grouped-query attention: 2 query heads share one key/value head
+    intermediate: int = 688  # ~ 8/3 * hidden rounded to a multiple of 16 (SwiGLU)
+    seq_len: int = 512
+    max_position: int = 2048  # RoPE extrapolates; LongMem reads longer contexts via memory
+    rope_theta: float = 10000.0
+    # optimisation
+    batch_size: int = 8  # 8 x 512 measured faster per token than 16 x 512 on 2 cores
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup: int = 200
+    weight_decay: float = 0.1  # on matrices only, not norms
+    grad_clip: float = 1.0
+    max_steps: int = 2000  # ~50 min at ~2.9K tok/s (bf16, 2 cores)
+    max_minutes: float | None = None  # wall budget of this invocation; stops cleanly
+    seed: int = 1234
+    precision: str = "bf16"  # bf16 autocast (CPU with avx512_bf16: ~2x faster) or fp32
+    # bookkeeping
+    eval_every: int = 200
+    eval_tokens: int = 65536  # per validation set; windows from its start, deterministic
+    save_every: int = 100
+    log_every: int = 10
+    resume: bool = False
+
+    def __post_init__(self):
+        if not self.data:
+            raise LongMemError("no --data given; pass one or more training files or folders")
+        for name in ("layers", "hidden", "heads", "kv_heads", "intermediate", "seq_len",
+                     "max_position", "batch_size", "max_steps", "eval_every", "eval_tokens",
+                     "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise LongMemError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.hidden % self.heads:
+            raise LongMemError(f"--hidden {self.hidden} is not divisible by --heads {self.heads}")
+        if self.heads % self.kv_heads:
+            raise LongMemError(f"--heads {self.heads} is not divisible by --kv-heads {self.kv_heads}")
+        if (self.hidden // self.heads) % 2:
+            raise LongMemError(f"head size {self.hidden // self.heads} must be even for RoPE")
+        if self.seq_len > self.max_position:
+            raise LongMemError(f"--seq-len {self.seq_len} exceeds max positions {self.max_position}")
+        if not (0 < self.lr < 1):
+            raise LongMemError(f"--lr must be in (0, 1), got {self.lr}")
+        if self.warmup < 0 or not (0 <= self.min_lr_ratio <= 1):
+            raise LongMemError(f"bad schedule: warmup {self.warmup}, min_lr_ratio {self.min_lr_ratio}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise LongMemError(f"--max-minutes must be > 0, got {self.max_minutes}")
+        if self.precision not in ("bf16", "fp32"):
+            raise LongMemError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise LongMemError(f"tokenizer folder {path} does not exist; train one with "
+                           "`longmem tokenizer --data ... --out DIR`")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise LongMemError(f"could not load a tokenizer from {path} ({type(e).__name__}); it "
+                           "must be a folder written by save_pretrained") from None
+    if tok.eos_token_id is None:
+        raise LongMemError(f"tokenizer {path} has no eos token; it needs {EOT}")
+    return tok
+
+
+def token_stream(path: str, tokenizer, batch: int = 64) -> np.ndarray:
+    """All documents at ``path`` as one int32 token array, each followed by the eos token."""
+    backend = tokenizer.backend_tokenizer
+    eos = tokenizer.eos_token_id
+    parts: list[np.ndarray] = []
+    for doc in iter_documents(path):
+        pieces = list(text_pieces(doc.text))
+        for i in range(0, len(pieces), batch):
+            enc = backend.encode_batch(pieces[i:i + batch], add_special_tokens=False)
+            parts.extend(np.asarray(e.ids, dtype=np.int32) for e in enc)
+        parts.append(np.asarray([eos], dtype=np.int32))
+    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    return stream
+
+
+def _name(path: str) -> str:
+    p = Path(path)
+    return f"{p.parent.name}/{p.stem}" if p.suffix == ".jsonl" else p.name or str(p)
+
+
+def _default_val(paths: list[str]) -> list[str]:
+    out = []
+    for p in paths:
+        q = Path(p)
+        if q.name == "train.jsonl" and (q.parent / "validation.jsonl").is_file():
+            out.append(str(q.parent / "validation.jsonl"))
+    return out
+
+
+def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
+                 gen: torch.Generator) -> torch.Tensor:
+    """(B, seq_len + 1) random windows; each row's stream is chosen uniformly."""
+    which = torch.randint(len(streams), (batch_size,), generator=gen)
+    rows = []
+    for s in which.tolist():
+        start = int(torch.randint(len(streams[s]) - seq_len, (1,), generator=gen))
+        rows.append(streams[s][start:start + seq_len + 1])
+    return torch.stack(rows).long()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads, max_position_embeddings=cfg.max_position,
+        rope_theta=cfg.rope_theta, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or eos,
+    )
+    return LlamaForCausalLM(config)
+
+
+def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of (B, T + 1) windows."""
+    x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
+    logits = model(input_ids=x).logits  # (B, T, V)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(model, stream: torch.Tensor, seq_len: int, max_tokens: int | None,
+             batch_size: int = 8, precision: str = "fp32") -> tuple[float, int]:
+    """Mean loss over non-overlapping windows from the start of ``stream``.
+
+    Returns (mean loss per predicted token, number of predicted tokens).
+    """
+    n = (len(stream) - 1) // seq_len
+    if max_tokens is not None:
+        n = min(n, max(1, max_tokens // seq_len))
+    if n < 1:
+        raise LongMemError(f"evaluation text has {len(stream)} tokens, fewer than one window of "
+                           f"{seq_len + 1}; use more text or a smaller --seq-len")
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for i in range(0, n, batch_size):
+        idx = range(i, min(n, i + batch_size))
+        windows = torch.stack([stream[j * seq_len: j * seq_len + seq_len + 1] for j in idx]).long()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            total += lm_loss(model, windows).item() * len(idx)
+    model.train(was_training)
+    return total / n, n * seq_len
+
+
+def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def save_model(model, tokenizer, out: Path) -> None:
+    """``save_pretrained`` model (safetensors) + tokenizer into ``out`` via a temporary folder."""
+    tmp = out / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    for key in sorted({k for r in records for k in r if k.startswith("val/")}):
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*pts), marker="o", label=key)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name("." + path.name)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) the backbone described by ``cfg``; return the last metrics record."""
+    from tqdm.auto import tqdm
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint" / "state.pt"
+    if ckpt_path.exists() and not cfg.resume:
+        raise LongMemError(f"{out} already holds a checkpoint; pass --resume to continue it or "
+                           "choose another --out")
+
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    val_paths = cfg.val_data if cfg.val_data is not None else _default_val(cfg.data)
+    train_streams, val_streams = [], {}
+    for p in tqdm(cfg.data, desc="tokenizing train", disable=not progress):
+        s = torch.from_numpy(token_stream(p, tokenizer))
+        if len(s) < cfg.seq_len + 1:
+            raise LongMemError(f"{p} has {len(s)} tokens, fewer than one training sequence of "
+                               f"{cfg.seq_len + 1}; give more text or a smaller --seq-len")
+        train_streams.append(s)
+    for p in val_paths:
+        val_streams[f"val/{_name(p)}"] = torch.from_numpy(token_stream(p, tokenizer))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step, tokens_seen, train_seconds = 0, 0, 0.0
+
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    records: list[dict] = []
+    if cfg.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, weights_only=False)
+        saved = state["config"]
+        diff = [k for k in _SHAPE_FIELDS if saved[k] != getattr(cfg, k)]
+        if diff:
+            raise LongMemError(f"the checkpoint in {out} has a different {', '.join(diff)}; "
+                               "resume with the same shape flags or use another --out")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["seconds"]
+        if metrics_path.exists():  # drop what the killed run logged after its checkpoint
+            with open(metrics_path) as f:
+                records = [r for r in map(json.loads, f) if r["step"] <= step]
+    with open(metrics_path.with_name(".metrics.tmp"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(metrics_path.with_name(".metrics.tmp"), metrics_path)
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    def log(record: dict) -> None:
+        records.append(record)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "sampler_rng": gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "step": step, "tokens_seen": tokens_seen,
+            "seconds": train_seconds, "config": asdict(cfg),
+        })
+
+    def run_eval() -> dict:
+        return {k: round(evaluate(model, s, cfg.seq_len, cfg.eval_tokens, cfg.batch_size,
+                                  cfg.precision)[0], 4)
+                for k, s in val_streams.items()}
+
+    model.train()
+    start = time.monotonic()
+    stop_reason = "max_steps"
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", disable=not progress,
+               mininterval=5, dynamic_ncols=True)
+    window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
+    while step < cfg.max_steps:
+        if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
+            stop_reason = "max_minutes"
+            break
+        t0 = time.monotonic()
+        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = lm_loss(model, windows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        n_tok = cfg.batch_size * cfg.seq_len
+        tokens_seen += n_tok
+        train_seconds += time.monotonic() - t0
+        window_loss += loss.item()
+        window_tokens += n_tok
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            k = step % cfg.log_every or cfg.log_every
+            tps = window_tokens / max(1e-9, time.monotonic() - window_t0)
+            rec = {"step": step, "loss": round(window_loss / k, 4),
+                   "lr": sched.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),
+                   "tokens": tokens_seen, "tok_per_s": round(tps, 1),
+                   "seconds": round(train_seconds, 1)}
+            bar.set_postfix(loss=rec["loss"], tok_s=int(tps), lr=f"{rec['lr']:.2e}")
+            if step % cfg.eval_every == 0 and val_streams:
+                rec.update(run_eval())
+                bar.write(" ".join(f"{k}={v}" for k, v in rec.items()))
+                plot_losses(records + [rec], out / "loss.png")
+            log(rec)
+            window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
+        if step % cfg.save_every == 0:
+            checkpoint()
+    bar.close()
+
+    final = {"step": step, "stopped": stop_reason, "tokens": tokens_seen,
+             "seconds": round(train_seconds, 1)}
+    if val_streams:
+        final.update(run_eval())
+    log(final)
+    checkpoint()
+    save_model(model, tokenizer, out)
+    plot_losses(records, out / "loss.png")
+    return final
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def perplexity(model_dir: str, paths: list[str], seq_len: int = 512,
+               max_tokens: int | None = None, precision: str = "fp32") -> dict[str, dict]:
+    """Per-token loss and perplexity of the causal LM in ``model_dir`` on each of ``paths``."""
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    tokenizer = load_tokenizer(model_dir)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    except Exception as e:
+        raise LongMemError(f"could not load a causal LM from {model_dir} ({type(e).__name__}); "
+                           "give a folder written by `longmem pretrain`") from None
+    results = {}
+    for p in paths:
+        loss, n = evaluate(model, torch.from_numpy(token_stream(p, tokenizer)), seq_len,
+                           max_tokens, precision=precision)
+        results[_name(p)] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 2), "tokens": n}
+    return results
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    final = pretrain(cfg)
+    print(json.dumps(final))
+    print(f"model + tokenizer -> {cfg.out}")
+    return 0
+
+
+def _run_perplexity(args: argparse.Namespace) -> int:
+    results = perplexity(args.model, args.data, args.seq_len, args.max_tokens, args.precision)
+    for name, r in results.items():
+        print(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']} tokens)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def add_parser(sub) -> None:
+    d = PretrainConfig.__dataclass_fields__
+    p = sub.add_parser(
+        "pretrain", help="train a small Llama-style backbone from scratch (CPU)",
+        description="Train a LlamaForCausalLM (RoPE, RMSNorm, GQA, SwiGLU, tied embeddings) on "
+        "random windows of the training documents; save it with its tokenizer in OUT "
+        "(safetensors), with OUT/metrics.jsonl, OUT/loss.png and a resumable OUT/checkpoint/.",
+    )
+    p.add_argument("--data", nargs="+", required=True,
+                   help="training sets (text files, folders, .jsonl, hf:NAME[:SPLIT]); each "
+                   "batch row samples one set uniformly")
+    p.add_argument("--val-data", nargs="*", default=None,
+                   help="validation sets (default: validation.jsonl next to each train.jsonl)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer folder (longmem tokenizer)")
+    p.add_argument("--out", required=True, help="output folder")
+    g = p.add_argument_group("model shape")
+    for name, help_ in (("layers", "decoder layers"), ("hidden", "hidden size"),
+                        ("heads", "attention heads"), ("kv_heads", "key/value heads (GQA)"),
+                        ("intermediate", "MLP (SwiGLU) size"), ("seq_len", "training window"),
+                        ("max_position", "max_position_embeddings")):
+        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default,
+                       help=f"{help_} (default: {d[name].default})")
+    g.add_argument("--rope-theta", type=float, default=d["rope_theta"].default,
+                   help=f"RoPE base (default: {d['rope_theta'].default})")
+    o = p.add_argument_group("optimisation")
+    for name, typ, help_ in (
+        ("batch_size", int, "sequences per step"), ("lr", float, "peak learning rate"),
+        ("min_lr_ratio", float, "final lr as a fraction of --lr"),
+        ("warmup", int, "linear warmup steps"), ("weight_decay", float, "AdamW weight decay"),
+        ("grad_clip", float, "gradient-norm clip"), ("max_steps", int, "training steps "
+         "(the cosine schedule ends here)"), ("seed", int, "seed of init and sampling"),
+        ("eval_every", int, "steps between validation losses"),
+        ("eval_tokens", int, "tokens per validation set"),
+        ("save_every", int, "steps between checkpoints"), ("log_every", int, "steps between "
+         "metrics records"),
+    ):
+        o.add_argument(f"--{name.replace('_', '-')}", type=typ, default=d[name].default,
+                       help=f"{help_} (default: {d[name].default})")
+    o.add_argument("--max-minutes", type=float, default=None,
+                   help="wall-time budget of this run; stops cleanly, checkpoints and saves")
+    o.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
+                   help="bf16 autocast (default; ~2x faster on CPUs with avx512_bf16) or fp32")
+    o.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint/ exactly where it stopped")
+    p.set_defaults(func=_run_pretrain)
+
+    q = sub.add_parser(
+        "perplexity", help="loss and perplexity of a causal LM folder on documents",
+        description="Mean next-token loss over non-overlapping windows of each data set "
+        "(documents joined with <|endoftext|>), and its exponential (perplexity).",
+    )
+    q.add_argument("--model", required=True, help="model + tokenizer folder")
+    q.add_argument("--data", nargs="+", required=True, help="evaluation sets")
+    q.add_argument("--seq-len", type=int, default=512, help="window length (default: 512)")
+    q.add_argument("--max-tokens", type=int, default=None,
+                   help="at most this many tokens per set (default: all)")
+    q.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
+                   help="fp32 (default) or bf16 autocast")
+    q.add_argument("--json", default=None, help="also write the results to this JSON file")
+    q.set_defaults(func=_run_perplexity)
