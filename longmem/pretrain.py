@@ -394,6 +394,37 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     return final
 
 
+def export_backbone(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict:
+    """Write the latest state of a (finished, stopped or still running) run as a clean model folder.
+
+    Takes the weights of ``RUN/checkpoint/state.pt`` (the final state once a run has ended; the
+    last checkpoint while it runs), so no optimizer state, checkpoint or temporary file is
+    copied. ``dest`` gets config + safetensors + tokenizer, and ``pretrain-metrics.jsonl`` /
+    ``pretrain-loss.png`` from the run. Returns ``{"step", "tokens", "seconds"}`` of the state.
+    """
+    run, dest = Path(run_dir), Path(dest)
+    ckpt_path = run / "checkpoint" / "state.pt"
+    if not ckpt_path.is_file():
+        raise LongMemError(f"{ckpt_path} does not exist; give the --out folder of a "
+                           "`longmem pretrain` run that saved a checkpoint")
+    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+    fieldnames = {f.name for f in fields(PretrainConfig)}
+    cfg = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fieldnames})
+    # the run folder holds its tokenizer once the run has ended; before, the one it was given
+    has_tok = (run / "tokenizer_config.json").is_file()
+    tokenizer = load_tokenizer(str(run) if has_tok else cfg.tokenizer)
+    model = build_model(cfg, tokenizer)
+    model.load_state_dict(state["model"])
+    dest.mkdir(parents=True, exist_ok=True)
+    save_model(model, tokenizer, dest)
+    for src, name in (("metrics.jsonl", "pretrain-metrics.jsonl"), ("loss.png", "pretrain-loss.png")):
+        if (run / src).is_file():
+            tmp = dest / f".{name}.tmp"
+            shutil.copyfile(run / src, tmp)
+            os.replace(tmp, dest / name)
+    return {"step": state["step"], "tokens": state["tokens_seen"], "seconds": state["seconds"]}
+
+
 # --------------------------------------------------------------------------- perplexity
 
 
@@ -425,6 +456,13 @@ def _run_pretrain(args: argparse.Namespace) -> int:
     final = pretrain(cfg)
     print(json.dumps(final))
     print(f"model + tokenizer -> {cfg.out}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    info = export_backbone(args.run, args.out)
+    print(f"step {info['step']} ({info['tokens']:,} tokens, {info['seconds'] / 60:.1f} min) "
+          f"-> {args.out}")
     return 0
 
 
@@ -482,6 +520,16 @@ def add_parser(sub) -> None:
     o.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint/ exactly where it stopped")
     p.set_defaults(func=_run_pretrain)
+
+    e = sub.add_parser(
+        "export-backbone", help="write a pretrain run's latest weights as a clean model folder",
+        description="Copy the weights of RUN/checkpoint/state.pt (final once the run ended) with "
+        "config and tokenizer into OUT (safetensors; no optimizer state), plus the run's "
+        "metrics and loss curve. Works on a run that is still going (last checkpoint).",
+    )
+    e.add_argument("--run", required=True, help="the --out folder of `longmem pretrain`")
+    e.add_argument("--out", required=True, help="destination model folder")
+    e.set_defaults(func=_run_export)
 
     q = sub.add_parser(
         "perplexity", help="loss and perplexity of a causal LM folder on documents",

@@ -169,3 +169,20 @@ def test_sample_batch_takes_contiguous_windows_from_every_stream():
     assert 0.3 < from_second < 0.7  # rows pick their stream uniformly, not by size
     again = P.sample_batch(streams, 64, 8, torch.Generator().manual_seed(0))
     assert torch.equal(batch, again)
+
+
+def test_export_backbone_writes_only_the_model(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run, dest = tmp_path / "run", tmp_path / "backbone"
+    assert main(args(corpus, run, "--max-steps", "3")) == 0
+    assert main(["export-backbone", "--run", str(run), "--out", str(dest)]) == 0
+    names = sorted(p.name for p in dest.iterdir())
+    assert "checkpoint" not in names and not [n for n in names if n.endswith(".tmp")]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "pretrain-metrics.jsonl",
+            "pretrain-loss.png"} <= set(names)
+    a = AutoModelForCausalLM.from_pretrained(run)
+    b = AutoModelForCausalLM.from_pretrained(dest)
+    ids = torch.arange(10)[None]
+    assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    assert main(["export-backbone", "--run", str(tmp_path / "nothing"), "--out", str(dest)]) == 2
