@@ -16,6 +16,8 @@ import sys
 _COMMAND_MODULES = [
     "longmem.data",
     "longmem.pretrain",
+    "longmem.train",
+    "longmem.demo",
 ]
 
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except LongMemError as e:
@@ -54,6 +57,18 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"longmem {args.command}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
+
+
+def _quiet_libraries() -> None:
+    """HF's own progress bars and advice go to stderr and would bury our one-line errors."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 if __name__ == "__main__":

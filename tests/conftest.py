@@ -49,3 +49,36 @@ def tiny_llama():
 @pytest.fixture
 def tiny_gpt2():
     return make_gpt2()
+
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda omicron sigma tau upsilon phi chi psi omega "
+         "river mountain castle garden letter morning evening sister brother carriage window").split()
+
+
+def write_corpus(root, n_docs=3, words=400, seed=0):
+    """A few long text documents with repeated names (so memory has something to retrieve)."""
+    import random
+
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for d in range(n_docs):
+        name = f"Name{d}x{rng.randint(100, 999)}"
+        text = " ".join(rng.choice(WORDS) if i % 37 else name for i in range(words)) + "\n"
+        (root / f"doc{d}.txt").write_text(text)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A tiny corpus, a tokenizer trained on it and a tiny Llama backbone saved with that tokenizer."""
+    from longmem.data import train_tokenizer
+
+    root = tmp_path_factory.mktemp("assets")
+    corpus = write_corpus(root / "train")
+    val = write_corpus(root / "val", n_docs=2, seed=1)
+    tok = train_tokenizer([corpus], vocab_size=300, out=root / "tok")
+    hf = make_llama(seed=0)
+    hf.resize_token_embeddings(len(tok)) if len(tok) > VOCAB else None
+    hf.save_pretrained(root / "backbone")
+    tok.save_pretrained(root / "backbone")
+    return {"root": root, "train": corpus, "val": val, "tokenizer": tok, "backbone": root / "backbone"}

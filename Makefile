@@ -1,0 +1,20 @@
+# Two entry points for a fresh clone; both set everything up on first use (a venv in .venv).
+#   make demo   the main job: LongMem on the shipped default model, offline
+#   make test   the test suite (what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test bench-quick
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# torch first, pinned: any looser request pulls a multi-GB CUDA build on a CPU machine
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/longmem demo
+
+test: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

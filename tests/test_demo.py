@@ -1,0 +1,33 @@
+"""`longmem demo` on a tiny trained-by-us model, offline."""
+
+import json
+
+from longmem import LongMem
+from longmem.cli import main
+
+
+def test_demo_runs_and_writes_the_documented_json(tiny_assets, tmp_path, capsys):
+    a = tiny_assets
+    run = tmp_path / "run"
+    assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(run),
+                 "--max-steps", "2", "--batch-size", "2", "--segment-length", "16", "--memory-size", "128",
+                 "--chunk-size", "2", "--topk-chunks", "4", "--eval-every", "0", "--no-progress"]) == 0
+    model = LongMem.from_pretrained(run)
+    model.save_pretrained(tmp_path / "shipped", save_backbone=True, tokenizer=a["tokenizer"])
+    capsys.readouterr()
+    out = tmp_path / "demo.json"
+    doc = sorted(a["val"].iterdir())[0]
+    assert main(["demo", "--model", str(tmp_path / "shipped"), "--data", str(doc), "--json", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "ppl beyond window" in printed and "no_memory" in printed
+    r = json.loads(out.read_text())
+    for mode in ("longmem", "no_memory", "backbone"):
+        assert {"ppl", "ppl_beyond_window", "tokens"} <= set(r[mode])
+        assert r[mode]["tokens"] == r["longmem"]["tokens"] > 16
+    assert r["example"] is None or r["example"]["distance"] > 16
+
+
+def test_demo_on_a_missing_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert "not a LongMem checkpoint" in err and "Traceback" not in err

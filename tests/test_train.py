@@ -1,0 +1,91 @@
+"""Adaptation end to end through the real CLI, exact resume, distributed run, evaluation modes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from longmem import LongMem
+from longmem.cli import main
+
+TINY = ["--batch-size", "2", "--segment-length", "16", "--memory-size", "128", "--chunk-size", "2",
+        "--topk-chunks", "4", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--eval-docs", "2",
+        "--eval-segments", "3"]
+
+
+def train_args(a, out, *extra):
+    return ["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--val-data", str(a["val"]),
+            "--out", str(out), *TINY, *extra]
+
+
+def test_train_cli_end_to_end(tiny_assets, tmp_path):
+    a = tiny_assets
+    before = {k: v.clone() for k, v in LongMem.from_backbone(a["backbone"]).backbone.state_dict().items()}
+    out = tmp_path / "run"
+    assert main(train_args(a, out, "--max-steps", "6", "--eval-every", "3")) == 0
+    model = LongMem.from_pretrained(out)
+    for k, v in model.backbone.state_dict().items():  # the backbone on disk was not touched
+        assert torch.equal(v, before[k])
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 7))
+    assert any("val_loss_longmem" in r and "val_loss_no_memory" in r for r in rows)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert (out / "checkpoint" / "trainer.pt").is_file()
+    assert model.config.memory_size == 128 and model.segment_length == 16
+    # running again into the same folder without --resume is refused, nothing overwritten
+    stamp = (out / "sidenet.safetensors").stat().st_mtime_ns
+    assert main(train_args(a, out, "--max-steps", "6")) == 2
+    assert (out / "sidenet.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_resume_is_exact(tiny_assets, tmp_path):
+    a = tiny_assets
+    full, split = tmp_path / "full", tmp_path / "split"
+    assert main(train_args(a, full, "--max-steps", "8", "--eval-every", "0", "--save-every", "4")) == 0
+    assert main(train_args(a, split, "--max-steps", "8", "--eval-every", "0", "--save-every", "4", "--max-minutes", "0")) == 0
+    # the run above stopped after its first step (max-minutes 0) with a checkpoint; resume to the end
+    assert main(train_args(a, split, "--max-steps", "8", "--eval-every", "0", "--save-every", "4", "--resume")) == 0
+    loss = lambda out: [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]  # noqa: E731
+    assert_close(torch.tensor(loss(split)), torch.tensor(loss(full)), rtol=1e-5, atol=1e-6)
+    ma, mb = LongMem.from_pretrained(full), LongMem.from_pretrained(split)
+    for (k, v), (_, w) in zip(ma.sidenet.state_dict().items(), mb.sidenet.state_dict().items()):
+        assert_close(v, w, rtol=1e-5, atol=1e-6)
+
+
+def test_two_process_torchrun_on_cpu_trains_and_resumes(tiny_assets, tmp_path):
+    a = tiny_assets
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "longmem.cli", *train_args(a, out, "--eval-every", "0", "--save-every", "2")]
+    r = subprocess.run(cmd + ["--max-steps", "4"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(cmd + ["--max-steps", "8", "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    losses = [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 8
+    assert sum(losses[-3:]) < sum(losses[:3])  # it learns across the restart
+    LongMem.from_pretrained(out)
+
+
+def test_bad_training_inputs_are_one_line_errors(tiny_assets, tmp_path, capsys):
+    a = tiny_assets
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    binary = tmp_path / "b.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("alpha beta")
+    for data, needle in ((empty, "no text"), (binary, "binary"), (tiny, "less than one segment"),
+                         (tmp_path / "missing", "does not exist")):
+        args = ["train", "--backbone", str(a["backbone"]), "--data", str(data), "--out", str(tmp_path / "o"), *TINY]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err and "Traceback" not in err
+    assert main(["train", "--backbone", "no-org/no-model", "--data", str(a["train"]), "--out", str(tmp_path / "o2"), *TINY]) == 2
+    assert "cannot load backbone" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "sidenet.safetensors").exists()
