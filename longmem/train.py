@@ -69,6 +69,23 @@ class TrainConfig:
         self.betas = tuple(self.betas)
 
 
+def resolve_tokenizer(ref: str):
+    """A tokenizer from a local folder or a hub id (the backbone's, usually)."""
+    from longmem.pretrain import load_tokenizer
+
+    if Path(ref).is_dir():
+        return load_tokenizer(ref)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise LongMemError(
+            f"cannot load backbone or tokenizer {ref!r}: not a local folder, and the hub is unreachable or has no "
+            f"such model ({type(e).__name__}); pass a folder saved with save_pretrained"
+        ) from None
+
+
 # -- distributed -----------------------------------------------------------------------------------
 
 
@@ -156,8 +173,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     from longmem.config import LongMemConfig
     from longmem.evaluate import stream_nll
     from longmem.model import LongMem
-    from longmem.pretrain import load_tokenizer
-
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
@@ -167,7 +182,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if not resume and find_checkpoint(out) is not None:
         raise LongMemError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
 
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.backbone)
+    tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     if ckpt is not None:
         model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
