@@ -225,30 +225,40 @@ class Backbone(nn.Module):
     # -- the frozen forward ----------------------------------------------------------------------
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, memory_layer: int, positions: torch.Tensor | None = None) -> BackboneOutput:
+    def forward(self, input_ids: torch.Tensor, memory_layer: int, positions: torch.Tensor | None = None,
+                cache=None, upto: int | None = None) -> BackboneOutput:
         """Run one segment. Returns all hidden states and block m's keys/values (pre-rotary).
 
         Args:
             input_ids: (B, T) token ids.
             memory_layer: m, the block whose keys/values go to memory.
-            positions: (T,) or (1, T) position ids; default 0..T-1.
+            positions: (T,) or (1, T) position ids; default 0..T-1 (after the cached tokens, if any).
+            cache: a ``KVCache`` holding the window's earlier tokens (incremental decoding), updated in place.
+            upto: stop after this block (e.g. m, when only the memory's keys/values are wanted).
         """
         T = input_ids.shape[1]
         if positions is None:
-            positions = torch.arange(T, device=input_ids.device)
+            start = len(cache) if cache is not None else 0
+            positions = torch.arange(start, start + T, device=input_ids.device)
         positions = positions.view(1, -1)
         h = self.embed(input_ids, positions)
         rope = self.rotary(h, positions)
         hidden, saved = [h], {}
         scale = self.scale
 
-        def keep_kv(q, k, v, q_raw, k_raw):
-            saved["kv"] = (k_raw, v)  # pre-rotary keys: position-free, like the paper's ALiBi keys
-            return causal_attention(q, k, v, scale=scale)
+        def core_for(i):
+            def core(q, k, v, q_raw, k_raw):
+                if i == memory_layer:
+                    saved["kv"] = (k_raw, v)  # pre-rotary keys: position-free, like the paper's ALiBi keys
+                if cache is not None:
+                    k, v = cache.update(i, k, v, k_raw if i == memory_layer else None)
+                return causal_attention(q, k, v, scale=scale)
 
-        local = self.local_core()
-        for i, block in enumerate(self.blocks):
-            h = self.block_forward(block, h, rope, keep_kv if i == memory_layer else local)
+            return core
+
+        blocks = self.blocks if upto is None else self.blocks[: upto + 1]
+        for i, block in enumerate(blocks):
+            h = self.block_forward(block, h, rope, core_for(i))
             hidden.append(h)
         keys, values = saved["kv"]
         return BackboneOutput(hidden_states=hidden, keys=keys, values=values)

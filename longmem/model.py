@@ -144,6 +144,12 @@ class LongMem(nn.Module):
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
         return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
 
+    def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, **kwargs) -> torch.Tensor:
+        """Greedy or sampled continuation with memory and a KV cache; see ``longmem.generation.generate``."""
+        from longmem.generation import generate
+
+        return generate(self, input_ids, memory=memory, **kwargs)
+
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's own logits for a segment (the paper's baseline), (B, T, V)."""

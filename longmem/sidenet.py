@@ -37,31 +37,35 @@ class SideNet(nn.Module):
         self._residual_from = [(2 * i, 2 * i + 2) for i in range(self.num_layers)]
         self._residual_from[-1] = (2 * (self.num_layers - 1), L)
 
-    def forward(self, backbone: Backbone, hidden: list[torch.Tensor], rope, retrieve=None) -> torch.Tensor:
-        """Run the SideNet over one segment.
+    def forward(self, backbone: Backbone, hidden: list[torch.Tensor], rope, retrieve=None, cache=None) -> torch.Tensor:
+        """Run the SideNet over one segment (or the newest tokens of one, with a cache).
 
         Args:
             backbone: the frozen backbone (its family code runs the copied blocks; its LM head is used).
-            hidden: Hb[0..L], each (B, T, D).
-            rope: the family's position information for the segment (None for GPT-2).
+            hidden: Hb[0..L] for the new tokens, each (B, T, D).
+            rope: the family's position information for the new tokens (None for GPT-2).
             retrieve: callable(mem_q (B, H, T, Dh)) -> Retrieved or None; None runs without memory.
+            cache: a ``KVCache`` with the window's earlier tokens (incremental decoding), updated in place.
         Returns:
             logits (B, T, V)
         """
         scale = backbone.scale
 
-        def local(q, k, v, q_raw, k_raw):
-            return causal_attention(q, k, v, scale=scale)
+        def core_for(i):
+            use_memory = i == self.memory_index and retrieve is not None
 
-        def joint(q, k, v, q_raw, k_raw):
-            mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
-            if mem is None:
-                return causal_attention(q, k, v, scale=scale)
-            return joint_attention(q, k, v, mem.keys, mem.values, self.gate, mem.mask, mem_q=q_raw, scale=scale)
+            def core(q, k, v, q_raw, k_raw):
+                if cache is not None:
+                    k, v = cache.update(i, k, v)
+                if not use_memory:
+                    return causal_attention(q, k, v, scale=scale)
+                mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
+                return joint_attention(q, k, v, mem.keys, mem.values, self.gate, mem.mask, mem_q=q_raw, scale=scale)
+
+            return core
 
         x = hidden[0]
         for i, block in enumerate(self.blocks):
-            core = joint if (i == self.memory_index and retrieve is not None) else local
             lo, hi = self._residual_from[i]
-            x = backbone.block_forward(block, x, rope, core) + (hidden[hi] - hidden[lo])  # eq (2)
+            x = backbone.block_forward(block, x, rope, core_for(i)) + (hidden[hi] - hidden[lo])  # eq (2)
         return backbone.logits(x, norm=self.norm)

@@ -1,0 +1,198 @@
+"""Generation with long-term memory and an incremental KV cache.
+
+The local window holds at most W tokens (the model's segment length). Tokens enter it one step at a
+time; the backbone and the SideNet keep the window's keys/values in a ``KVCache``, so a new token
+costs one token's forward, not the window's. When the window is full it *slides*: its oldest
+W - keep tokens move into the memory (their block-m keys/values, written chunk by chunk; partial
+chunks wait in the bank) and the kept tokens are re-encoded once as the start of a fresh window.
+The context is unbounded: the window plus everything in memory.
+
+Equivalence, tested: at every step the logits equal a full recompute of the current window (from
+scratch, positions from 0) with the same memory. GPT-2's learned positions therefore never exceed W.
+
+Glossary: B rows (prompts, each with its own memory row), W window tokens, S tokens in the window now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from longmem.cache import KVCache
+from longmem.errors import LongMemError
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    top_p: float = 1.0  # 1.0: no nucleus filter
+    stop_token_ids: tuple = ()
+    stop_strings: tuple = ()  # needs a tokenizer
+
+    def __post_init__(self):
+        if self.max_new_tokens < 0:
+            raise LongMemError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise LongMemError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise LongMemError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise LongMemError(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Window:
+    """The decoding state of B rows: window tokens, both networks' caches, and the memory."""
+
+    tokens: torch.Tensor  # (B, S)
+    backbone_cache: KVCache
+    sidenet_cache: KVCache
+    memory: object = None  # MemoryBank or None (then the slid-out tokens are forgotten)
+    moved: int = field(default=0)  # tokens moved out of the window so far
+
+
+class Decoder:
+    """Feeds tokens through a LongMem model incrementally. ``feed`` returns the last token's logits."""
+
+    def __init__(self, model, batch_size: int, memory=None, window: int | None = None, keep: int | None = None):
+        self.model = model
+        self.W = window or model.segment_length
+        self.keep = self.W // 2 if keep is None else keep
+        if not 0 <= self.keep < self.W:
+            raise LongMemError(f"keep must be in [0, window={self.W}), got {self.keep}")
+        limit = model.backbone.max_positions
+        if self.W > limit:
+            raise LongMemError(f"window {self.W} exceeds the backbone's context {limit}")
+        device = model.device
+        self.state = Window(
+            tokens=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            backbone_cache=KVCache(model.backbone.num_layers),
+            sidenet_cache=KVCache(model.sidenet.num_layers),
+            memory=memory,
+        )
+
+    @torch.no_grad()
+    def feed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one."""
+        logits = None
+        while ids.shape[1]:
+            room = self.W - self.state.tokens.shape[1]
+            if room == 0:
+                self._slide()
+                room = self.W - self.state.tokens.shape[1]
+            logits = self._forward(ids[:, :room])
+            ids = ids[:, room:]
+        return logits
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        m, st = self.model, self.state
+        m._check_inputs(ids, None, st.memory)
+        start = st.tokens.shape[1]
+        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
+        bb = m.backbone(ids, m.memory_layer, positions, cache=st.backbone_cache)
+        rope = m.backbone.rotary(bb.hidden_states[0], positions.view(1, -1))
+        retrieve = st.memory.search if st.memory is not None else None
+        logits = m.sidenet(m.backbone, bb.hidden_states, rope, retrieve, cache=st.sidenet_cache)
+        st.tokens = torch.cat([st.tokens, ids], dim=1)
+        return logits[:, -1].float()
+
+    def _slide(self) -> None:
+        """Move the oldest W - keep tokens into memory and restart the window with the rest."""
+        st, m = self.state, self.model
+        move = self.W - self.keep
+        if st.memory is not None:
+            c, layer = st.backbone_cache, m.memory_layer
+            st.memory.add(c.raw_keys[layer][:, :, :move], c.values[layer][:, :, :move])  # chunk by chunk
+        kept = st.tokens[:, move:]
+        st.tokens = st.tokens[:, :0]
+        st.backbone_cache.reset()
+        st.sidenet_cache.reset()
+        st.moved += move
+        if kept.shape[1]:
+            self._forward(kept)  # re-encode the kept tokens as a fresh window (positions from 0)
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) token ids."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def generate_stream(model, input_ids: torch.Tensor, memory=None, cfg: SamplingConfig | None = None,
+                    generator: torch.Generator | None = None, tokenizer=None, window: int | None = None,
+                    keep: int | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B,) new tokens step by step. Finished rows (a stop id or string) repeat their stop token."""
+    cfg = cfg or SamplingConfig()
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise LongMemError("input_ids must be a non-empty (batch, tokens) tensor of token ids; pad prompts to one length or generate them one by one")
+    if cfg.stop_strings and tokenizer is None:
+        raise LongMemError("stop_strings need the tokenizer (pass tokenizer=...)")
+    was_training = model.training
+    model.eval()
+    dec = Decoder(model, input_ids.shape[0], memory, window, keep)
+    logits = dec.feed(input_ids.to(model.device))
+    B = input_ids.shape[0]
+    finished = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    fill = torch.zeros(B, dtype=torch.long, device=logits.device)
+    generated = [[] for _ in range(B)]
+    stop_ids = set(int(i) for i in cfg.stop_token_ids)
+    try:
+        for _ in range(cfg.max_new_tokens):
+            nxt = sample_next(logits, cfg, generator)
+            nxt = torch.where(finished, fill, nxt)
+            yield nxt
+            for b in range(B):
+                if finished[b]:
+                    continue
+                t = int(nxt[b])
+                generated[b].append(t)
+                if t in stop_ids or (cfg.stop_strings and _ends_with_stop(tokenizer, generated[b], cfg.stop_strings)):
+                    finished[b], fill[b] = True, t
+            if bool(finished.all()):
+                break
+            logits = dec.feed(nxt.view(B, 1))
+    finally:
+        model.train(was_training)
+
+
+def _ends_with_stop(tokenizer, ids: list[int], stops) -> bool:
+    tail = tokenizer.decode(ids[-32:])
+    return any(s in tail for s in stops)
+
+
+def generate(model, input_ids: torch.Tensor, memory=None, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_token_ids=(), stop_strings=(),
+             tokenizer=None, generator: torch.Generator | None = None, streamer=None, window: int | None = None,
+             keep: int | None = None) -> torch.Tensor:
+    """Generate continuations; returns (B, prompt + new) token ids, as HF's ``generate``.
+
+    Args:
+        input_ids: (B, T) prompts of one length (one memory row each).
+        memory: a MemoryBank with B rows (read, and written as the window slides), or None.
+        streamer: callable((B,) tokens) called after every step, for streaming output.
+        window, keep: local window size (default: the model's segment length) and tokens kept when it slides.
+    """
+    cfg = SamplingConfig(max_new_tokens, do_sample, temperature, top_k, top_p, tuple(stop_token_ids), tuple(stop_strings))
+    out = [input_ids.to(model.device)]
+    for tokens in generate_stream(model, input_ids, memory, cfg, generator, tokenizer, window, keep):
+        out.append(tokens.view(-1, 1))
+        if streamer is not None:
+            streamer(tokens)
+    return torch.cat(out, dim=1)
