@@ -18,6 +18,7 @@ _COMMAND_MODULES = [
     "longmem.pretrain",
     "longmem.train",
     "longmem.demo",
+    "longmem.memory_cli",
 ]
 
 

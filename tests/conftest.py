@@ -82,3 +82,16 @@ def tiny_assets(tmp_path_factory):
     hf.save_pretrained(root / "backbone")
     tok.save_pretrained(root / "backbone")
     return {"root": root, "train": corpus, "val": val, "tokenizer": tok, "backbone": root / "backbone"}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_assets):
+    """A self-contained LongMem folder (SideNet + backbone + tokenizer), as the shipped default is laid out."""
+    from longmem import LongMem, LongMemConfig
+
+    root = tiny_assets["root"] / "checkpoint"
+    model = LongMem.from_backbone(tiny_assets["backbone"], LongMemConfig(chunk_size=2, memory_size=256, topk_chunks=4, segment_length=16))
+    with torch.no_grad():
+        model.sidenet.gate.fill_(1.0)
+    model.save_pretrained(root, save_backbone=True, tokenizer=tiny_assets["tokenizer"])
+    return root

@@ -1,0 +1,251 @@
+"""``longmem memory add|list|show|remove``, ``longmem generate`` and ``longmem chat``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from longmem.errors import LongMemError
+from longmem.store import MemoryStore, check_name, check_text_file, ingest_file
+
+
+def _store(args) -> MemoryStore:
+    return MemoryStore(args.home)
+
+
+def _load(args):
+    from longmem.demo import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(args.model)
+    if getattr(args, "device", None):
+        model.to(args.device)
+    return model.eval(), tok
+
+
+# -- memory ----------------------------------------------------------------------------------------
+
+
+def _memory_add(args) -> int:
+    from tqdm import tqdm
+
+    store = _store(args)
+    check_name(args.name)
+    files = [Path(f) for f in args.files]
+    for f in files:
+        check_text_file(f)  # every file is checked before anything is written
+    model, tok = _load(args)
+    with store.lock(args.name):
+        if store.exists(args.name):
+            bank = store.load(args.name, model)
+        else:
+            bank = model.new_memory(1, memory_size=args.memory_size, chunk_size=args.chunk_size)
+        for f in files:
+            with tqdm(desc=f"reading {f.name}", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
+                n = ingest_file(model, tok, bank, f, progress=bar)
+            bank.rows[0].sources.append({"file": str(f.resolve()), "tokens": n,
+                                          "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+        store.save(args.name, bank)  # atomic: the old memory stays whole until this returns
+    print(f"memory {args.name!r}: {bank.num_tokens(0)} tokens stored (+{bank.num_pending(0)} pending) "
+          f"from {len(bank.rows[0].sources)} source(s), {store.path(args.name)}")
+    return 0
+
+
+def _memory_list(args) -> int:
+    store = _store(args)
+    names = store.names()
+    if not names:
+        print(f"no memories in {store.dir}")
+        return 0
+    print(f"{'name':<24}{'tokens':>10}{'size':>12}  model")
+    for name in names:
+        try:
+            h = store.header(name)
+            print(f"{name:<24}{h['rows'][0]['tokens']:>10}{h['bytes'] / 1e6:>10.1f}MB  {h['info'].get('model', '?')}")
+        except LongMemError as e:
+            print(f"{name:<24}{'?':>10}{'?':>12}  unreadable: {e}")
+    return 0
+
+
+def _memory_show(args) -> int:
+    h = _store(args).header(args.name)
+    row = h["rows"][0]
+    out = {"name": args.name, "model": h["info"].get("model"), "fingerprint": h["info"].get("fingerprint"),
+           "memory_layer": h["info"].get("memory_layer"), "tokens": row["tokens"], "pending": row["pending"],
+           "memory_size": h["memory_size"], "chunk_size": h["chunk_size"], "dtype": h["dtype"],
+           "bytes": h["bytes"], "modified": h["modified"], "sources": row["sources"]}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for k, v in out.items():
+        if k != "sources":
+            print(f"{k:<14}{v}")
+    print("sources")
+    for s in out["sources"]:
+        print(f"  {s.get('file')}  {s.get('tokens')} tokens  {s.get('added', '')}" if isinstance(s, dict) else f"  {s}")
+    return 0
+
+
+def _memory_remove(args) -> int:
+    _store(args).remove(args.name)
+    print(f"removed memory {args.name!r}")
+    return 0
+
+
+# -- generate / chat -------------------------------------------------------------------------------
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+                top_k=args.top_k, top_p=args.top_p, stop_strings=tuple(getattr(args, "stop", None) or ()))
+
+
+def _generate(args) -> int:
+    model, tok = _load(args)
+    memory = None
+    if args.memory and not args.no_memory:
+        memory = _store(args).load(args.memory, model)
+    ids = tok.backend_tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    if not ids:
+        raise LongMemError("the prompt is empty; pass --prompt TEXT")
+    prompt = torch.tensor([ids], dtype=torch.long)
+    gen = torch.Generator(device=model.device).manual_seed(args.seed)
+    new: list[int] = []
+    printed = ""
+    sys.stdout.write(args.prompt)
+
+    def stream(t):
+        nonlocal printed
+        new.append(int(t[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+
+    model.generate(prompt, memory=memory, streamer=stream, generator=gen, tokenizer=tok, **_sampling(args))
+    sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
+    return 0
+
+
+def _chat(args) -> int:
+    from longmem.generation import Decoder, SamplingConfig, sample_next
+
+    model, tok = _load(args)
+    store = _store(args)
+    lock = store.lock(args.memory) if args.remember else None
+    if lock is not None:
+        lock.__enter__()
+    try:
+        memory = store.load(args.memory, model) if store.exists(args.memory) else None
+        if memory is None:
+            if not args.remember:
+                raise LongMemError(f"no memory named {args.memory!r}; create it with `longmem memory add` or chat with --remember")
+            memory = model.new_memory(1)
+        dec = Decoder(model, 1, memory)
+        cfg = SamplingConfig(**{**_sampling(args), "stop_strings": ("\n",)})
+        gen = torch.Generator(device=model.device).manual_seed(args.seed)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            print(f"chatting over memory {args.memory!r} ({memory.num_tokens(0)} tokens); an empty line or Ctrl-D ends")
+        while True:
+            if interactive:
+                sys.stdout.write("you> ")
+                sys.stdout.flush()
+            line = sys.stdin.readline()
+            if not line or not line.strip():
+                break
+            text = f"{args.user_prefix}{line.strip()}\n{args.bot_prefix}"
+            logits = dec.feed(torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids], device=model.device))
+            reply: list[int] = []
+            for _ in range(cfg.max_new_tokens):
+                t = sample_next(logits, cfg, gen)
+                reply.append(int(t[0]))
+                logits = dec.feed(t.view(1, 1))
+                if "\n" in tok.decode(reply[-4:]):
+                    break
+            print(f"{args.bot_prefix}{tok.decode(reply).strip()}")
+            sys.stdout.flush()
+        if args.remember:
+            st = dec.state
+            c, m = st.backbone_cache, model.memory_layer
+            if c.raw_keys[m] is not None:  # what is still in the window goes to memory too
+                memory.add(c.raw_keys[m], c.values[m])
+            memory.rows[0].sources.append({"file": "chat", "tokens": st.moved + st.tokens.shape[1],
+                                           "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
+            store.save(args.memory, memory)
+            print(f"saved the conversation to memory {args.memory!r} ({memory.num_tokens(0)} tokens)")
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+    return 0
+
+
+# -- parsers ---------------------------------------------------------------------------------------
+
+
+def _common(p, model=True):
+    p.add_argument("--home", help="memory store folder (default: $LONGMEM_HOME or ~/.local/share/longmem)")
+    if model:
+        p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
+        p.add_argument("--device", help="cpu or cuda (default: cpu)")
+
+
+def _sampling_flags(p):
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def add_parser(sub) -> None:
+    mem = sub.add_parser("memory", help="named, persistent memories (add, list, show, remove)",
+                         description="Named memories that outlive the process, each tied to the model that built it.")
+    msub = mem.add_subparsers(dest="memory_command", metavar="ACTION")
+    msub.required = True
+    p = msub.add_parser("add", help="read files into a memory (created if new, appended otherwise)")
+    p.add_argument("name", help="memory name: letters, digits, '.', '_', '-'")
+    p.add_argument("files", nargs="+", help="UTF-8 text files of any size (streamed, never loaded whole)")
+    p.add_argument("--memory-size", type=int, help="tokens kept, FIFO (new memories; default: the model's)")
+    p.add_argument("--chunk-size", type=int, help="tokens per chunk (new memories; default: the model's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _common(p)
+    p.set_defaults(func=_memory_add)
+    p = msub.add_parser("list", help="list the memories in the store")
+    _common(p, model=False)
+    p.set_defaults(func=_memory_list)
+    p = msub.add_parser("show", help="one memory's model, tokens, sources and size on disk")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _common(p, model=False)
+    p.set_defaults(func=_memory_show)
+    p = msub.add_parser("remove", help="delete a memory")
+    p.add_argument("name")
+    _common(p, model=False)
+    p.set_defaults(func=_memory_remove)
+
+    p = sub.add_parser("generate", help="continue a prompt, reading a named memory",
+                       description="Generate text with the model's local window plus a named long-term memory.")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--memory", help="name of a memory in the store (see `longmem memory list`)")
+    p.add_argument("--no-memory", action="store_true", help="ignore --memory (to compare)")
+    p.add_argument("--stop", nargs="*", help="stop when one of these strings is generated")
+    _sampling_flags(p)
+    _common(p)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("chat", help="talk over a named memory; --remember adds the conversation to it",
+                       description="A line-by-line conversation. Each reply ends at a newline. With --remember the "
+                                   "conversation is written into the memory when the chat ends.")
+    p.add_argument("--memory", required=True, help="memory name (created with --remember if missing)")
+    p.add_argument("--remember", action="store_true", help="write what is said into the memory")
+    p.add_argument("--user-prefix", default="User: ", help="text put before each of your lines")
+    p.add_argument("--bot-prefix", default="Reply: ", help="text put before each reply")
+    _sampling_flags(p)
+    _common(p)
+    p.set_defaults(func=_chat)

@@ -1,0 +1,185 @@
+"""Named, persistent memories: read a book or a code base once, use it today or next week.
+
+A store is a folder (``$LONGMEM_HOME``, else ``$XDG_DATA_HOME/longmem``, else
+``~/.local/share/longmem``) holding ``memories/NAME.safetensors``, each a one-row ``MemoryBank``
+tied to the model that built it (its fingerprint is checked on every load). Saving is atomic (a new
+file is completed, then renamed over the old one), and writers take an exclusive lock, so a crash
+or a second writer can never leave a broken memory. Loading reads safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longmem.errors import LongMemError
+from longmem.memory import MemoryBank
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+READ_BYTES = 1 << 20  # files are read in pieces of about this size, never whole
+
+
+def default_home() -> Path:
+    if os.environ.get("LONGMEM_HOME"):
+        return Path(os.environ["LONGMEM_HOME"])
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "longmem"
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise LongMemError(
+            f"invalid memory name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
+
+
+class MemoryStore:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root) if root is not None else default_home()
+        self.dir = self.root / "memories"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{check_name(name)}.safetensors"
+
+    def exists(self, name: str) -> bool:
+        return self.path(name).is_file()
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.name[: -len(".safetensors")] for p in self.dir.glob("*.safetensors") if NAME_RE.match(p.name[: -len(".safetensors")]))
+
+    @contextlib.contextmanager
+    def lock(self, name: str):
+        """Exclusive writer lock on one memory; a second writer is refused at once."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        lock_path = self.dir / f"{check_name(name)}.lock"
+        f = open(lock_path, "a+")
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise LongMemError(f"memory {name!r} is being written by {holder}; wait for it to finish and try again") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"process {os.getpid()}")
+            f.flush()
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                f.seek(0)
+                f.truncate()
+            f.close()  # closing releases the lock
+
+    def load(self, name: str, model) -> MemoryBank:
+        path = self.path(name)
+        if not path.is_file():
+            raise LongMemError(f"no memory named {name!r} in {self.dir}; create it with `longmem memory add {name} FILE`")
+        return model.load_memory(path)
+
+    def save(self, name: str, bank: MemoryBank) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        bank.save(self.path(name))
+
+    def header(self, name: str) -> dict:
+        from safetensors import safe_open
+        import json
+
+        path = self.path(name)
+        if not path.is_file():
+            raise LongMemError(f"no memory named {name!r} in {self.dir}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = json.loads((f.metadata() or {})["longmem"])
+        except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise LongMemError(f"memory {name!r} ({path}) is unreadable ({type(e).__name__}); remove it with `longmem memory remove {name}`") from None
+        st = path.stat()
+        header["bytes"] = st.st_size
+        header["modified"] = datetime.datetime.fromtimestamp(st.st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+        return header
+
+    def remove(self, name: str) -> None:
+        path = self.path(name)
+        if not path.is_file():
+            raise LongMemError(f"no memory named {name!r} in {self.dir}")
+        with self.lock(name):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            (self.dir / f"{name}.lock").unlink()
+
+
+def check_text_file(path: Path) -> None:
+    if not path.is_file():
+        raise LongMemError(f"{path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(8192)
+    if not head:
+        raise LongMemError(f"{path} is empty; nothing to add")
+    if b"\0" in head:
+        raise LongMemError(f"{path} looks binary (it has NUL bytes); add UTF-8 text files")
+
+
+def read_pieces(path: Path, size: int = READ_BYTES):
+    """The file's text in pieces of about ``size`` bytes, cut after a newline (undecodable bytes replaced)."""
+    carry = ""
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        while True:
+            block = f.read(size)
+            if not block:
+                break
+            text = carry + block
+            cut = text.rfind("\n")
+            if cut < 0 or cut < len(text) // 2:
+                carry, text = "", text
+            else:
+                carry, text = text[cut + 1:], text[: cut + 1]
+            if text:
+                yield text
+    if carry:
+        yield carry
+
+
+@torch.no_grad()
+def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, progress=None) -> int:
+    """Write one file into a memory row, segment by segment, through the backbone up to block m.
+
+    The file is read in pieces, so a file of any size streams in bounded RAM (the bank itself is
+    bounded by its FIFO). Returns the number of tokens written.
+    """
+    T = model.segment_length
+    device = model.device
+    buffer = np.zeros(0, dtype=np.int64)
+    total = 0
+
+    def write(ids: np.ndarray):
+        x = torch.from_numpy(ids).view(1, -1).to(device)
+        kv = model.backbone(x, model.memory_layer, upto=model.memory_layer)  # blocks after m are not needed
+        bank.add(kv.keys, kv.values, rows=[row])
+
+    for piece in read_pieces(path):
+        ids = np.asarray(tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids, dtype=np.int64)
+        buffer = np.concatenate([buffer, ids])
+        while len(buffer) >= T:
+            write(buffer[:T])
+            buffer = buffer[T:]
+            total += T
+            if progress is not None:
+                progress.update(T)
+        if progress is not None:
+            progress.set_postfix(tokens=total)
+    if len(buffer):
+        write(buffer)
+        total += len(buffer)
+        if progress is not None:
+            progress.update(len(buffer))
+    return total
