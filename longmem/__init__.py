@@ -4,7 +4,7 @@ from longmem.attention import joint_attention
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
-from longmem.model import LongMem, LongMemOutput
+from longmem.model import LongMem, LongMemOutput, load_model
 
-__all__ = ["LongMem", "LongMemConfig", "LongMemError", "LongMemOutput", "MemoryBank", "joint_attention"]
+__all__ = ["LongMem", "LongMemConfig", "LongMemError", "LongMemOutput", "MemoryBank", "joint_attention", "load_model"]
 __version__ = "0.1.0"

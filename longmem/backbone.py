@@ -165,9 +165,12 @@ def _unsupported(model_type: str) -> str:
 
 
 class Backbone(nn.Module):
-    """A frozen HF causal LM run block by block. Never trains: eval mode and no grads, always."""
+    """An HF causal LM run block by block. Frozen (the LongMem case): eval mode and no grads, always.
 
-    def __init__(self, model: nn.Module):
+    ``frozen=False`` serves the baselines that train the backbone itself (MemTRM, fine-tuning).
+    """
+
+    def __init__(self, model: nn.Module, frozen: bool = True):
         super().__init__()
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
@@ -179,7 +182,8 @@ class Backbone(nn.Module):
                 f"load it with AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)"
             )
         self.family = _FAMILIES[model_type](model)
-        self.model = model.eval().requires_grad_(False)
+        self.frozen = frozen
+        self.model = model.eval().requires_grad_(False) if frozen else model
         self.blocks, self.norm, self.lm_head = self.family.parts(model)
         self.num_layers = len(self.blocks)
         self.vocab_size = model.get_input_embeddings().num_embeddings
@@ -193,7 +197,7 @@ class Backbone(nn.Module):
         self._fingerprint = None
 
     def train(self, mode: bool = True):
-        return super().train(False)  # frozen: dropout stays off whatever the caller asks
+        return super().train(mode and not self.frozen)  # frozen: dropout stays off whatever the caller asks
 
     @property
     def name(self) -> str:
@@ -224,9 +228,8 @@ class Backbone(nn.Module):
 
     # -- the frozen forward ----------------------------------------------------------------------
 
-    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, memory_layer: int, positions: torch.Tensor | None = None,
-                cache=None, upto: int | None = None) -> BackboneOutput:
+                cache=None, upto: int | None = None, memory_core: AttentionCore | None = None) -> BackboneOutput:
         """Run one segment. Returns all hidden states and block m's keys/values (pre-rotary).
 
         Args:
@@ -235,7 +238,13 @@ class Backbone(nn.Module):
             positions: (T,) or (1, T) position ids; default 0..T-1 (after the cached tokens, if any).
             cache: a ``KVCache`` holding the window's earlier tokens (incremental decoding), updated in place.
             upto: stop after this block (e.g. m, when only the memory's keys/values are wanted).
+            memory_core: attention for block m instead of plain causal attention (the coupled-memory
+                baseline puts joint attention there).
         """
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self._forward(input_ids, memory_layer, positions, cache, upto, memory_core)
+
+    def _forward(self, input_ids, memory_layer, positions, cache, upto, memory_core) -> BackboneOutput:
         T = input_ids.shape[1]
         if positions is None:
             start = len(cache) if cache is not None else 0
@@ -252,6 +261,8 @@ class Backbone(nn.Module):
                     saved["kv"] = (k_raw, v)  # pre-rotary keys: position-free, like the paper's ALiBi keys
                 if cache is not None:
                     k, v = cache.update(i, k, v, k_raw if i == memory_layer else None)
+                if i == memory_layer and memory_core is not None:
+                    return memory_core(q, k, v, q_raw, k_raw)
                 return causal_attention(q, k, v, scale=scale)
 
             return core

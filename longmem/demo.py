@@ -24,7 +24,7 @@ DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tin
 
 def load_model_and_tokenizer(path: str | os.PathLike | None):
     """A LongMem checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer."""
-    from longmem.model import CONFIG_FILE, LongMem, read_checkpoint_meta
+    from longmem.model import CONFIG_FILE, load_model, read_checkpoint_meta
     from longmem.pretrain import load_tokenizer
 
     path = Path(path or DEFAULT_MODEL)
@@ -33,7 +33,7 @@ def load_model_and_tokenizer(path: str | os.PathLike | None):
             raise LongMemError(f"the shipped default model is missing from {path}; reinstall from a full clone of the repository")
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
     meta = read_checkpoint_meta(path)
-    model = LongMem.from_pretrained(path)
+    model = load_model(path)
     ref = meta["backbone"]["path"]
     tok_dir = path / ref if (path / ref).is_dir() else Path(ref)
     return model, load_tokenizer(str(tok_dir))

@@ -43,38 +43,13 @@ class LongMemOutput:
     loss: torch.Tensor | None = None  # mean next-token cross-entropy over labels != -100
 
 
-class LongMem(nn.Module):
-    """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
+class MemoryLM(nn.Module):
+    """What every model that streams documents with a memory shares: LongMem and the baselines.
 
-    def __init__(self, backbone: Backbone, config: LongMemConfig, sidenet: SideNet | None = None):
-        super().__init__()
-        L = backbone.num_layers
-        if config.memory_layer is None:
-            config = config.replace(memory_layer=default_memory_layer(L))
-        if config.memory_layer >= 2 * (L // 2):
-            raise LongMemError(
-                f"memory_layer {config.memory_layer} has no SideNet layer to read it in a {L}-layer backbone; "
-                f"choose an odd block below {2 * (L // 2)}"
-            )
-        self.config = config
-        self.backbone = backbone
-        self.sidenet = sidenet if sidenet is not None else SideNet(backbone, config.memory_layer)
+    Subclasses set ``self.config`` (a LongMemConfig with memory_layer resolved) and ``self.backbone``.
+    """
 
-    # -- construction ------------------------------------------------------------------------------
-
-    @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
-        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
-        config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
-        return cls(Backbone(load_causal_lm(model_or_path)), config)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.backbone.train(False)  # the backbone never leaves eval mode
-        return self
-
-    def trainable_parameters(self):
-        return [p for p in self.sidenet.parameters() if p.requires_grad]
+    method = "base"
 
     @property
     def memory_layer(self) -> int:
@@ -90,11 +65,11 @@ class LongMem(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.sidenet.parameters()).device
+        return next(self.backbone.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.sidenet.parameters()).dtype
+        return next(self.backbone.model.parameters()).dtype
 
     def memory_info(self) -> dict:
         """What a memory built by this model records, and what ``forward`` checks before using one."""
@@ -119,36 +94,6 @@ class LongMem(nn.Module):
     def load_memory(self, path, device=None) -> MemoryBank:
         """Load a memory saved with ``MemoryBank.save``, refusing one built by another model."""
         return MemoryBank.load(path, device=device or self.device, expect=self.memory_info())
-
-    # -- forward -----------------------------------------------------------------------------------
-
-    def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True) -> LongMemOutput:
-        """One segment of B streams.
-
-        Args:
-            input_ids: (B, T) token ids, T <= the backbone's context.
-            memory: the rows' memory bank (B rows), or None for the SideNet without memory.
-            labels: (B, T) as in HF causal LMs: shifted inside, -100 ignored.
-            update_memory: write this segment's block-m keys/values to ``memory`` after reading it.
-        Returns:
-            LongMemOutput with logits (B, T, V) and loss (when labels are given).
-        """
-        self._check_inputs(input_ids, labels, memory)
-        bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
-        rope = self.backbone.rotary(bb.hidden_states[0], positions)
-        retrieve = memory.search if memory is not None else None
-        logits = self.sidenet(self.backbone, bb.hidden_states, rope, retrieve)
-        if memory is not None and update_memory:
-            memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
-        return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
-
-    def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, **kwargs) -> torch.Tensor:
-        """Greedy or sampled continuation with memory and a KV cache; see ``longmem.generation.generate``."""
-        from longmem.generation import generate
-
-        return generate(self, input_ids, memory=memory, **kwargs)
 
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -189,6 +134,63 @@ class LongMem(nn.Module):
             if (memory.num_heads, memory.head_dim) != (self.backbone.num_kv_heads, self.backbone.head_dim):
                 raise LongMemError("memory head layout does not match this model; build a new memory with model.new_memory()")
 
+class LongMem(MemoryLM):
+    """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
+
+    method = "longmem"
+
+    def __init__(self, backbone: Backbone, config: LongMemConfig, sidenet: SideNet | None = None):
+        super().__init__()
+        self.config = resolve_config(config, backbone.num_layers)
+        self.backbone = backbone
+        self.sidenet = sidenet if sidenet is not None else SideNet(backbone, self.config.memory_layer)
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
+        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
+        config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
+        return cls(Backbone(load_causal_lm(model_or_path)), config)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.train(False)  # the backbone never leaves eval mode
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.sidenet.parameters() if p.requires_grad]
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
+                update_memory: bool = True) -> LongMemOutput:
+        """One segment of B streams.
+
+        Args:
+            input_ids: (B, T) token ids, T <= the backbone's context.
+            memory: the rows' memory bank (B rows), or None for the SideNet without memory.
+            labels: (B, T) as in HF causal LMs: shifted inside, -100 ignored.
+            update_memory: write this segment's block-m keys/values to ``memory`` after reading it.
+        Returns:
+            LongMemOutput with logits (B, T, V) and loss (when labels are given).
+        """
+        self._check_inputs(input_ids, labels, memory)
+        bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
+        rope = self.backbone.rotary(bb.hidden_states[0], positions)
+        retrieve = memory.search if memory is not None else None
+        logits = self.sidenet(self.backbone, bb.hidden_states, rope, retrieve)
+        if memory is not None and update_memory:
+            memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
+        return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
+
+    def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, **kwargs) -> torch.Tensor:
+        """Greedy or sampled continuation with memory and a KV cache; see ``longmem.generation.generate``."""
+        from longmem.generation import generate
+
+        return generate(self, input_ids, memory=memory, **kwargs)
+
     # -- persistence -------------------------------------------------------------------------------
 
     def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None) -> None:
@@ -212,6 +214,7 @@ class LongMem(nn.Module):
         meta = {
             "format": "longmem-checkpoint",
             "version": CHECKPOINT_VERSION,
+            "method": self.method,
             "config": self.config.to_dict(),
             "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
         }
@@ -227,6 +230,8 @@ class LongMem(nn.Module):
 
         path = Path(path)
         meta = read_checkpoint_meta(path)
+        if meta.get("method", "longmem") != "longmem":
+            raise LongMemError(f"{path} holds a {meta['method']!r} baseline, not a LongMem model; load it with longmem.load_model")
         if backbone is None:
             ref = meta["backbone"]["path"]
             backbone = path / ref if (path / ref).is_dir() else ref
@@ -249,6 +254,31 @@ class LongMem(nn.Module):
         if missing or unexpected:
             raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model
+
+
+def resolve_config(config: LongMemConfig, L: int) -> LongMemConfig:
+    """Fill in the default memory layer for an L-layer backbone and check that a SideNet layer reads it."""
+    if config.memory_layer is None:
+        config = config.replace(memory_layer=default_memory_layer(L))
+    if config.memory_layer >= 2 * (L // 2):
+        raise LongMemError(
+            f"memory_layer {config.memory_layer} has no SideNet layer to read it in a {L}-layer backbone; "
+            f"choose an odd block below {2 * (L // 2)}"
+        )
+    return config
+
+
+def load_model(path, backbone=None) -> MemoryLM:
+    """Any checkpoint folder written by this library: LongMem or one of the baselines."""
+    path = Path(path)
+    method = read_checkpoint_meta(path).get("method", "longmem")
+    if method == "longmem":
+        return LongMem.from_pretrained(path, backbone=backbone)
+    from longmem.baselines import BASELINES
+
+    if method not in BASELINES:
+        raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
+    return BASELINES[method].from_pretrained(path)
 
 
 def read_checkpoint_meta(path: Path) -> dict:

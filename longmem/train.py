@@ -58,6 +58,9 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     progress: bool = True
+    method: str = "longmem"  # longmem | memtrm (coupled memory, backbone trains) | finetune (no memory)
+    train_layers: str = "all"  # baselines: train all backbone blocks or the upper half
+    staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -66,6 +69,8 @@ class TrainConfig:
             raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if not self.data:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
+        if self.method not in ("longmem", "memtrm", "finetune"):
+            raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
         self.betas = tuple(self.betas)
 
 
@@ -138,11 +143,11 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, model, trainer_state: dict) -> None:
+def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> None:
     """Write OUT/checkpoint atomically: a new folder is completed, then swapped in."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, tokenizer=tokenizer)
     torch.save(trainer_state, tmp / "trainer.pt")
     with open(tmp / "COMPLETE", "w") as f:
         f.write("ok\n")
@@ -184,12 +189,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
-    if ckpt is not None:
-        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
+    lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
+                           topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
+    if cfg.method == "longmem":
+        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone) if ckpt else LongMem.from_backbone(cfg.backbone, lm_cfg)
     else:
-        lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
-                               topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
-        model = LongMem.from_backbone(cfg.backbone, lm_cfg)
+        from longmem.baselines import BASELINES
+
+        cls = BASELINES[cfg.method]
+        model = cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers)
     model.to(device).train()
     T = model.segment_length
     if len(tokenizer) > model.backbone.vocab_size:
@@ -252,7 +260,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if rank == 0:
             save_checkpoint(out, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                                          "scaler": scaler.state_dict(), "step": step, "tokens": tokens_seen,
-                                         "elapsed": elapsed_before + time.time() - t0, "streams": stream_states, "rng": rngs})
+                                         "elapsed": elapsed_before + time.time() - t0, "streams": stream_states, "rng": rngs},
+                            tokenizer=tokenizer)
         if world > 1:
             torch.distributed.barrier()
 
@@ -306,10 +315,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         window_tokens, window_t = 0, now
         last = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
                 "tokens": tokens_seen, "tok_per_s": round(tps, 1), "elapsed_s": round(elapsed_before + now - t0, 1),
-                "gate": [round(float(g), 4) for g in torch.sigmoid(model.sidenet.gate.detach())]}
+                "gate": [round(float(g), 4) for g in torch.sigmoid(_gate(model).detach())]}
         log(last)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
+        if cfg.staleness_every and step % cfg.staleness_every == 0 and rank == 0 and cfg.method != "finetune":
+            from longmem.baselines import staleness
+
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                log({"step": step, "staleness": staleness(model, memory, streams.replay_segments(0)[-32:])})
         if cfg.eval_every and step % cfg.eval_every == 0:
             v = validate()
             if v:
@@ -331,13 +345,17 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         if final:
             log({"step": step, **final})
             last.update(final)
-        model.save_pretrained(out)
+        model.save_pretrained(out, tokenizer=tokenizer)
         plot_metrics(metrics_path, out / "loss.png")
         last["stop_reason"] = stop_reason
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return last
+
+
+def _gate(model):
+    return model.sidenet.gate if hasattr(model, "sidenet") else model.gate
 
 
 class _nullcontext:
@@ -431,4 +449,11 @@ def add_parser(sub) -> None:
     p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,
+                   help="longmem (default): SideNet on a frozen backbone; memtrm: coupled memory in the trained "
+                        "backbone (Memorizing-Transformer style); finetune: the backbone fine-tuned, no memory")
+    p.add_argument("--train-layers", dest="train_layers", choices=["all", "upper"], default=None,
+                   help="baselines: train all backbone blocks (default) or the upper half")
+    p.add_argument("--staleness-every", dest="staleness_every", type=int, default=None,
+                   help="every N steps, record how far stored keys drifted from what the current weights compute")
     p.set_defaults(func=_run)
