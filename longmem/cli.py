@@ -19,6 +19,7 @@ _COMMAND_MODULES = [
     "longmem.train",
     "longmem.demo",
     "longmem.memory_cli",
+    "longmem.baselines",
 ]
 
 

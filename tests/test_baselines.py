@@ -60,3 +60,20 @@ def test_baseline_backbone_mode_is_the_untrained_backbone(tiny_assets):
     ids = torch.randint(0, 200, (1, 16))
     assert torch.equal(m.backbone_logits(ids), ref.backbone_logits(ids))
     assert not torch.allclose(m(ids).logits, ref.backbone_logits(ids))
+
+
+def test_staleness_report_compares_runs(tiny_assets, tmp_path, capsys):
+    runs = []
+    for method in ("memtrm", "longmem"):
+        out = tmp_path / method
+        assert main(train_args(tiny_assets, out, "--method", method, "--max-steps", "3", "--eval-every", "0",
+                               "--staleness-every", "1", "--lr", "0.05")) == 0
+        runs.append(str(out))
+    png, js = tmp_path / "s.png", tmp_path / "s.json"
+    assert main(["staleness", "--run", *runs, "--plot", str(png), "--json", str(js)]) == 0
+    curves = json.loads(js.read_text())
+    assert set(curves) == {"memtrm:memtrm", "longmem:longmem"}
+    assert all(abs(c - 1) < 1e-4 for c in curves["longmem:longmem"].values())
+    assert min(curves["memtrm:memtrm"].values()) < 0.9999
+    assert png.stat().st_size > 1000
+    assert main(["staleness", "--run", str(tmp_path / "nothing")]) == 2
