@@ -311,8 +311,10 @@ class MemoryBank:
                 tensors[f"row{b}.pending_values"] = r.pending_v.contiguous().cpu()
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
+        header = self.header()
+        header["sha256"] = _checksum(tensors)
         try:
-            save_file(tensors, tmp, metadata={"longmem": json.dumps(self.header())})
+            save_file(tensors, tmp, metadata={"longmem": json.dumps(header)})
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -339,6 +341,8 @@ class MemoryBank:
             raise LongMemError(f"{path} is not a LongMem memory file")
         if header.get("version") != FORMAT_VERSION:
             raise LongMemError(f"{path} has memory format version {header.get('version')}, this longmem reads version {FORMAT_VERSION}; upgrade longmem")
+        if header.get("sha256") != _checksum(tensors):
+            raise LongMemError(f"{path} is damaged: its contents do not match the checksum written with it; rebuild the memory")
         if expect:
             mismatched = {k: (header["info"].get(k), v) for k, v in expect.items() if header["info"].get(k) != v}
             if mismatched:
@@ -359,6 +363,18 @@ class MemoryBank:
             if bank.num_tokens(b) != meta_row["tokens"] or bank.num_pending(b) != meta_row["pending"]:
                 raise LongMemError(f"{path} is inconsistent (row {b}: header and tensors disagree); the file is damaged")
         return bank
+
+
+def _checksum(tensors: dict) -> str:
+    """sha256 over the tensors' names, shapes, dtypes and bytes, in name order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _mismatch_message(path: str, mismatched: dict) -> str:

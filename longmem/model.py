@@ -220,6 +220,7 @@ class LongMem(MemoryLM):
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
         _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
+        meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
         _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
 
     @classmethod
@@ -246,6 +247,8 @@ class LongMem(MemoryLM):
         if config_overrides:
             config = config.replace(**config_overrides)
         model = cls(bb, config)
+        if meta.get("weights_sha256") and (path / WEIGHTS_FILE).is_file() and file_sha256(path / WEIGHTS_FILE) != meta["weights_sha256"]:
+            raise LongMemError(f"{path / WEIGHTS_FILE} is damaged (checksum mismatch); retrain or restore the checkpoint")
         try:
             state = load_file(str(path / WEIGHTS_FILE))
         except (SafetensorError, OSError) as e:
@@ -298,6 +301,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
     )
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _atomic(target: Path, write) -> None:

@@ -175,3 +175,15 @@ def test_storage_keeps_the_given_dtype():
     m.add(*stream(T=8))
     assert m.keys.dtype == torch.bfloat16 and m.chunk_keys.dtype == torch.bfloat16
     assert m.search(torch.randn(2, 2, 3, 8)).keys.dtype == torch.bfloat16
+
+
+def test_a_flipped_bit_is_detected(tmp_path):
+    m = bank()
+    m.add(*stream(T=16))
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    data = bytearray(p.read_bytes())
+    data[-5] ^= 0x01  # inside the last tensor's bytes
+    (tmp_path / "flip.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LongMemError, match="damaged"):
+        MemoryBank.load(tmp_path / "flip.safetensors")

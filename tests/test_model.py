@@ -202,3 +202,16 @@ def test_bad_inputs_are_clear_errors(model):
     for call, message in cases:
         with pytest.raises(LongMemError, match=message):
             call()
+
+
+def test_damaged_checkpoint_is_detected(model, tmp_path):
+    model.save_pretrained(tmp_path / "lm")
+    w = tmp_path / "lm" / "sidenet.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0x10
+    w.write_bytes(bytes(data))
+    with pytest.raises(LongMemError, match="damaged"):
+        LongMem.from_pretrained(tmp_path / "lm", backbone=model.backbone.model)
+    (tmp_path / "lm" / "longmem.json").write_text("{not json")
+    with pytest.raises(LongMemError, match="not valid JSON"):
+        LongMem.from_pretrained(tmp_path / "lm")
