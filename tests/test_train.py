@@ -89,3 +89,23 @@ def test_bad_training_inputs_are_one_line_errors(tiny_assets, tmp_path, capsys):
     assert main(["train", "--backbone", "no-org/no-model", "--data", str(a["train"]), "--out", str(tmp_path / "o2"), *TINY]) == 2
     assert "cannot load backbone" in capsys.readouterr().err
     assert not (tmp_path / "o" / "sidenet.safetensors").exists()
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch, capsys):
+    import longmem.train as tr
+
+    real, calls = tr.next_token_loss, {"n": 0}
+
+    def poisoned(logits, targets):
+        calls["n"] += 1
+        loss = real(logits, targets)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(tr, "next_token_loss", poisoned)
+    out = tmp_path / "nan"
+    assert main(train_args(tiny_assets, out, "--max-steps", "6", "--eval-every", "0", "--save-every", "1")) == 2
+    err = capsys.readouterr().err
+    assert "loss became nan at step 2" in err and "Traceback" not in err
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
+    assert state["step"] == 2  # the last good step's checkpoint, intact
+    LongMem.from_pretrained(out / "checkpoint")
