@@ -1,0 +1,96 @@
+"""Pass-key retrieval: prompt layout, answer parsing, read-only memory, the command end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from longmem import LongMem, LongMemConfig
+from longmem.chapterbreak import encode, fill_memory
+from longmem.cli import main
+from longmem.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_prompt, greedy_generate
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_assets, tmp_path_factory):
+    a = tiny_assets
+    path = tmp_path_factory.mktemp("pk") / "ckpt"
+    # the question alone is ~30 tokens of the tiny tokenizer: a 64-token window holds it and the answer
+    cfg = LongMemConfig(chunk_size=2, memory_size=1024, topk_chunks=4, segment_length=64)
+    LongMem.from_backbone(a["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=a["tokenizer"])
+    return path
+
+
+@pytest.fixture
+def cli(monkeypatch):
+    import longmem.cli
+
+    if "longmem.eval_cli" not in longmem.cli._COMMAND_MODULES:
+        monkeypatch.setattr(longmem.cli, "_COMMAND_MODULES", longmem.cli._COMMAND_MODULES + ["longmem.eval_cli"])
+    return lambda *argv: main(["eval", *map(str, argv)])
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and then do not fight a busy machine for its cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_prompt_is_the_whole_text_tokenized_and_the_distance_is_met(tiny_assets):
+    tok = tiny_assets["tokenizer"]
+    ids, dist, key_end = build_prompt(tok, "48213", 60, lead_in=2)
+    filler = len(encode(tok, FILLER))
+    n = (dist - len(encode(tok, QUESTION))) // filler
+    text = INTRO + FILLER * 2 + KEY.format(key="48213") + FILLER * n + QUESTION
+    assert np.array_equal(ids, encode(tok, text))
+    assert 60 <= dist < 60 + filler
+    assert tok.decode(ids[:key_end].tolist()).endswith("48213")
+    assert len(ids) - key_end > dist  # the key comes before the filler that makes the distance
+
+
+def test_answer_digits():
+    assert answer_digits(" 48213. Remember") == "48213"
+    assert answer_digits("48213") == "48213"
+    assert answer_digits(" the key") == ""
+    assert answer_digits(" 4821") == "4821"
+
+
+def test_generation_reads_the_memory_without_writing_it(checkpoint, tiny_assets):
+    model = LongMem.from_pretrained(checkpoint).eval()
+    ids, _, _ = build_prompt(tiny_assets["tokenizer"], "12345", 40, lead_in=0)
+    memory = model.new_memory(1)
+    fill_memory(model, memory, ids[:-10])
+    before = memory.num_tokens(0) + memory.num_pending(0)
+    out = greedy_generate(model, "longmem", ids[-10:], 4, memory)
+    assert memory.num_tokens(0) + memory.num_pending(0) == before == len(ids) - 10
+    ref = torch.as_tensor(ids[-10:]).view(1, -1)
+    with torch.no_grad():
+        for _ in range(4):
+            ref = torch.cat([ref, model(ref, memory=memory, update_memory=False).logits[0, -1].argmax().view(1, 1)], 1)
+    assert out == ref[0, 10:].tolist()
+
+
+def test_cli_reports_accuracy_by_distance(checkpoint, cli, tmp_path, capsys):
+    out = tmp_path / "pk.json"
+    args = ["passkey", "--distances", "80", "160", "--trials", "2", "--candidates", "4", "--max-new-tokens", "5",
+            "--model", checkpoint, "--device", "cpu", "--json", out, "--no-progress"]
+    assert cli(*args, "--plot", tmp_path / "pk.png") == 0
+    assert "distance" in capsys.readouterr().out
+    r = json.loads(out.read_text())
+    assert r["chance_choice"] == 0.25 and r["segment_length"] == 64
+    for d in ("80", "160"):
+        assert r["by_distance"][d]["key_in_local_window"] == 0 and r["by_distance"][d]["actual_distance"] >= int(d)
+        for mode in ("longmem", "no_memory", "backbone"):
+            x = r[mode]["by_distance"][d]
+            assert x["trials"] == 2 and x["accuracy_greedy"] in (0, 0.5, 1) and x["accuracy_choice"] in (0, 0.5, 1)
+            assert x["key_logprob"] < 0
+    assert (tmp_path / "pk.png").stat().st_size > 1000
+    out2 = tmp_path / "pk2.json"
+    assert cli(*args[:-3], "--json", out2, "--no-progress") == 0
+    assert json.loads(out2.read_text()) == r  # deterministic for a seed
+    capsys.readouterr()
+    assert cli("passkey", "--distances", "0", "--model", checkpoint, "--device", "cpu") == 2
+    assert "--distances must be positive" in capsys.readouterr().err
