@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "longmem.demo",
     "longmem.memory_cli",
     "longmem.baselines",
+    "longmem.eval_cli",
 ]
 
 

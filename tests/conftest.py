@@ -8,6 +8,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# the test models are tiny: one thread avoids sync overhead and leaves the other core to a second job
+torch.set_num_threads(1)
+
 VOCAB = 97
 
 
