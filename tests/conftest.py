@@ -98,3 +98,23 @@ def tiny_checkpoint(tiny_assets):
         model.sidenet.gate.fill_(1.0)
     model.save_pretrained(root, save_backbone=True, tokenizer=tiny_assets["tokenizer"])
     return root
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_assets):
+    """A LongMem checkpoint folder with a 128-token memory, for the evaluation commands."""
+    from longmem import LongMem, LongMemConfig
+
+    path = tiny_assets["root"] / "eval-checkpoint"
+    if not path.exists():
+        cfg = LongMemConfig(chunk_size=2, memory_size=128, topk_chunks=4, segment_length=16)
+        LongMem.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=tiny_assets["tokenizer"])
+    return path
+
+
+@pytest.fixture
+def cli():
+    """`longmem eval ...` through the real CLI entry point; returns the exit status."""
+    from longmem.cli import main
+
+    return lambda *argv: main(["eval", *map(str, argv)])

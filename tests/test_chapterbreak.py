@@ -17,32 +17,6 @@ DATA = FIXTURES / "chapterbreak_tiny.json"
 BOOK = FIXTURES / "book_chapters.txt"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_assets, tmp_path_factory):
-    a = tiny_assets
-    path = tmp_path_factory.mktemp("cb") / "ckpt"
-    cfg = LongMemConfig(chunk_size=2, memory_size=128, topk_chunks=4, segment_length=16)
-    LongMem.from_backbone(a["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=a["tokenizer"])
-    return path
-
-
-@pytest.fixture
-def cli(monkeypatch):
-    import longmem.cli
-
-    if "longmem.eval_cli" not in longmem.cli._COMMAND_MODULES:
-        monkeypatch.setattr(longmem.cli, "_COMMAND_MODULES", longmem.cli._COMMAND_MODULES + ["longmem.eval_cli"])
-    return lambda *argv: main(["eval", *map(str, argv)])
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight a busy machine for its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_load_reads_both_splits_in_file_order():
     ex = load_chapterbreak(DATA)
     assert [e.split for e in ex] == ["pg19", "ao3"] and [e.work for e in ex] == ["work-1", "work-2"]

@@ -26,23 +26,6 @@ def checkpoints(tiny_assets, tmp_path_factory):
     return root / "alpha", root / "beta"
 
 
-@pytest.fixture
-def cli(monkeypatch):
-    import longmem.cli
-
-    if "longmem.eval_cli" not in longmem.cli._COMMAND_MODULES:
-        monkeypatch.setattr(longmem.cli, "_COMMAND_MODULES", longmem.cli._COMMAND_MODULES + ["longmem.eval_cli"])
-    return lambda *argv: main(["eval", *map(str, argv)])
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight a busy machine for its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_ppl_three_modes_on_the_same_tokens(checkpoints, cli, tiny_assets, tmp_path, capsys):
     out, png = tmp_path / "ppl.json", tmp_path / "ppl.png"
     assert cli("ppl", "--data", DOCS, "--model", checkpoints[0], "--device", "cpu", "--json", out, "--plot", png,

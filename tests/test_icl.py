@@ -15,32 +15,6 @@ from longmem.icl import TASKS, get_task, load_examples, local_context, predict_g
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_assets, tmp_path_factory):
-    a = tiny_assets
-    path = tmp_path_factory.mktemp("icl") / "ckpt"
-    cfg = LongMemConfig(chunk_size=2, memory_size=128, topk_chunks=4, segment_length=16)
-    LongMem.from_backbone(a["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=a["tokenizer"])
-    return path
-
-
-@pytest.fixture
-def cli(monkeypatch):
-    import longmem.cli
-
-    if "longmem.eval_cli" not in longmem.cli._COMMAND_MODULES:
-        monkeypatch.setattr(longmem.cli, "_COMMAND_MODULES", longmem.cli._COMMAND_MODULES + ["longmem.eval_cli"])
-    return lambda *argv: main(["eval", *map(str, argv)])
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight a busy machine for its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_the_three_formats_read_the_same_kind_of_data():
     sst2 = load_examples(FIXTURES / "sst2_20.tsv", get_task("sst2"))
     mr = load_examples(FIXTURES / "mr_20.csv", get_task("mr"))

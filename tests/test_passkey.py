@@ -14,29 +14,11 @@ from longmem.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_p
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_assets, tmp_path_factory):
-    a = tiny_assets
+    """Overrides conftest's: the question alone is ~30 tokens of the tiny tokenizer, so a 64-token window."""
     path = tmp_path_factory.mktemp("pk") / "ckpt"
-    # the question alone is ~30 tokens of the tiny tokenizer: a 64-token window holds it and the answer
     cfg = LongMemConfig(chunk_size=2, memory_size=1024, topk_chunks=4, segment_length=64)
-    LongMem.from_backbone(a["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=a["tokenizer"])
+    LongMem.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(path, save_backbone=True, tokenizer=tiny_assets["tokenizer"])
     return path
-
-
-@pytest.fixture
-def cli(monkeypatch):
-    import longmem.cli
-
-    if "longmem.eval_cli" not in longmem.cli._COMMAND_MODULES:
-        monkeypatch.setattr(longmem.cli, "_COMMAND_MODULES", longmem.cli._COMMAND_MODULES + ["longmem.eval_cli"])
-    return lambda *argv: main(["eval", *map(str, argv)])
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight a busy machine for its cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_prompt_is_the_whole_text_tokenized_and_the_distance_is_met(tiny_assets):
