@@ -1,0 +1,209 @@
+"""Retrieval: MemoryBank.search (faiss and torch backends) against bare faiss, bare torch and the FLOP bound.
+
+For each memory size (tokens in one row; chunk 4, so tokens / 4 chunks per head) the same chunk keys
+and the same queries (``--queries`` per key/value head) are searched by:
+
+    bank.search [faiss|torch]         the library's whole read: chunk search + gather of K tokens
+    bank.search_chunks [faiss|torch]  the chunk search alone; "gather" = search - search_chunks
+    faiss IndexFlatIP / faiss.knn     bare exact inner-product search over the bank's chunk keys
+    torch matmul+topk                 bare (q @ K^T).topk, the torch backend's reference
+    matmul FLOP bound                 2 * heads * queries * chunks * Dh at the dense matmul rate
+                                      measured in this run (the floor for an exact search)
+
+and, for the largest sizes, approximate faiss indexes (IVF-Flat and HNSW, inner product) on one
+head's chunk keys: build time, search time and recall@k_c against the exact top-k_c. The library has
+no approximate option; these rows say what one would give. Keys and queries are i.i.d. Gaussian:
+exact search cost does not depend on the data, but IVF/HNSW recall does, and Gaussian data has no
+cluster structure, so the recall here is a pessimistic bound (real keys cluster).
+
+    python benchmarks/retrieval.py            # full: 4K .. 1M tokens, 1024 queries per head
+    python benchmarks/retrieval.py --quick    # seconds
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+
+FULL_SIZES = [4096, 16384, 65536, 262144, 1048576]
+QUICK_SIZES = [2048, 8192]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser():
+    p = common.parser("retrieval", __doc__)
+    p.add_argument("--sizes", type=int, nargs="+", help=f"memory sizes in tokens (default {FULL_SIZES}; quick {QUICK_SIZES})")
+    p.add_argument("--heads", type=int, default=4, help="key/value heads searched (default 4, the default model's)")
+    p.add_argument("--head-dim", type=int, default=64, help="Dh (default 64, the paper's)")
+    p.add_argument("--chunk-size", type=int, default=4, help="csz (default 4)")
+    p.add_argument("--topk-chunks", type=int, default=16, help="k_c (default 16)")
+    p.add_argument("--queries", type=int, default=None, help="queries per head (default 1024; quick 128)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="memory storage dtype (default float32)")
+    p.add_argument("--backends", nargs="+", choices=["faiss", "torch"], default=["faiss", "torch"])
+    p.add_argument("--torch-max-gib", type=float, default=12.0,
+                   help="skip the torch backend where its score matrices (2 x heads x queries x chunks x 4 B) exceed this")
+    p.add_argument("--ann-sizes", type=int, nargs="*", default=None,
+                   help="sizes that also get approximate indexes (default: the two largest; quick: the largest)")
+    return p
+
+
+def main(argv=None) -> dict:
+    p = build_parser()
+    args = common.parse(p, argv)
+    device = common.setup(args)
+    started = time.perf_counter()
+    import faiss
+
+    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    Q = args.queries or (128 if args.quick else 1024)
+    H, Dh, csz, kc = args.heads, args.head_dim, args.chunk_size, args.topk_chunks
+    ann_sizes = args.ann_sizes if args.ann_sizes is not None else sorted(sizes)[-(1 if args.quick else 2):]
+    rate = common.matmul_rate(device, 512 if args.quick else 2048)
+    print(f"dense fp32 matmul rate on {device}: {rate / 1e9:.1f} GFLOP/s")
+
+    from longmem.memory import MemoryBank
+
+    rows, ann_rows, targets = [], [], []
+    for M in sizes:
+        bank = MemoryBank(1, H, Dh, chunk_size=csz, memory_size=M, topk_chunks=kc, dtype=DTYPES[args.dtype],
+                          device=device, backend="faiss")
+        common.fill_memory(bank, M, seed=args.seed)
+        N = bank.rows[0].count
+        g = torch.Generator().manual_seed(args.seed + 1)
+        q = torch.randn(1, H, Q, Dh, generator=g).to(device, DTYPES[args.dtype])  # (B=1, H, Q, Dh)
+        # the bare references see exactly the bank's chunk keys, as contiguous fp32 arrays per head
+        ck = [bank.chunk_keys[0, h, :N].float().cpu().contiguous().numpy() for h in range(H)]
+        qn = [q[0, h].float().cpu().contiguous().numpy() for h in range(H)]
+        indexes = []
+        for h in range(H):
+            index = faiss.IndexFlatIP(Dh)
+            index.add(ck[h])
+            indexes.append(index)
+
+        def bare_index():
+            return [indexes[h].search(qn[h], kc)[1] for h in range(H)]
+
+        def bare_knn():
+            return [faiss.knn(qn[h], ck[h], kc, metric=faiss.METRIC_INNER_PRODUCT)[1] for h in range(H)]
+
+        exact = np.stack(bare_index())  # (H, Q, kc)
+        flops = 2 * H * Q * N * Dh
+        size_rows = []
+
+        def row(method, stats, **kw):
+            r = {"tokens": M, "chunks": N, "method": method, "median_ms": stats["median_s"] * 1e3,
+                 "min_ms": stats["min_s"] * 1e3, "max_ms": stats["max_s"] * 1e3, **kw}
+            size_rows.append(r)
+            return r
+
+        t_index = common.bench(bare_index, args)
+        t_knn = common.bench(bare_knn, args)
+        row("faiss IndexFlatIP (bare)", t_index)
+        row("faiss.knn (bare)", t_knn)
+        bare_faiss_s = min(t_index["median_s"], t_knn["median_s"])
+        refs = {"faiss": bare_faiss_s}
+
+        score_gib = 2 * H * Q * bank.capacity * 4 / 2**30
+        if "torch" in args.backends and score_gib <= args.torch_max_gib:
+            ckt = bank.chunk_keys[:, :, :N].float()  # (1, H, N, Dh)
+
+            def bare_torch():
+                return torch.matmul(q.float(), ckt.transpose(-1, -2)).topk(kc, dim=-1).indices  # (1, H, Q, kc)
+
+            t_torch = common.bench(bare_torch, args)
+            row("torch matmul+topk (bare)", t_torch)
+            refs["torch"] = t_torch["median_s"]
+
+        for backend in args.backends:
+            if backend not in refs:
+                print(f"skipping the torch backend at {M:,} tokens: its score matrices need ~{score_gib:.1f} GiB "
+                      f"(> --torch-max-gib {args.torch_max_gib})")
+                continue
+            bank.backend = backend  # same stored memory, other search path
+            slots, _ = bank.search_chunks(q)
+            agree = float((np.sort(slots[0].cpu().numpy(), -1) == np.sort(exact, -1)).all(-1).mean())
+            t_chunks = common.bench(lambda: bank.search_chunks(q), args)
+            t_search = common.bench(lambda: bank.search(q), args)
+            ref = refs[backend]
+            row(f"bank.search [{backend}]", t_search, vs_bare=t_search["median_s"] / ref,
+                vs_flop_bound=t_search["median_s"] * rate / flops, agree_exact=agree)
+            row(f"bank.search_chunks [{backend}]", t_chunks, vs_bare=t_chunks["median_s"] / ref,
+                vs_flop_bound=t_chunks["median_s"] * rate / flops)
+            gather = max(t_search["median_s"] - t_chunks["median_s"], 1e-9)
+            size_rows.append({"tokens": M, "chunks": N, "method": f"  gather (search - chunks) [{backend}]",
+                              "median_ms": gather * 1e3, "share": gather / t_search["median_s"]})
+            targets.append(common.target(
+                f"bank.search[{backend}] / bare {'faiss' if backend == 'faiss' else 'torch'} @ {M:,} tok",
+                t_search["median_s"] / ref, "<=", 1.3,
+                f"chunk search alone {t_chunks['median_s'] / ref:.2f}x; gather {gather / t_search['median_s']:.0%} of search"))
+        row("matmul FLOP bound", {"median_s": flops / rate, "min_s": flops / rate, "max_s": flops / rate},
+            gflop=flops / 1e9)
+        rows += size_rows
+
+        if M in ann_sizes:
+            ann_rows += approximate(args, faiss, ck[0], qn[0], exact[0], kc, M)
+        del bank, indexes, ck
+
+    print(common.table(ann_rows, ["tokens", "chunks", "index", "params", "build_s", "search_ms", "exact_ms",
+                                  "speedup", "recall"],
+                       title="\napproximate indexes, one head (recall@k_c against exact; Gaussian keys: pessimistic)"))
+    config = {"sizes": sizes, "heads": H, "head_dim": Dh, "chunk_size": csz, "topk_chunks": kc, "queries_per_head": Q,
+              "dtype": args.dtype, "backends": args.backends, "matmul_gflops": rate / 1e9, "ann_sizes": ann_sizes,
+              "data": "i.i.d. Gaussian keys and queries"}
+    return common.finish(args, "retrieval", config, rows, targets,
+                         ["tokens", "chunks", "method", "median_ms", "min_ms", "vs_bare", "vs_flop_bound", "agree_exact", "share"],
+                         started, extra={"approximate": ann_rows})
+
+
+def approximate(args, faiss, xb: np.ndarray, xq: np.ndarray, exact: np.ndarray, kc: int, tokens: int) -> list[dict]:
+    """IVF-Flat and HNSW (inner product) on one head: build, search, recall@kc against ``exact`` (Q, kc)."""
+    N, Dh = xb.shape
+    flat = faiss.IndexFlatIP(Dh)
+    flat.add(xb)
+    exact_s = common.bench(lambda: flat.search(xq, kc), args)["median_s"]
+    out = []
+
+    def recall(I):
+        return float(np.mean([len(set(a) & set(b)) / kc for a, b in zip(I, exact)]))
+
+    def add_row(name, params, build_s, index):
+        D, I = index.search(xq, kc)
+        s = common.bench(lambda: index.search(xq, kc), args)["median_s"]
+        out.append({"tokens": tokens, "chunks": N, "index": name, "params": params, "build_s": build_s,
+                    "search_ms": s * 1e3, "exact_ms": exact_s * 1e3, "speedup": exact_s / s, "recall": recall(I)})
+
+    # IVF: ~4 sqrt(N) lists (a power of two), at least 39 training points per list (faiss's minimum)
+    nlist = 2 ** max(4, min(round(math.log2(4 * math.sqrt(N))), int(math.log2(max(16, N // 39)))))
+    quantizer = faiss.IndexFlatIP(Dh)
+    ivf = faiss.IndexIVFFlat(quantizer, Dh, nlist, faiss.METRIC_INNER_PRODUCT)
+    t0 = time.perf_counter()
+    ivf.train(xb)
+    ivf.add(xb)
+    build = time.perf_counter() - t0
+    for nprobe in (8, 32, 128):
+        if nprobe < nlist:
+            ivf.nprobe = nprobe
+            add_row("IVF-Flat", f"nlist={nlist} nprobe={nprobe}", build, ivf)
+
+    hnsw = faiss.IndexHNSWFlat(Dh, 32, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efConstruction = 80
+    t0 = time.perf_counter()
+    hnsw.add(xb)
+    build = time.perf_counter() - t0
+    for ef in (32, 128):
+        hnsw.hnsw.efSearch = ef
+        add_row("HNSW", f"M=32 efC=80 efSearch={ef}", build, hnsw)
+    return out
+
+
+if __name__ == "__main__":
+    main()

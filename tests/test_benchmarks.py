@@ -1,0 +1,111 @@
+"""Smoke tests of the benchmark scripts: each one's quick mode runs and writes the documented JSON.
+
+They check the shape of the results (fields present, figures finite and positive, targets well
+formed), never the figures themselves: speed depends on the machine. The schema is the one
+documented in benchmarks/README.md.
+"""
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+MACHINE_FIELDS = ("cpu", "cores", "torch_threads", "torch", "faiss", "device", "date_utc", "load_avg_1m_start")
+TARGET_FIELDS = ("name", "value", "op", "threshold", "met", "note")
+
+# benchmark -> (fields of every row of "results" that must be finite and > 0, other top-level keys)
+SCHEMA = {
+    "retrieval": (("tokens", "chunks", "median_ms"), ("approximate",)),
+    "adaptation_step": (("median_ms", "min_ms", "max_ms", "tok_per_s", "ratio"), ("split",)),
+    "ingest": (("median_ms", "min_ms", "tok_per_s", "vs_hf_forward"), ()),
+    "generation": (("tokens", "tok_per_s", "ms_per_token", "vs_no_memory"), ()),
+    "footprint": (("memory_size", "stored_tokens", "nbytes", "bytes_per_token", "raw_bytes_per_token", "ratio"),
+                  ("fill", "steps")),
+}
+
+
+@pytest.fixture
+def restore_torch_state():
+    """The scripts set threads and seeds for their process; give the rest of the test session its own back."""
+    import faiss
+
+    threads, faiss_threads, rng = torch.get_num_threads(), faiss.omp_get_max_threads(), torch.get_rng_state()
+    yield
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(faiss_threads)
+    torch.set_rng_state(rng)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def run_quick(name, tmp_path, *extra):
+    module = importlib.import_module(name)
+    out = tmp_path / f"{name}.json"
+    # one thread: the smoke test must stay fast even on a machine busy with another job
+    payload = module.main(["--quick", "--threads", "1", "--repeats", "1", "--json", str(out), *extra])
+    assert out.is_file()
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == payload["benchmark"] == name
+    return data
+
+
+@pytest.mark.parametrize("name", list(SCHEMA))
+def test_quick_mode_writes_documented_json(name, tmp_path, restore_torch_state):
+    data = run_quick(name, tmp_path)
+    row_fields, keys = SCHEMA[name]
+    assert data["mode"] == "quick"
+    assert data["command"].startswith(f"python benchmarks/{name}.py --quick")
+    for f in MACHINE_FIELDS:
+        assert f in data["machine"], f"machine lacks {f}"
+    assert data["machine"]["cores"] >= 1 and data["machine"]["torch_threads"] == 1
+    assert isinstance(data["config"], dict) and data["config"]
+    assert positive(data["wall_s"])
+    assert data["results"], "no result rows"
+    for row in data["results"]:
+        for f in row_fields:
+            assert positive(row.get(f)), f"{name}: row {row} has no finite positive {f!r}"
+        for k, v in row.items():
+            if isinstance(v, float):
+                assert math.isfinite(v) and v >= 0, f"{name}: {k}={v} in {row}"
+    for k in keys:
+        assert data[k], f"{name}: empty {k!r}"
+    assert data["targets"], "every benchmark checks at least one target"
+    for t in data["targets"]:
+        assert set(TARGET_FIELDS) <= set(t)
+        assert positive(t["value"]) and positive(t["threshold"]) and t["op"] in ("<=", ">=")
+        assert t["met"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"])
+
+
+def test_retrieval_bank_agrees_with_bare_faiss_and_reports_recall(tmp_path, restore_torch_state):
+    data = run_quick("retrieval", tmp_path, "--sizes", "1024", "--ann-sizes", "1024")
+    searches = [r for r in data["results"] if r["method"].startswith("bank.search [")]
+    assert {r["method"] for r in searches} == {"bank.search [faiss]", "bank.search [torch]"}
+    assert all(r["agree_exact"] == 1.0 for r in searches if "faiss" in r["method"])  # same exact search, same result
+    for r in data["approximate"]:
+        assert 0 <= r["recall"] <= 1 and positive(r["search_ms"]) and positive(r["build_s"])
+
+
+def test_run_all_summary_and_markdown(tmp_path):
+    import run_all
+
+    res = {"benchmark": "x", "mode": "quick", "machine": {"cpu": "c", "torch_threads": 1, "load_avg_1m_start": 0.1,
+                                                          "date_utc": "2026-01-01T00:00:00+00:00"},
+           "targets": [{"name": "t", "value": 1.2, "op": "<=", "threshold": 1.3, "met": True, "note": "n"}]}
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(res))
+    summary = run_all.summarize([path, tmp_path / "missing.json"])
+    assert "| x | quick | t | 1.2 | <= 1.3 | yes |" in summary and "missing" in summary
+    md = tmp_path / "B.md"
+    md.write_text(f"# title\n\n{run_all.BEGIN}\nold\n{run_all.END}\n\nkept\n")
+    run_all.update_markdown(md, summary)
+    text = md.read_text()
+    assert "old" not in text and "| x | quick | t |" in text and text.startswith("# title") and "kept" in text
