@@ -49,11 +49,12 @@ QUICK_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hi
 # -- flags -----------------------------------------------------------------------------------------
 
 
-def parser(name: str, description: str | None) -> argparse.ArgumentParser:
+def parser(name: str, description: str | None, full_repeats: int = 5) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"benchmarks/{name}.py", description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds (CI and the smoke test)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure (default 3 quick, 5 full)")
+    p.add_argument("--repeats", type=int, default=None, help=f"timed repeats per figure (default 3 quick, {full_repeats} full)")
+    p.set_defaults(full_repeats=full_repeats)
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing (default 1)")
     p.add_argument("--json", default=None,
                    help=f"where to write the results (default benchmarks/results/{name}.json; quick: results/quick/{name}.json)")
@@ -70,7 +71,7 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 5
+        args.repeats = 3 if args.quick else args.full_repeats
     if args.repeats < 1 or args.warmup < 0:
         p.error(f"--repeats must be >= 1 and --warmup >= 0 (got {args.repeats}, {args.warmup})")
     args.mode = "quick" if args.quick else "full"

@@ -17,7 +17,7 @@ The document is ``--text FILE`` (any UTF-8 file), else this Python's standard li
 concatenated (real text, on every machine). The tokenizer is the checkpoint's with ``--model``,
 else a byte-level BPE trained here on the document (vocabulary = the model's).
 
-    python benchmarks/ingest.py            # full: default-model shape, 65,536-token document, T = 1024
+    python benchmarks/ingest.py            # full: default-model shape, 32,768-token document, T = 1024
     python benchmarks/ingest.py --quick    # seconds
 """
 
@@ -38,9 +38,9 @@ import common  # noqa: E402
 
 
 def build_parser():
-    p = common.parser("ingest", __doc__)
-    p.add_argument("--tokens", type=int, default=None, help="document length in tokens (default 65536; quick 2048)")
-    p.add_argument("--segment-length", type=int, default=None, help="T (default: the model's, 1024; quick 256)")
+    p = common.parser("ingest", __doc__, full_repeats=3)
+    p.add_argument("--tokens", type=int, default=None, help="document length in tokens (default 32768; quick 2048)")
+    p.add_argument("--segment-length", type=int, default=None, help="T (default: the model's segment length, 1024 for the default shape; quick without --model 256)")
     p.add_argument("--text", default=None, help="a UTF-8 text file to ingest (default: stdlib sources)")
     return p
 
@@ -67,8 +67,8 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     from longmem.store import ingest_file, read_pieces
 
-    want = args.tokens or (2048 if args.quick else 65536)
-    T = args.segment_length or (256 if args.quick else None)
+    want = args.tokens or (2048 if args.quick else 32768)
+    T = args.segment_length or (256 if args.quick and not args.model else None)  # None: the model's own
     model, shape = common.make_model(args, device, **({"segment_length": T} if T else {}))
     model.eval()
     T = model.segment_length
@@ -150,10 +150,12 @@ def main(argv=None) -> dict:
 
 
 def load_or_train_tokenizer(args, model, tmp: Path):
-    if args.model:
-        from longmem.demo import load_model_and_tokenizer
+    if args.model:  # the checkpoint's backbone folder holds its tokenizer (as `longmem memory add` finds it)
+        from longmem.model import read_checkpoint_meta
+        from longmem.pretrain import load_tokenizer
 
-        return load_model_and_tokenizer(args.model)[1]
+        ref = read_checkpoint_meta(Path(args.model))["backbone"]["path"]
+        return load_tokenizer(str(Path(args.model) / ref if (Path(args.model) / ref).is_dir() else ref))
     from longmem.data import train_tokenizer
 
     corpus = tmp / "corpus.txt"

@@ -12,12 +12,14 @@ and the same queries (``--queries`` per key/value head) are searched by:
 
 and, for the largest sizes, approximate faiss indexes (IVF-Flat and HNSW, inner product) on one
 head's chunk keys: build time, search time and recall@k_c against the exact top-k_c. The library has
-no approximate option; these rows say what one would give. Keys and queries are i.i.d. Gaussian:
-exact search cost does not depend on the data, but IVF/HNSW recall does, and Gaussian data has no
-cluster structure, so the recall here is a pessimistic bound (real keys cluster).
+no approximate option; these rows say what one would give. By default keys and queries are i.i.d.
+Gaussian: exact search cost does not depend on the data, but IVF/HNSW recall does, and Gaussian data
+has no cluster structure, so that recall is a pessimistic bound. ``--real-keys MODEL --text DOCS``
+uses a trained model's real memory of real text and its real retrieval queries instead.
 
     python benchmarks/retrieval.py            # full: 4K .. 1M tokens, 1024 queries per head
     python benchmarks/retrieval.py --quick    # seconds
+    python benchmarks/retrieval.py --real-keys models/longmem-tiny --text data/books/train.jsonl --sizes 65536 262144 1048576
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_parser():
-    p = common.parser("retrieval", __doc__)
+    p = common.parser("retrieval", __doc__, full_repeats=3)
     p.add_argument("--sizes", type=int, nargs="+", help=f"memory sizes in tokens (default {FULL_SIZES}; quick {QUICK_SIZES})")
     p.add_argument("--heads", type=int, default=4, help="key/value heads searched (default 4, the default model's)")
     p.add_argument("--head-dim", type=int, default=64, help="Dh (default 64, the paper's)")
@@ -53,6 +55,12 @@ def build_parser():
                    help="skip the torch backend where its score matrices (2 x heads x queries x chunks x 4 B) exceed this")
     p.add_argument("--ann-sizes", type=int, nargs="*", default=None,
                    help="sizes that also get approximate indexes (default: the two largest; quick: the largest)")
+    p.add_argument("--real-keys", metavar="MODEL_DIR",
+                   help="use real memories instead of Gaussian ones: the block-m keys/values of --text written by this "
+                        "LongMem checkpoint, and its memory layer's retrieval queries for the segment that follows "
+                        "(heads and Dh then come from the model)")
+    p.add_argument("--text", help="with --real-keys: documents to write (text file, folder or .jsonl), at least the "
+                                  "largest size + one segment of tokens")
     return p
 
 
@@ -66,20 +74,30 @@ def main(argv=None) -> dict:
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     Q = args.queries or (128 if args.quick else 1024)
     H, Dh, csz, kc = args.heads, args.head_dim, args.chunk_size, args.topk_chunks
-    ann_sizes = args.ann_sizes if args.ann_sizes is not None else sorted(sizes)[-(1 if args.quick else 2):]
     rate = common.matmul_rate(device, 512 if args.quick else 2048)
     print(f"dense fp32 matmul rate on {device}: {rate / 1e9:.1f} GFLOP/s")
 
     from longmem.memory import MemoryBank
 
+    real = None
+    if args.real_keys:
+        real = RealMemory(args, device, max(sizes))
+        sizes = [M for M in sizes if M <= real.tokens]
+        H, Dh, Q = real.keys.shape[1], real.keys.shape[-1], min(Q, real.queries.shape[2])
+    ann_sizes = args.ann_sizes if args.ann_sizes is not None else sorted(sizes)[-(1 if args.quick else 2):]
     rows, ann_rows, targets = [], [], []
     for M in sizes:
         bank = MemoryBank(1, H, Dh, chunk_size=csz, memory_size=M, topk_chunks=kc, dtype=DTYPES[args.dtype],
                           device=device, backend="faiss")
-        common.fill_memory(bank, M, seed=args.seed)
+        if real is None:
+            common.fill_memory(bank, M, seed=args.seed)
+            g = torch.Generator().manual_seed(args.seed + 1)
+            q = torch.randn(1, H, Q, Dh, generator=g)  # (B=1, H, Q, Dh): Q queries per key/value head
+        else:  # the newest M tokens before the query segment, as a FIFO memory of size M would hold them
+            bank.add(real.keys[:, :, -M:], real.values[:, :, -M:])
+            q = real.queries[:, :, :Q]
+        q = q.to(device, DTYPES[args.dtype])
         N = bank.rows[0].count
-        g = torch.Generator().manual_seed(args.seed + 1)
-        q = torch.randn(1, H, Q, Dh, generator=g).to(device, DTYPES[args.dtype])  # (B=1, H, Q, Dh)
         # the bare references see exactly the bank's chunk keys, as contiguous fp32 arrays per head
         ck = [bank.chunk_keys[0, h, :N].float().cpu().contiguous().numpy() for h in range(H)]
         qn = [q[0, h].float().cpu().contiguous().numpy() for h in range(H)]
@@ -158,10 +176,62 @@ def main(argv=None) -> dict:
                        title="\napproximate indexes, one head (recall@k_c against exact; Gaussian keys: pessimistic)"))
     config = {"sizes": sizes, "heads": H, "head_dim": Dh, "chunk_size": csz, "topk_chunks": kc, "queries_per_head": Q,
               "dtype": args.dtype, "backends": args.backends, "matmul_gflops": rate / 1e9, "ann_sizes": ann_sizes,
-              "data": "i.i.d. Gaussian keys and queries"}
+              "data": "i.i.d. Gaussian keys and queries" if real is None else real.describe}
     return common.finish(args, "retrieval", config, rows, targets,
                          ["tokens", "chunks", "method", "median_ms", "min_ms", "vs_bare", "vs_flop_bound", "agree_exact", "share"],
                          started, extra={"approximate": ann_rows})
+
+
+class RealMemory:
+    """Block-m keys/values of real text written by a trained model, and the retrieval queries of the next segment.
+
+    The text is written segment by segment through the backbone up to block m (what ``ingest_file``
+    does); then one forward of the following segment with the memory records the queries the memory
+    layer sends to ``MemoryBank.search`` (B=1, H query heads, T, Dh), regrouped per key/value head as
+    the bank searches them: (1, Hkv, G*T, Dh).
+    """
+
+    def __init__(self, args, device, tokens: int):
+        from longmem import LongMem
+        from longmem.streams import encode_documents
+
+        if not args.text:
+            sys.exit("--real-keys needs --text (the documents to write into memory)")
+        model = LongMem.from_pretrained(args.real_keys).to(device).eval()
+        ids = np.concatenate(encode_documents([args.text], _tokenizer(args.real_keys)))
+        T, m = model.segment_length, model.memory_layer
+        if len(ids) < tokens + T:
+            print(f"--text has {len(ids):,} tokens: real memories up to {max(0, len(ids) - T):,} tokens only")
+        tokens = min(tokens, max(0, len(ids) - T)) // args.chunk_size * args.chunk_size
+        if tokens < args.chunk_size:
+            sys.exit(f"--text has {len(ids):,} tokens, too few for one segment of {T} and a memory")
+        bank = model.new_memory(1, memory_size=tokens, chunk_size=args.chunk_size, topk_chunks=args.topk_chunks)
+        with torch.no_grad():
+            for i in range(0, tokens, T):
+                x = torch.from_numpy(ids[i:min(i + T, tokens)]).long().view(1, -1).to(device)
+                kv = model.backbone(x, m, upto=m)
+                bank.add(kv.keys, kv.values)
+            k, v = bank.chronological(0)  # (Hkv, N, csz, Dh), oldest first
+            flat = lambda t: t.reshape(t.shape[0], -1, t.shape[-1]).unsqueeze(0).float().cpu()  # noqa: E731  (1, Hkv, N*csz, Dh)
+            self.keys, self.values = flat(k), flat(v)
+            captured = []
+            search = bank.search
+            bank.search = lambda q: captured.append(q.detach().float().cpu()) or search(q)
+            model(torch.from_numpy(ids[tokens:tokens + T]).long().view(1, -1).to(device), memory=bank, update_memory=False)
+        q = captured[0]  # (1, H, T, Dh)
+        Hkv = self.keys.shape[1]
+        self.queries = q.reshape(1, Hkv, -1, q.shape[-1])  # query head h -> kv head h // G, as MemoryBank.search
+        self.tokens = self.keys.shape[2]
+        self.describe = (f"real: {args.text} written by {args.real_keys} (block {m}), queries of the following "
+                         f"{T}-token segment from its memory layer")
+
+
+def _tokenizer(model_dir):
+    from longmem.model import read_checkpoint_meta
+    from longmem.pretrain import load_tokenizer
+
+    ref = read_checkpoint_meta(Path(model_dir))["backbone"]["path"]
+    return load_tokenizer(str(Path(model_dir) / ref if (Path(model_dir) / ref).is_dir() else ref))
 
 
 def approximate(args, faiss, xb: np.ndarray, xq: np.ndarray, exact: np.ndarray, kc: int, tokens: int) -> list[dict]:

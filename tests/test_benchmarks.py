@@ -94,6 +94,16 @@ def test_retrieval_bank_agrees_with_bare_faiss_and_reports_recall(tmp_path, rest
         assert 0 <= r["recall"] <= 1 and positive(r["search_ms"]) and positive(r["build_s"])
 
 
+def test_real_checkpoint_paths(tmp_path, tiny_checkpoint, tiny_assets, restore_torch_state):
+    """--model (a saved LongMem folder with its tokenizer) and retrieval's real memories of real text."""
+    data = run_quick("retrieval", tmp_path, "--sizes", "256", "--real-keys", str(tiny_checkpoint),
+                     "--text", str(tiny_assets["train"]))
+    assert data["config"]["data"].startswith("real:") and data["config"]["heads"] == 2  # the tiny Llama's kv heads
+    assert data["approximate"] and all(0 <= r["recall"] <= 1 for r in data["approximate"])
+    data = run_quick("ingest", tmp_path, "--model", str(tiny_checkpoint), "--tokens", "300")
+    assert data["config"]["tokenizer"] == "checkpoint's" and data["results"][0]["tok_per_s"] > 0
+
+
 def test_run_all_summary_and_markdown(tmp_path):
     import run_all
 
