@@ -19,7 +19,7 @@ uses a trained model's real memory of real text and its real retrieval queries i
 
     python benchmarks/retrieval.py            # full: 4K .. 1M tokens, 1024 queries per head
     python benchmarks/retrieval.py --quick    # seconds
-    python benchmarks/retrieval.py --real-keys models/longmem-tiny --text data/books/train.jsonl --sizes 65536 262144 1048576
+    python benchmarks/retrieval.py --real-keys models/longmem-tiny --text data/books/train.jsonl data/code/train.jsonl --sizes 65536 262144 1048576
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def build_parser():
                    help="use real memories instead of Gaussian ones: the block-m keys/values of --text written by this "
                         "LongMem checkpoint, and its memory layer's retrieval queries for the segment that follows "
                         "(heads and Dh then come from the model)")
-    p.add_argument("--text", help="with --real-keys: documents to write (text file, folder or .jsonl), at least the "
-                                  "largest size + one segment of tokens")
+    p.add_argument("--text", nargs="+", help="with --real-keys: documents to write, in order (text files, folders, "
+                                             ".jsonl), at least the largest size + one segment of tokens")
     return p
 
 
@@ -198,7 +198,7 @@ class RealMemory:
         if not args.text:
             sys.exit("--real-keys needs --text (the documents to write into memory)")
         model = LongMem.from_pretrained(args.real_keys).to(device).eval()
-        ids = np.concatenate(encode_documents([args.text], _tokenizer(args.real_keys)))
+        ids = np.concatenate(encode_documents(args.text, _tokenizer(args.real_keys)))
         T, m = model.segment_length, model.memory_layer
         if len(ids) < tokens + T:
             print(f"--text has {len(ids):,} tokens: real memories up to {max(0, len(ids) - T):,} tokens only")
@@ -222,7 +222,7 @@ class RealMemory:
         Hkv = self.keys.shape[1]
         self.queries = q.reshape(1, Hkv, -1, q.shape[-1])  # query head h -> kv head h // G, as MemoryBank.search
         self.tokens = self.keys.shape[2]
-        self.describe = (f"real: {args.text} written by {args.real_keys} (block {m}), queries of the following "
+        self.describe = (f"real: {' '.join(args.text)} written by {args.real_keys} (block {m}), queries of the following "
                          f"{T}-token segment from its memory layer")
 
 
