@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
 
         if M in ann_sizes:
             ann_rows += approximate(args, faiss, ck[0], qn[0], exact[0], kc, M)
-        del bank, indexes, ck
+        bank = indexes = ck = None  # free this size's memory before the next
 
     print(common.table(ann_rows, ["tokens", "chunks", "index", "params", "build_s", "search_ms", "exact_ms",
                                   "speedup", "recall"],
