@@ -25,6 +25,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     gqa = q.shape[1] != k.shape[1]
     if T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if T == 1:  # one new token sees the whole window: no mask needed
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     # queries sit at positions S-T .. S-1: bottom-right aligned causal mask
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -40,6 +42,8 @@ def memory_attention(
     Returns:
         out (B, H, T, Dh) and has_memory (B, H, T, 1) bool (False where no memory token was valid).
     """
+    if mem_k.dtype != mem_q.dtype and not torch.is_autocast_enabled(mem_q.device.type):
+        mem_k, mem_v = mem_k.to(mem_q.dtype), mem_v.to(mem_q.dtype)  # e.g. a bf16 memory read by an fp32 model
     acc = torch.promote_types(mem_q.dtype, torch.float32)  # softmax in at least fp32 (bf16/fp16 safe)
     scores = torch.einsum("bhtd,bhtkd->bhtk", mem_q, mem_k).to(acc) * scale  # (B, H, T, K)
     if mem_mask is None:

@@ -91,7 +91,8 @@ def stream_nll(model, docs: list[np.ndarray], mode: str, segment_length: int | N
     was_training = model.training
     model.eval()
     streams = DocumentStreams(docs, batch_size=batch_size, segment_length=T, loop=False)
-    memory = model.new_memory(batch_size, **(memory_kwargs or {})) if mode == "longmem" else None
+    kw = {"dtype": autocast, **(memory_kwargs or {})} if autocast is not None else (memory_kwargs or {})
+    memory = model.new_memory(batch_size, **kw) if mode == "longmem" else None
     stats = NLL(T, keep=keep_tokens)
     total = sum(max(0, -(-(len(d) - 1) // T)) for d in streams.docs)
     device = model.device

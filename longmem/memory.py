@@ -90,7 +90,7 @@ class MemoryBank:
         self.info = dict(info or {})
         self.rows = [_Row() for _ in range(batch_size)]
         self.keys = self.values = None  # (B, Hkv, cap, csz, Dh)
-        self.chunk_keys = None  # (B, Hkv, cap, Dh): mean key of each chunk
+        self.chunk_keys = None  # (B, Hkv, cap, Dh) fp32: mean key of each chunk (the search index)
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class MemoryBank:
         B, Hkv, csz, Dh = self.batch_size, self.num_heads, self.chunk_size, self.head_dim
         keys = torch.zeros(B, Hkv, new_cap, csz, Dh, dtype=self.dtype, device=self.device)
         values = torch.zeros_like(keys)
-        chunk_keys = torch.zeros(B, Hkv, new_cap, Dh, dtype=self.dtype, device=self.device)
+        chunk_keys = torch.zeros(B, Hkv, new_cap, Dh, dtype=torch.float32, device=self.device)  # search index
         if cap:
             keys[:, :, :cap] = self.keys
             values[:, :, :cap] = self.values
@@ -178,7 +178,7 @@ class MemoryBank:
             slots = (row.head + torch.arange(n, device=self.device)) % C
             self.keys[b, :, slots] = k
             self.values[b, :, slots] = v
-            self.chunk_keys[b, :, slots] = k.float().mean(dim=2).to(self.dtype)  # chunk representative
+            self.chunk_keys[b, :, slots] = k.float().mean(dim=2)  # chunk representative, kept in fp32 for search
             row.head = (row.head + n) % C
             row.count = min(C, row.count + n)
 
@@ -205,7 +205,7 @@ class MemoryBank:
             import faiss
 
             q_np = queries.detach().float().cpu().numpy()
-            ck = self.chunk_keys.float().cpu().numpy()
+            ck = self.chunk_keys.cpu().numpy()  # fp32 already: no copy on CPU
             for b in range(B):
                 if counts[b] == 0:
                     continue
@@ -215,10 +215,12 @@ class MemoryBank:
                     slots[b, h, :, :kk] = torch.from_numpy(I).to(slots.device)
                     scores[b, h, :, :kk] = torch.from_numpy(D).to(scores.device)
         else:
-            s = torch.matmul(queries.float(), self.chunk_keys.float().transpose(-1, -2))  # (B, Hkv, Q, cap)
-            valid = torch.arange(self.capacity, device=s.device) < torch.tensor(counts, device=s.device).view(B, 1)
-            s = s.masked_fill(~valid.view(B, 1, 1, -1), float("-inf"))
-            kk = min(k, self.capacity)
+            n = max(counts)  # slots beyond the fullest row hold nothing yet (capacity grows by doubling)
+            s = torch.matmul(queries.float(), self.chunk_keys[:, :, :n].transpose(-1, -2))  # (B, Hkv, Q, n)
+            if min(counts) < n:  # some rows hold fewer chunks: mask their empty slots in place
+                valid = torch.arange(n, device=s.device) < torch.tensor(counts, device=s.device).view(B, 1)
+                s.masked_fill_(~valid.view(B, 1, 1, -1), float("-inf"))
+            kk = min(k, n)
             top, idx = s.topk(kk, dim=-1)
             found = torch.isfinite(top)
             slots[..., :kk] = torch.where(found, idx, -1)
@@ -249,16 +251,18 @@ class MemoryBank:
             empty = torch.zeros(shape, dtype=self.dtype, device=queries.device)
             return Retrieved(empty, empty, torch.zeros(shape[:-1], dtype=torch.bool, device=queries.device),
                              slots.view(B, H, T, kc))
-        safe = slots.clamp_min(0).to(self.device)
-        b_idx = torch.arange(B, device=self.device).view(B, 1, 1, 1)
-        h_idx = torch.arange(self.num_heads, device=self.device).view(1, -1, 1, 1)
-        mem_k = self.keys[b_idx, h_idx, safe]  # (B, Hkv, G*T, kc, csz, Dh)
-        mem_v = self.values[b_idx, h_idx, safe]
-        mask = found.unsqueeze(-1).expand(B, self.num_heads, G * T, kc, csz)
+        # one flat index_select per tensor: (b, h, slot) -> row of a (B*Hkv*cap, csz*Dh) view
+        cap = self.capacity
+        base = (torch.arange(B, device=self.device).view(B, 1, 1, 1) * self.num_heads
+                + torch.arange(self.num_heads, device=self.device).view(1, -1, 1, 1)) * cap
+        flat = (base + slots.clamp_min(0).to(self.device)).reshape(-1)  # (B*Hkv*G*T*kc,)
+        mem_k = self.keys.view(-1, csz * Dh).index_select(0, flat)
+        mem_v = self.values.view(-1, csz * Dh).index_select(0, flat)
+        mask = found.repeat_interleave(csz, dim=-1)  # (B, Hkv, G*T, kc*csz)
         return Retrieved(
-            keys=mem_k.reshape(B, H, T, kc * csz, Dh).to(queries.device),  # (B, H, T, K, Dh)
-            values=mem_v.reshape(B, H, T, kc * csz, Dh).to(queries.device),
-            mask=mask.reshape(B, H, T, kc * csz).to(queries.device),
+            keys=mem_k.view(B, H, T, kc * csz, Dh).to(queries.device),  # (B, H, T, K, Dh)
+            values=mem_v.view(B, H, T, kc * csz, Dh).to(queries.device),
+            mask=mask.view(B, H, T, kc * csz).to(queries.device),
             chunks=slots.view(B, H, T, kc),
         )
 

@@ -208,7 +208,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     streams = DocumentStreams(docs, cfg.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
-    memory = model.new_memory(cfg.batch_size)
+    amp = autocast_dtype(cfg.precision, device)
+    memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
 
     params = model.trainable_parameters()
     decay = [p for p in params if p.dim() >= 2]
@@ -216,7 +217,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
-    amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
 

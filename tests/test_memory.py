@@ -173,7 +173,7 @@ def test_bad_arguments_are_clear_errors():
 def test_storage_keeps_the_given_dtype():
     m = bank(dtype=torch.bfloat16)
     m.add(*stream(T=8))
-    assert m.keys.dtype == torch.bfloat16 and m.chunk_keys.dtype == torch.bfloat16
+    assert m.keys.dtype == torch.bfloat16 and m.chunk_keys.dtype == torch.float32  # the search index is fp32
     assert m.search(torch.randn(2, 2, 3, 8)).keys.dtype == torch.bfloat16
 
 
