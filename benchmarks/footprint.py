@@ -63,7 +63,7 @@ def argparse_hidden():
 
 
 def _status(field: str) -> int:
-    """A VmXXX field of /proc/self/status, in bytes."""
+    """A Vm* field of /proc/self/status (VmRSS, VmHWM, ...), in bytes."""
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
 

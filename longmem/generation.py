@@ -68,6 +68,8 @@ class Decoder:
         limit = model.backbone.max_positions
         if self.W > limit:
             raise LongMemError(f"window {self.W} exceeds the backbone's context {limit}")
+        if memory is not None:
+            model._check_memory(memory, batch_size)  # once, not per token
         device = model.device
         self.state = Window(
             tokens=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
@@ -77,8 +79,14 @@ class Decoder:
         )
 
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one."""
+    def feed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one.
+
+        ``check=False`` skips validating ``ids`` (for tokens the model itself just produced).
+        """
+        if check:
+            for piece in ids.split(self.W, dim=1):  # each piece fits the window
+                self.model._check_inputs(piece, None, None)
         logits = None
         while ids.shape[1]:
             room = self.W - self.state.tokens.shape[1]
@@ -91,7 +99,6 @@ class Decoder:
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         m, st = self.model, self.state
-        m._check_inputs(ids, None, st.memory)
         start = st.tokens.shape[1]
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         bb = m.backbone(ids, m.memory_layer, positions, cache=st.backbone_cache)
@@ -167,7 +174,7 @@ def generate_stream(model, input_ids: torch.Tensor, memory=None, cfg: SamplingCo
                     finished[b], fill[b] = True, t
             if bool(finished.all()):
                 break
-            logits = dec.feed(nxt.view(B, 1))
+            logits = dec.feed(nxt.view(B, 1), check=False)
     finally:
         model.train(was_training)
 

@@ -165,7 +165,7 @@ def _chat(args) -> int:
             for _ in range(cfg.max_new_tokens):
                 t = sample_next(logits, cfg, gen)
                 reply.append(int(t[0]))
-                logits = dec.feed(t.view(1, 1))
+                logits = dec.feed(t.view(1, 1), check=False)
                 if "\n" in tok.decode(reply[-4:]):
                     break
             print(f"{args.bot_prefix}{tok.decode(reply).strip()}")

@@ -120,19 +120,23 @@ class MemoryLM(nn.Module):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise LongMemError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
         if memory is not None:
-            if not isinstance(memory, MemoryBank):
-                raise LongMemError(f"memory must be a longmem.MemoryBank (see model.new_memory), got {type(memory).__name__}")
-            if memory.batch_size != B:
-                raise LongMemError(f"memory has {memory.batch_size} rows but input_ids has {B}; one memory row per batch row")
-            mine = self.memory_info()
-            for key in ("fingerprint", "memory_layer"):
-                if memory.info.get(key) != mine[key]:
-                    raise LongMemError(
-                        f"this memory belongs to another model ({key}: memory has {memory.info.get(key)!r}, "
-                        f"model has {mine[key]!r}); build a new memory with model.new_memory()"
-                    )
-            if (memory.num_heads, memory.head_dim) != (self.backbone.num_kv_heads, self.backbone.head_dim):
-                raise LongMemError("memory head layout does not match this model; build a new memory with model.new_memory()")
+            self._check_memory(memory, B)
+
+    def _check_memory(self, memory, B: int) -> None:
+        """The memory has B rows and was built by this model (same backbone fingerprint and layer)."""
+        if not isinstance(memory, MemoryBank):
+            raise LongMemError(f"memory must be a longmem.MemoryBank (see model.new_memory), got {type(memory).__name__}")
+        if memory.batch_size != B:
+            raise LongMemError(f"memory has {memory.batch_size} rows but input_ids has {B}; one memory row per batch row")
+        mine = self.memory_info()
+        for key in ("fingerprint", "memory_layer"):
+            if memory.info.get(key) != mine[key]:
+                raise LongMemError(
+                    f"this memory belongs to another model ({key}: memory has {memory.info.get(key)!r}, "
+                    f"model has {mine[key]!r}); build a new memory with model.new_memory()"
+                )
+        if (memory.num_heads, memory.head_dim) != (self.backbone.num_kv_heads, self.backbone.head_dim):
+            raise LongMemError("memory head layout does not match this model; build a new memory with model.new_memory()")
 
 class LongMem(MemoryLM):
     """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
