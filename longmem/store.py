@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import json
 import os
 import re
 from pathlib import Path
@@ -93,7 +94,6 @@ class MemoryStore:
 
     def header(self, name: str) -> dict:
         from safetensors import safe_open
-        import json
 
         path = self.path(name)
         if not path.is_file():

@@ -12,6 +12,7 @@ segments it has read, so it is rebuilt by replaying them through the backbone.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -290,7 +291,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                 memory.reset(batch.reset)
             ids, targets = batch.input_ids.to(device), batch.targets.to(device)
             sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else _nullcontext()
+            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     logits = ddp(ids, memory=memory).logits
@@ -356,14 +357,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 
 def _gate(model):
     return model.sidenet.gate if hasattr(model, "sidenet") else model.gate
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
