@@ -205,7 +205,7 @@ def _run_staleness(args) -> int:
             ax.plot(list(curve), list(curve.values()), "o-", label=name)
         ax.set_xlabel("age of the memory entry (training steps since it was written)")
         ax.set_ylabel("cosine(stored key, key from current weights)")
-        ax.set_title("Memory staleness: coupled memory drifts, LongMem's frozen backbone does not")
+        ax.set_title("Memory staleness: stored vs freshly computed keys")
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
