@@ -62,6 +62,7 @@ class TrainConfig:
     method: str = "longmem"  # longmem | memtrm (coupled memory, backbone trains) | finetune (no memory)
     train_layers: str = "all"  # baselines: train all backbone blocks or the upper half
     staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
+    init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -70,6 +71,8 @@ class TrainConfig:
             raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         if not self.data:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
+        if self.init_from is not None and self.method != "longmem":
+            raise LongMemError("--init-from starts a LongMem SideNet; it cannot be combined with --method " + self.method)
         if self.method not in ("longmem", "memtrm", "finetune"):
             raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
         self.betas = tuple(self.betas)
@@ -192,8 +195,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
                            topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
-    if cfg.method == "longmem":
-        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone) if ckpt else LongMem.from_backbone(cfg.backbone, lm_cfg)
+    if cfg.method == "longmem" and (ckpt or cfg.init_from):
+        model = LongMem.from_pretrained(ckpt or cfg.init_from, backbone=cfg.backbone)
+    elif cfg.method == "longmem":
+        model = LongMem.from_backbone(cfg.backbone, lm_cfg)
     else:
         from longmem.baselines import BASELINES
 
@@ -447,6 +452,9 @@ def add_parser(sub) -> None:
                         "backbone (Memorizing-Transformer style); finetune: the backbone fine-tuned, no memory")
     p.add_argument("--train-layers", dest="train_layers", choices=["all", "upper"], default=None,
                    help="baselines: train all backbone blocks (default) or the upper half")
+    p.add_argument("--init-from", dest="init_from", default=None,
+                   help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
+                        "the backbone's blocks; its memory settings are used")
     p.add_argument("--staleness-every", dest="staleness_every", type=int, default=None,
                    help="every N steps, record how far stored keys drifted from what the current weights compute")
     p.set_defaults(func=_run)

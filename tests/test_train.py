@@ -125,3 +125,21 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 2  # the last good step's checkpoint, intact
     LongMem.from_pretrained(out / "checkpoint")
+
+
+def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_assets, tmp_path):
+    a = tiny_assets
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(train_args(a, first, "--max-steps", "3", "--eval-every", "0")) == 0
+    start = LongMem.from_pretrained(first)
+    # --init-from loads the SideNet (step 0 == the saved weights) and its memory settings, not the backbone's blocks
+    assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(second),
+                 "--init-from", str(first), "--max-steps", "1", "--lr", "1e-12", "--warmup-steps", "0",
+                 "--batch-size", "2", "--precision", "fp32", "--no-progress", "--eval-every", "0"]) == 0
+    after = LongMem.from_pretrained(second)
+    assert after.config.memory_size == 128 and after.segment_length == 16
+    for (k, v), (_, w) in zip(start.sidenet.state_dict().items(), after.sidenet.state_dict().items()):
+        assert_close(v, w, rtol=1e-6, atol=1e-6, msg=k)
+    fresh = LongMem.from_backbone(a["backbone"], start.config)
+    assert any(not torch.equal(v, w) for v, w in zip(fresh.sidenet.state_dict().values(), after.sidenet.state_dict().values()))
+    assert main(train_args(a, tmp_path / "x", "--init-from", str(first), "--method", "memtrm")) == 2

@@ -1,0 +1,57 @@
+"""Recall-augmented training corpus (RECIPE.md, section 6).
+
+Cuts every document into pieces of --piece-chars characters and appends to each piece --passages passages copied
+from earlier in the same piece (each at least --min-back characters before the piece's end, so more than one local
+window back: the only place the model can find them is its memory). The loss on the repeated passages rewards
+retrieving from memory; the original text is kept whole, so ordinary language modelling still makes up most tokens.
+
+    .venv/bin/python scripts/make_recall_corpus.py data/books/train.jsonl data/code/train.jsonl --out data/recall/train.jsonl
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def augment(text: str, rng: random.Random, piece_chars: int, passages: int, passage_chars: int, min_back: int):
+    for start in range(0, len(text), piece_chars):
+        piece = text[start:start + piece_chars]
+        limit = len(piece) - min_back - passage_chars
+        if limit <= 0:
+            yield piece
+            continue
+        copies = []
+        for _ in range(passages):
+            a = rng.randrange(0, limit)
+            a = piece.rfind("\n", 0, a) + 1  # start at a line start, as a quotation or a repeated code line would
+            copies.append(piece[a:a + passage_chars])
+        yield piece + "\n\n" + "\n\n".join(copies)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", help="JSONL files with a 'text' field")
+    p.add_argument("--out", required=True)
+    p.add_argument("--piece-chars", type=int, default=8000)
+    p.add_argument("--passages", type=int, default=4)
+    p.add_argument("--passage-chars", type=int, default=400)
+    p.add_argument("--min-back", type=int, default=2000, help="characters between a passage's source and the piece end")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    rng = random.Random(a.seed)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = chars = 0
+    with open(out, "w") as f:
+        for path in a.inputs:
+            for line in open(path):
+                doc = json.loads(line)
+                for i, piece in enumerate(augment(doc["text"], rng, a.piece_chars, a.passages, a.passage_chars, a.min_back)):
+                    f.write(json.dumps({"id": f"{doc.get('id', n)}#{i}", "text": piece}) + "\n")
+                    n += 1
+                    chars += len(piece)
+    print(f"{n} documents, {chars:,} characters -> {out}")
+
+
+if __name__ == "__main__":
+    main()
