@@ -11,11 +11,17 @@ Glossary:
 Storage is a ring buffer per row, allocated lazily and grown by doubling up to C, so a small memory
 costs little and a full one is never copied on eviction: the oldest chunk is overwritten in place.
 Tokens that do not fill a whole chunk wait in a per-row pending buffer for the next write.
+
+Search is exact by default (``index="flat"``). ``index="ivf"`` adds, per row and head, a faiss inverted-file
+index over the chunk keys (approximate: only ``nprobe`` of ``nlist`` clusters are scanned), built once the
+row holds enough chunks to train it and then kept in step with every write and eviction; below that size
+the exact search is used. Its centroids are saved with the memory, so a reloaded memory retrieves the same.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -26,6 +32,7 @@ from longmem.config import BACKENDS
 from longmem.errors import LongMemError
 
 FORMAT_VERSION = 1
+INDEXES = ("flat", "ivf")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -59,6 +66,8 @@ class MemoryBank:
         dtype, device: storage dtype and device (the model's).
         backend: "faiss" (exact inner product, CPU), "torch" (matmul + top-k, any device) or "auto".
         info: what this memory belongs to (model name, fingerprint, layer); saved with it.
+        index: "flat" (exact search) or "ivf" (approximate, faiss; for memories of hundreds of thousands of tokens).
+        nlist, nprobe: ivf clusters per row and head (default sqrt of the chunk capacity) and clusters scanned per query.
     """
 
     def __init__(
@@ -73,6 +82,9 @@ class MemoryBank:
         device: torch.device | str = "cpu",
         backend: str = "auto",
         info: dict | None = None,
+        index: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 16,
     ):
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
                             ("chunk_size", chunk_size), ("memory_size", memory_size), ("topk_chunks", topk_chunks)):
@@ -82,6 +94,11 @@ class MemoryBank:
             raise LongMemError(f"memory_size ({memory_size}) must be a multiple of chunk_size ({chunk_size})")
         if backend not in BACKENDS:
             raise LongMemError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if index not in INDEXES:
+            raise LongMemError(f"index must be one of {INDEXES}, got {index!r}")
+        for name, value in (("nlist", nlist), ("nprobe", nprobe)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise LongMemError(f"MemoryBank {name} must be a positive integer, got {value!r}")
         self.batch_size, self.num_heads, self.head_dim = batch_size, num_heads, head_dim
         self.chunk_size, self.memory_size, self.topk_chunks = chunk_size, memory_size, topk_chunks
         self.max_chunks = memory_size // chunk_size
@@ -91,6 +108,13 @@ class MemoryBank:
         self.rows = [_Row() for _ in range(batch_size)]
         self.keys = self.values = None  # (B, Hkv, cap, csz, Dh)
         self.chunk_keys = None  # (B, Hkv, cap, Dh) fp32: mean key of each chunk (the search index)
+        self.index, self.nprobe = index, nprobe
+        self.nlist = nlist or max(1, round(math.sqrt(self.max_chunks)))
+        self.ivf_min_chunks = 39 * self.nlist  # faiss's minimum training set for k-means with nlist centroids
+        self.centroids: dict[int, torch.Tensor] = {}  # row -> (Hkv, nlist, Dh) fp32, once trained
+        self._ivf: dict[int, list] = {}  # row -> one faiss IndexIVFFlat per head (ids = slots)
+        if index == "ivf" and self._backend() != "faiss":
+            raise LongMemError("the ivf index runs on faiss: keep the memory on the CPU or use backend='faiss'")
 
     # -- bookkeeping -------------------------------------------------------------------------------
 
@@ -111,6 +135,8 @@ class MemoryBank:
         """Forget the given rows (all rows when None), e.g. at a document boundary."""
         for b in range(self.batch_size) if rows is None else rows:
             self.rows[self._row(b)] = _Row()
+            self._ivf.pop(b, None)
+            self.centroids.pop(b, None)
         if all(r.count == 0 for r in self.rows):
             self.keys = self.values = self.chunk_keys = None
 
@@ -179,6 +205,8 @@ class MemoryBank:
             self.keys[b, :, slots] = k
             self.values[b, :, slots] = v
             self.chunk_keys[b, :, slots] = k.float().mean(dim=2)  # chunk representative, kept in fp32 for search
+            if b in self._ivf:
+                self._ivf_update(b, slots, overwritten=slots[slots < row.count])
             row.head = (row.head + n) % C
             row.count = min(C, row.count + n)
 
@@ -210,8 +238,13 @@ class MemoryBank:
                 if counts[b] == 0:
                     continue
                 kk = min(k, counts[b])
+                ivf = self._ivf_for(b)
                 for h in range(Hkv):
-                    D, I = faiss.knn(q_np[b, h], ck[b, h, : counts[b]], kk, metric=faiss.METRIC_INNER_PRODUCT)
+                    if ivf is None:
+                        D, I = faiss.knn(q_np[b, h], ck[b, h, : counts[b]], kk, metric=faiss.METRIC_INNER_PRODUCT)
+                    else:
+                        D, I = ivf[h].search(q_np[b, h], kk)
+                        D[I < 0] = -np.inf  # fewer than kk chunks in the scanned clusters
                     slots[b, h, :, :kk] = torch.from_numpy(I).to(slots.device)
                     scores[b, h, :, :kk] = torch.from_numpy(D).to(scores.device)
         else:
@@ -226,6 +259,44 @@ class MemoryBank:
             slots[..., :kk] = torch.where(found, idx, -1)
             scores[..., :kk] = top
         return slots, scores
+
+    def _ivf_for(self, b: int) -> list | None:
+        """Row b's per-head ivf indexes, trained and filled on first need; None while search is exact."""
+        if self.index != "ivf" or (b not in self.centroids and self.rows[b].count < self.ivf_min_chunks):
+            return None
+        if b not in self._ivf:
+            import faiss
+
+            n, Dh = self.rows[b].count, self.head_dim
+            ck = self.chunk_keys[b, :, :n].cpu().numpy()
+            indexes, cents = [], []
+            for h in range(self.num_heads):
+                quantizer = faiss.IndexFlatIP(Dh)
+                ivf = faiss.IndexIVFFlat(quantizer, Dh, self.nlist, faiss.METRIC_INNER_PRODUCT)
+                if b in self.centroids:  # a loaded memory: the centroids it was saved with
+                    quantizer.add(self.centroids[b][h].numpy())
+                    ivf.is_trained = True
+                else:
+                    ivf.train(ck[h])
+                    cents.append(torch.from_numpy(quantizer.reconstruct_n(0, self.nlist)))
+                ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # O(1) removal on eviction
+                ivf.add_with_ids(np.ascontiguousarray(ck[h]), np.arange(n, dtype=np.int64))
+                ivf.nprobe = self.nprobe
+                indexes.append(ivf)
+            if cents:
+                self.centroids[b] = torch.stack(cents)
+            self._ivf[b] = indexes
+        return self._ivf[b]
+
+    def _ivf_update(self, b: int, slots: torch.Tensor, overwritten: torch.Tensor) -> None:
+        """Keep row b's ivf indexes equal to its stored chunks after a write to ``slots``."""
+        ids = slots.cpu().numpy().astype(np.int64)
+        ck = self.chunk_keys[b][:, slots].cpu().numpy()  # (Hkv, n, Dh)
+        gone = overwritten.cpu().numpy().astype(np.int64)
+        for h, ivf in enumerate(self._ivf[b]):
+            if len(gone):
+                ivf.remove_ids(gone)
+            ivf.add_with_ids(np.ascontiguousarray(ck[h]), ids)
 
     @torch.no_grad()
     def search(self, queries: torch.Tensor) -> Retrieved:
@@ -296,6 +367,9 @@ class MemoryBank:
             "topk_chunks": self.topk_chunks,
             "dtype": str(self.dtype).removeprefix("torch."),
             "backend": self.backend,
+            "index": self.index,
+            "nlist": self.nlist,
+            "nprobe": self.nprobe,
             "info": self.info,
             "rows": [{"tokens": r.count * self.chunk_size, "pending": self.num_pending(b), "sources": r.sources}
                      for b, r in enumerate(self.rows)],
@@ -310,6 +384,8 @@ class MemoryBank:
             if r.count:
                 k, v = self.chronological(b)
                 tensors[f"row{b}.keys"], tensors[f"row{b}.values"] = k.contiguous().cpu(), v.contiguous().cpu()
+            if b in self.centroids:
+                tensors[f"row{b}.ivf_centroids"] = self.centroids[b].contiguous().cpu()
             if r.pending_k is not None:
                 tensors[f"row{b}.pending_keys"] = r.pending_k.contiguous().cpu()
                 tensors[f"row{b}.pending_values"] = r.pending_v.contiguous().cpu()
@@ -343,8 +419,13 @@ class MemoryBank:
             raise LongMemError(f"{path} is not a readable LongMem memory file ({type(e).__name__}); it may be truncated or from another program") from None
         if header.get("format") != "longmem-memory":
             raise LongMemError(f"{path} is not a LongMem memory file")
-        if header.get("version") != FORMAT_VERSION:
-            raise LongMemError(f"{path} has memory format version {header.get('version')}, this longmem reads version {FORMAT_VERSION}; upgrade longmem")
+        version = header.get("version")
+        if version != FORMAT_VERSION:
+            newer = isinstance(version, int) and version > FORMAT_VERSION
+            fix = ("it was written by a newer longmem: upgrade longmem to read it" if newer else
+                   "no converter exists: rebuild it from its source files (`longmem memory show NAME` lists them) "
+                   "with `longmem memory remove NAME`, then `longmem memory add NAME FILE...`")
+            raise LongMemError(f"{path} is a version-{version} memory file, this longmem reads version {FORMAT_VERSION}; {fix}")
         if header.get("sha256") != _checksum(tensors):
             raise LongMemError(f"{path} is damaged: its contents do not match the checksum written with it; rebuild the memory")
         if expect:
@@ -355,9 +436,12 @@ class MemoryBank:
             batch_size=header["batch_size"], num_heads=header["num_heads"], head_dim=header["head_dim"],
             chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
             dtype=_DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
+            index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 16),
         )
         for b, meta_row in enumerate(header["rows"]):
             bank.rows[b].sources = list(meta_row.get("sources", []))
+            if f"row{b}.ivf_centroids" in tensors:
+                bank.centroids[b] = tensors[f"row{b}.ivf_centroids"].float()
             if f"row{b}.keys" in tensors:
                 k, v = tensors[f"row{b}.keys"], tensors[f"row{b}.values"]  # (Hkv, N, csz, Dh)
                 flat = lambda t: t.reshape(t.shape[0], -1, t.shape[-1]).unsqueeze(0)  # noqa: E731  (1, Hkv, N*csz, Dh)

@@ -187,3 +187,66 @@ def test_a_flipped_bit_is_detected(tmp_path):
     (tmp_path / "flip.safetensors").write_bytes(bytes(data))
     with pytest.raises(LongMemError, match="damaged"):
         MemoryBank.load(tmp_path / "flip.safetensors")
+
+
+# -- the approximate (ivf) index ---------------------------------------------------------------------
+
+
+def _ivf_pair(nprobe, M=4096, nlist=4, writes=14, T=100):
+    """A flat and an ivf memory fed the same stream, past the ivf training size and around the FIFO ring."""
+    flat, ivf = bank(M=M, kc=5), bank(M=M, kc=5, index="ivf", nlist=nlist, nprobe=nprobe)
+    assert ivf.ivf_min_chunks == 39 * nlist
+    for s in range(writes):
+        k, v = stream(T=T, seed=s)
+        flat.add(k, v), ivf.add(k, v)
+        ivf.search(torch.randn(2, 2, 1, 8))  # builds the index as soon as a row is large enough, then keeps it in step
+    return flat, ivf
+
+
+def test_ivf_scanning_every_cluster_is_exact_through_writes_and_evictions():
+    flat, ivf = _ivf_pair(nprobe=4)  # 14 writes of 25 chunks, trained at 175 (>= 156), no eviction
+    flat2, ivf2 = _ivf_pair(nprobe=4, M=800, writes=20)  # 500 chunks into a 200-chunk ring: evictions after training
+    for f, i in ((flat, ivf), (flat2, ivf2)):
+        assert set(i._ivf) == {0, 1} and all(idx.ntotal == i.rows[0].count for idx in i._ivf[0])
+        q = torch.randn(2, 4, 9, 8)
+        a, b = f.search(q), i.search(q)
+        assert torch.equal(a.chunks, b.chunks) and torch.equal(a.keys, b.keys)
+
+
+def test_ivf_with_few_probes_is_approximate_and_below_its_training_size_is_exact():
+    flat, ivf = _ivf_pair(nprobe=1, nlist=8, writes=16)
+    q = torch.randn(2, 2, 64, 8)
+    a, b = flat.search_chunks(q)[0], ivf.search_chunks(q)[0]
+    found = (b >= 0)
+    # every result is a real stored chunk and the scan is genuinely partial: some top-5 sets differ from the exact one
+    assert found.any() and not torch.equal(a, b)
+    recall = np.mean([len(set(x.tolist()) & set(y.tolist())) / 5 for x, y in zip(a.view(-1, 5), b.view(-1, 5))])
+    assert 0.2 < recall < 1.0
+    small_flat, small_ivf = bank(M=4096, kc=5), bank(M=4096, kc=5, index="ivf", nlist=8, nprobe=1)
+    for s in range(2):
+        small_flat.add(*stream(T=100, seed=s)), small_ivf.add(*stream(T=100, seed=s))
+    assert torch.equal(small_flat.search(q.repeat(1, 2, 1, 1)).keys, small_ivf.search(q.repeat(1, 2, 1, 1)).keys)
+    assert small_ivf._ivf == {}  # 50 chunks < 39 * 8: still exact
+
+
+def test_ivf_memory_save_load_retrieves_the_same_and_reset_forgets_the_index(tmp_path):
+    _, ivf = _ivf_pair(nprobe=2, M=800, writes=20)
+    ivf.save(tmp_path / "m.safetensors")
+    back = MemoryBank.load(tmp_path / "m.safetensors")
+    assert (back.index, back.nlist, back.nprobe) == ("ivf", 4, 2)
+    assert set(back.centroids) == {0, 1} and torch.equal(back.centroids[1], ivf.centroids[1])
+    q = torch.randn(2, 2, 16, 8)
+    assert torch.equal(back.search(q).keys, ivf.search(q).keys)
+    k, v = stream(T=40, seed=99)  # writes after the reload keep both in step
+    back.add(k, v), ivf.add(k, v)
+    assert torch.equal(back.search(q).keys, ivf.search(q).keys)
+    ivf.reset(rows=[0])
+    assert 0 not in ivf._ivf and 0 not in ivf.centroids and 1 in ivf._ivf
+
+
+def test_ivf_needs_faiss_and_valid_sizes():
+    with pytest.raises(LongMemError, match="ivf index runs on faiss"):
+        bank(backend="torch", index="ivf")
+    for kw in ({"index": "hnsw"}, {"index": "ivf", "nlist": 0}, {"index": "ivf", "nprobe": -1}):
+        with pytest.raises(LongMemError):
+            bank(**kw)
