@@ -243,6 +243,7 @@ class MemoryBank:
                     if ivf is None:
                         D, I = faiss.knn(q_np[b, h], ck[b, h, : counts[b]], kk, metric=faiss.METRIC_INNER_PRODUCT)
                     else:
+                        ivf[h].nprobe = self.nprobe
                         D, I = ivf[h].search(q_np[b, h], kk)
                         D[I < 0] = -np.inf  # fewer than kk chunks in the scanned clusters
                     slots[b, h, :, :kk] = torch.from_numpy(I).to(slots.device)
@@ -281,7 +282,6 @@ class MemoryBank:
                     cents.append(torch.from_numpy(quantizer.reconstruct_n(0, self.nlist)))
                 ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # O(1) removal on eviction
                 ivf.add_with_ids(np.ascontiguousarray(ck[h]), np.arange(n, dtype=np.int64))
-                ivf.nprobe = self.nprobe
                 indexes.append(ivf)
             if cents:
                 self.centroids[b] = torch.stack(cents)
@@ -425,7 +425,7 @@ class MemoryBank:
             fix = ("it was written by a newer longmem: upgrade longmem to read it" if newer else
                    "no converter exists: rebuild it from its source files (`longmem memory show NAME` lists them) "
                    "with `longmem memory remove NAME`, then `longmem memory add NAME FILE...`")
-            raise LongMemError(f"{path} is a version-{version} memory file, this longmem reads version {FORMAT_VERSION}; {fix}")
+            raise LongMemError(f"{path} has memory format version {version!r}, this longmem reads version {FORMAT_VERSION}; {fix}")
         if header.get("sha256") != _checksum(tensors):
             raise LongMemError(f"{path} is damaged: its contents do not match the checksum written with it; rebuild the memory")
         if expect:

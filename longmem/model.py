@@ -295,8 +295,14 @@ def read_checkpoint_meta(path: Path) -> dict:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LongMemError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
-    if meta.get("format") != "longmem-checkpoint" or meta.get("version") != CHECKPOINT_VERSION:
-        raise LongMemError(f"{path / CONFIG_FILE} is not a version-{CHECKPOINT_VERSION} LongMem checkpoint")
+    if not isinstance(meta, dict) or meta.get("format") != "longmem-checkpoint":
+        raise LongMemError(f"{path / CONFIG_FILE} is not a LongMem checkpoint (its \"format\" is not \"longmem-checkpoint\")")
+    version = meta.get("version")
+    if version != CHECKPOINT_VERSION:
+        newer = isinstance(version, int) and version > CHECKPOINT_VERSION
+        fix = ("it was written by a newer longmem: upgrade longmem to load it" if newer else
+               "no converter exists: load it with the longmem release that wrote it, or retrain with `longmem train`")
+        raise LongMemError(f"{path / CONFIG_FILE} has checkpoint format version {version!r}, this longmem reads version {CHECKPOINT_VERSION}; {fix}")
     return meta
 
 
