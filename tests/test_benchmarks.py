@@ -86,12 +86,15 @@ def test_quick_mode_writes_documented_json(name, tmp_path, restore_torch_state):
 
 
 def test_retrieval_bank_agrees_with_bare_faiss_and_reports_recall(tmp_path, restore_torch_state):
-    data = run_quick("retrieval", tmp_path, "--sizes", "1024", "--ann-sizes", "1024")
+    data = run_quick("retrieval", tmp_path, "--sizes", "1024", "8192", "--ann-sizes", "8192", "--queries", "64")
     searches = [r for r in data["results"] if r["method"].startswith("bank.search [")]
     assert {r["method"] for r in searches} == {"bank.search [faiss]", "bank.search [torch]"}
     assert all(r["agree_exact"] == 1.0 for r in searches if "faiss" in r["method"])  # same exact search, same result
     for r in data["approximate"]:
         assert 0 <= r["recall"] <= 1 and positive(r["search_ms"]) and positive(r["build_s"])
+    ivf = [r for r in data["approximate"] if r["index"] == "bank.search [ivf]"]
+    # the library's own ivf path, really trained at 2,048 chunks (nlist 45), and partial below nprobe = nlist
+    assert ivf and all(r["trained"] and r["recall"] < 1.0 for r in ivf)
 
 
 def test_real_checkpoint_paths(tmp_path, tiny_checkpoint, tiny_assets, restore_torch_state):
