@@ -43,7 +43,8 @@ def _memory_add(args) -> int:
         if store.exists(args.name):
             bank = store.load(args.name, model)
         else:
-            bank = model.new_memory(1, memory_size=args.memory_size, chunk_size=args.chunk_size)
+            bank = model.new_memory(1, memory_size=args.memory_size, chunk_size=args.chunk_size, index=args.index,
+                                    nprobe=args.nprobe)
         for f in files:
             with tqdm(desc=f"reading {f.name}", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
                 n = ingest_file(model, tok, bank, f, progress=bar)
@@ -77,6 +78,7 @@ def _memory_show(args) -> int:
     out = {"name": args.name, "model": h["info"].get("model"), "fingerprint": h["info"].get("fingerprint"),
            "memory_layer": h["info"].get("memory_layer"), "tokens": row["tokens"], "pending": row["pending"],
            "memory_size": h["memory_size"], "chunk_size": h["chunk_size"], "dtype": h["dtype"],
+           "index": h.get("index", "flat") + (f" (nlist {h['nlist']}, nprobe {h['nprobe']})" if h.get("index") == "ivf" else ""),
            "bytes": h["bytes"], "modified": h["modified"], "sources": row["sources"]}
     if args.json:
         print(json.dumps(out, indent=2))
@@ -213,6 +215,10 @@ def add_parser(sub) -> None:
     p.add_argument("files", nargs="+", help="UTF-8 text files of any size (streamed, never loaded whole)")
     p.add_argument("--memory-size", type=int, help="tokens kept, FIFO (new memories; default: the model's)")
     p.add_argument("--chunk-size", type=int, help="tokens per chunk (new memories; default: the model's)")
+    p.add_argument("--index", choices=["flat", "ivf"], default="flat",
+                   help="new memories: flat = exact search (default); ivf = approximate faiss IVF search, for memories "
+                        "of hundreds of thousands of tokens and more (recall: BENCHMARKS.md)")
+    p.add_argument("--nprobe", type=int, default=16, help="ivf clusters scanned per query (default: 16)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(func=_memory_add)

@@ -76,8 +76,10 @@ class MemoryLM(nn.Module):
         return {"model": self.backbone.name, "fingerprint": self.backbone.fingerprint(), "memory_layer": self.memory_layer}
 
     def new_memory(self, batch_size: int = 1, *, memory_size: int | None = None, chunk_size: int | None = None,
-                   topk_chunks: int | None = None, backend: str | None = None, device=None, dtype=None) -> MemoryBank:
-        """An empty memory bank with one isolated memory per row. Sizes default to the config's."""
+                   topk_chunks: int | None = None, backend: str | None = None, device=None, dtype=None,
+                   index: str = "flat", nprobe: int = 16) -> MemoryBank:
+        """An empty memory bank with one isolated memory per row. Sizes default to the config's.
+        ``index="ivf"``: approximate search for very large memories (see ``MemoryBank``)."""
         return MemoryBank(
             batch_size=batch_size,
             num_heads=self.backbone.num_kv_heads,
@@ -89,6 +91,8 @@ class MemoryLM(nn.Module):
             device=device or self.device,
             backend=backend or self.config.retrieval_backend,
             info=self.memory_info(),
+            index=index,
+            nprobe=nprobe,
         )
 
     def load_memory(self, path, device=None) -> MemoryBank:

@@ -164,3 +164,23 @@ def test_chat_remembers_the_conversation(tiny_checkpoint, tmp_path):
     assert r.stdout.count("Reply: ") == 2
     h = MemoryStore(home).header("talk")["rows"][0]
     assert h["tokens"] + h["pending"] > 10 and h["sources"][0]["file"] == "chat"
+
+
+def test_an_ivf_memory_is_built_kept_and_shown(tiny_checkpoint, book, tmp_path, capsys):
+    home = tmp_path / "home"
+    # chunk 1 and a 4096-token memory: nlist 64, trained once 39 * 64 = 2,496 chunks are stored
+    assert run("memory", "add", "big", str(book), str(book), "--model", str(tiny_checkpoint), "--no-progress",
+               "--memory-size", "4096", "--chunk-size", "1", "--index", "ivf", "--nprobe", "4", home=home) == 0
+    capsys.readouterr()
+    assert run("memory", "show", "big", "--json", home=home) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["index"] == "ivf (nlist 64, nprobe 4)"
+    model = LongMem.from_pretrained(tiny_checkpoint)
+    bank = MemoryStore(home).load("big", model)
+    assert (bank.index, bank.nprobe) == ("ivf", 4) and bank.num_tokens(0) >= bank.ivf_min_chunks
+    ids = torch.randint(0, 100, (1, 16))
+    flat = MemoryStore(home).load("big", model)
+    flat.index = "flat"
+    assert not torch.equal(model(ids, memory=bank, update_memory=False).logits, model(ids, memory=flat, update_memory=False).logits)
+    bank.nprobe = bank.nlist  # scanning every cluster: the ivf memory reads exactly what the flat one does
+    assert torch.equal(model(ids, memory=bank, update_memory=False).logits, model(ids, memory=flat, update_memory=False).logits)
