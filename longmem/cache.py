@@ -3,6 +3,10 @@
 One object per network (backbone or SideNet), passed explicitly into ``forward``; shapes
 (B, Hkv, S, Dh) with S the tokens already in the local window. ``raw_keys`` keeps the pre-rotary
 keys of the layers that need them (block m, whose keys go to memory when the window slides).
+
+Each layer writes into a buffer allocated once for ``capacity`` tokens (the decoder's window) and
+reused after ``reset``, so a decoding step copies only its own token's keys and values; ``keys``,
+``values`` and ``raw_keys`` are views of the filled part. Without a capacity a buffer grows by doubling.
 """
 
 from __future__ import annotations
@@ -11,28 +15,49 @@ import torch
 
 
 class KVCache:
-    def __init__(self, num_layers: int):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
+    def __init__(self, num_layers: int, capacity: int | None = None):
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers  # views (B, Hkv, S, Dh) of the buffers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.raw_keys: list[torch.Tensor | None] = [None] * num_layers
+        self._buffers: list[dict | None] = [None] * num_layers  # name -> (B, Hkv, cap, Dh)
+        self._length = [0] * num_layers
 
     def __len__(self) -> int:
         """S: tokens in the window (0 when empty)."""
-        k = next((k for k in self.keys if k is not None), None)
-        return 0 if k is None else k.shape[2]
+        return max(self._length)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, k_raw: torch.Tensor | None = None):
         """Append this step's (B, Hkv, t, Dh) keys/values; return the whole window's."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-            if k_raw is not None:
-                k_raw = torch.cat([self.raw_keys[layer], k_raw], dim=2)
-        self.keys[layer], self.values[layer] = k, v
+        S, t = self._length[layer], k.shape[2]
+        new = {"k": k, "v": v} if k_raw is None else {"k": k, "v": v, "raw": k_raw}
+        buf = self._buffers[layer]
+        if buf is None or buf["k"].shape[2] < S + t or any(
+                name not in buf or buf[name].shape[:2] != x.shape[:2] or buf[name].shape[3] != x.shape[3]
+                or buf[name].dtype != x.dtype or buf[name].device != x.device for name, x in new.items()):
+            buf = self._grow(layer, new, S + t)
+        for name, x in new.items():
+            buf[name][:, :, S:S + t].copy_(x)
+        self._length[layer] = S + t
+        self.keys[layer], self.values[layer] = buf["k"][:, :, :S + t], buf["v"][:, :, :S + t]
         if k_raw is not None:
-            self.raw_keys[layer] = k_raw
-        return k, v
+            self.raw_keys[layer] = buf["raw"][:, :, :S + t]
+        return self.keys[layer], self.values[layer]
+
+    def _grow(self, layer: int, new: dict, needed: int) -> dict:
+        old, S = self._buffers[layer], self._length[layer]
+        cap = max(needed, self.capacity or 0, 2 * (old["k"].shape[2] if old else 0))
+        buf = {}
+        for name, x in new.items():
+            B, H, _, D = x.shape
+            buf[name] = torch.empty(B, H, cap, D, dtype=x.dtype, device=x.device)
+            if S and old is not None and name in old:
+                buf[name][:, :, :S].copy_(old[name][:, :, :S])
+        self._buffers[layer] = buf
+        return buf
 
     def reset(self) -> None:
+        """Empty the window; the buffers are kept for the next tokens."""
         n = len(self.keys)
         self.keys, self.values, self.raw_keys = [None] * n, [None] * n, [None] * n
+        self._length = [0] * n

@@ -73,8 +73,8 @@ class Decoder:
         device = model.device
         self.state = Window(
             tokens=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            backbone_cache=KVCache(model.backbone.num_layers),
-            sidenet_cache=KVCache(model.sidenet.num_layers),
+            backbone_cache=KVCache(model.backbone.num_layers, capacity=self.W),
+            sidenet_cache=KVCache(model.sidenet.num_layers, capacity=self.W),
             memory=memory,
         )
 

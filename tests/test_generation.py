@@ -108,3 +108,21 @@ def test_bad_generation_arguments(model):
         model.generate(torch.zeros(1, 3, dtype=torch.long), do_sample=True, temperature=0)
     with pytest.raises(LongMemError, match="rows"):
         model.generate(torch.zeros(2, 3, dtype=torch.long), memory=model.new_memory(1))
+
+
+@pytest.mark.parametrize("capacity", [None, 8])
+def test_kv_cache_appends_like_concatenation_and_reuses_its_buffers(capacity):
+    from longmem.cache import KVCache
+
+    cache, ref_k, ref_raw = KVCache(2, capacity=capacity), [], []
+    for t in (3, 1, 1, 2, 1):  # 8 tokens: fills the capacity exactly; without one the buffer doubles
+        k, v, raw = torch.randn(2, 2, t, 4), torch.randn(2, 2, t, 4), torch.randn(2, 2, t, 4)
+        ref_k.append(k), ref_raw.append(raw)
+        got_k, got_v = cache.update(1, k, v, raw)
+        assert torch.equal(got_k, torch.cat(ref_k, dim=2)) and torch.equal(cache.raw_keys[1], torch.cat(ref_raw, dim=2))
+        assert got_v[:, :, -t:].equal(v) and len(cache) == got_k.shape[2]
+    buffer = cache.keys[1].data_ptr()
+    cache.reset()
+    assert len(cache) == 0 and cache.keys[1] is None
+    k = torch.randn(2, 2, 5, 4)
+    assert torch.equal(cache.update(1, k, k)[0], k) and cache.keys[1].data_ptr() == buffer  # no new allocation
