@@ -44,6 +44,13 @@ DEFAULT_SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, nu
 QUICK_SHAPE = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                    tie_word_embeddings=True)
+# The paper's backbone shape (GPT-2 medium: 24 layers, width 1024, 16 heads, 50K vocab, ~355M parameters) in the
+# Llama family (SwiGLU width chosen for GPT-2's MLP parameter count): memory cost per token is independent of the
+# width while the network's grows with it, so the adaptation-step ratio is only meaningful at this shape.
+PAPER_SHAPE = dict(vocab_size=50304, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                   num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=2048,
+                   tie_word_embeddings=True)
+SHAPES = {"default": DEFAULT_SHAPE, "quick": QUICK_SHAPE, "paper": PAPER_SHAPE}
 
 
 # -- flags -----------------------------------------------------------------------------------------
@@ -62,6 +69,9 @@ def parser(name: str, description: str | None, full_repeats: int = 5) -> argpars
     p.add_argument("--model", default=None,
                    help="a LongMem checkpoint folder (e.g. models/longmem-tiny); default: a random-weight model of "
                         "the default shape (quick: a tiny one)")
+    p.add_argument("--shape", choices=list(SHAPES), default=None,
+                   help="random-weight model shape without --model: default (the shipped model's: 8 x 256), quick "
+                        "(4 x 64; the default with --quick) or paper (GPT-2 medium: 24 x 1024, 355M parameters)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -295,14 +305,15 @@ def make_model(args, device: torch.device, **config):
     else:
         import transformers
 
-        shape = QUICK_SHAPE if args.quick else DEFAULT_SHAPE
+        name = getattr(args, "shape", None) or ("quick" if args.quick else "default")
+        shape = SHAPES[name]
         torch.manual_seed(args.seed)
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, bos_token_id=0, eos_token_id=0, pad_token_id=0))
         from longmem.config import default_memory_layer
 
         config.setdefault("memory_layer", default_memory_layer(shape["num_hidden_layers"]))
         model = LongMem.from_backbone(hf.eval(), LongMemConfig(**config))
-        desc = {"source": "random weights, " + ("quick" if args.quick else "default") + " shape", **shape}
+        desc = {"source": f"random weights, {name} shape", **shape}
     model.to(device)
     bb = model.backbone
     desc.update(layers=bb.num_layers, sidenet_layers=model.sidenet.num_layers, hidden=bb.hidden_size,
