@@ -90,6 +90,7 @@ class MemoryStore:
 
     def save(self, name: str, bank: MemoryBank) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.path(name))
         bank.save(self.path(name))
 
     def header(self, name: str) -> dict:
@@ -116,6 +117,21 @@ class MemoryStore:
             path.unlink()
         with contextlib.suppress(OSError):
             (self.dir / f"{name}.lock").unlink()
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete PATH.tmp-PID files that a writer killed mid-save left behind (PID no longer running)."""
+    for tmp in path.parent.glob(f"{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        except OSError:  # exists, owned by someone else
+            pass
 
 
 def check_text_file(path: Path) -> None:

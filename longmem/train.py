@@ -268,6 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                                          "scaler": scaler.state_dict(), "step": step, "tokens": tokens_seen,
                                          "elapsed": elapsed_before + time.time() - t0, "streams": stream_states, "rng": rngs},
                             tokenizer=tokenizer)
+            log({"step": step, "checkpoint": "saved"})  # written after the swap: a step reported here is never lost
         if world > 1:
             torch.distributed.barrier()
 
