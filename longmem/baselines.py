@@ -172,14 +172,24 @@ def staleness(model, memory: MemoryBank, segments: list[torch.Tensor], row: int 
 def staleness_curve(metrics_path: Path) -> dict[int, float]:
     """Mean cosine similarity by age (steps since written) over all staleness records of a run."""
     sums: dict[int, list[float]] = {}
-    for line in open(metrics_path):
-        record = json.loads(line)
-        for point in record.get("staleness", []):
-            sums.setdefault(point["age"], []).append(point["cos"])
+    with open(metrics_path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                points = [(int(p["age"]), float(p["cos"])) for p in record.get("staleness", [])]
+            except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+                raise LongMemError(f"{metrics_path}:{lineno} is not valid JSON of a `longmem train` record ({type(e).__name__}); "
+                                   "the file is damaged: train again, or drop the broken line") from None
+            for age, cos in points:
+                sums.setdefault(age, []).append(cos)
     return {age: sum(v) / len(v) for age, v in sorted(sums.items())}
 
 
 def _run_staleness(args) -> int:
+    from longmem.eval_cli import check_output
+
+    check_output(args.json)
+    check_output(args.plot, "--plot")
     curves = {}
     for run in args.run:
         path = Path(run) / "metrics.jsonl"
@@ -193,7 +203,9 @@ def _run_staleness(args) -> int:
     for name, curve in curves.items():
         print(f"{name}: " + ", ".join(f"age {a}: {c:.4f}" for a, c in list(curve.items())[:12]))
     if args.json:
-        Path(args.json).write_text(json.dumps({k: {str(a): c for a, c in v.items()} for k, v in curves.items()}, indent=2) + "\n")
+        from longmem.eval_cli import write_result
+
+        write_result(args.json, {k: {str(a): c for a, c in v.items()} for k, v in curves.items()})
     if args.plot:
         import matplotlib
 

@@ -46,6 +46,7 @@ from typing import Iterable, Iterator
 from longmem.errors import LongMemError
 
 EOT = "<|endoftext|>"  # the one special token: document separator, bos, eos and pad
+MAX_VOCAB = 2**31 - 1  # token ids are stored as int32
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
 # R variable name in the package -> (title, split). Fixed: change it and every number moves.
@@ -357,6 +358,10 @@ def train_tokenizer(paths: Iterable[str | os.PathLike], vocab_size: int = 8192,
 
     if vocab_size < 257 + 1:
         raise LongMemError(f"--vocab-size {vocab_size} is too small; byte-level BPE needs >= 258")
+    if vocab_size > MAX_VOCAB:
+        raise LongMemError(f"--vocab-size {vocab_size} is too large; token ids are int32, so at most {MAX_VOCAB}")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise LongMemError(f"--out {out} is not a folder; give a folder for the tokenizer files")
     paths = list(paths)
     n_chars = 0
 

@@ -9,7 +9,6 @@ earlier in the document, but only further back than T tokens.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
@@ -80,10 +79,15 @@ def memory_example(tokenizer, ids: np.ndarray, with_mem: dict, without: dict, T:
 
 
 def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None, progress=True) -> dict:
+    from longmem.eval_cli import check_output, write_result
     from longmem.evaluate import stream_nll
     from longmem.streams import encode_documents
 
     t0 = time.time()
+    if max_tokens < 2:
+        raise LongMemError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if json_out:
+        check_output(json_out)
     model, tokenizer = load_model_and_tokenizer(model_path)
     if data is None:
         name, text = default_document()
@@ -105,9 +109,7 @@ def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None,
     report = {**results, "document": name, "segment_length": T, "memory_size": model.config.memory_size,
               "example": example, "seconds": round(time.time() - t0, 1)}
     if json_out:
-        tmp = f"{json_out}.tmp"
-        Path(tmp).write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, json_out)
+        write_result(json_out, report)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
     return report
 
 

@@ -15,10 +15,16 @@ keys (model name = the folder's name), and ``"meta"``. Each summary S is ``NLL.s
 ``longmem.evaluate`` (``ppl``, ``ppl_beyond_window``, ``loss``, ``tokens``, ``tokens_beyond_window``,
 ``ppl_by_position``, ``tokens_by_position``) plus ``by_length``: ``{split: {"ppl",
 "ppl_beyond_window", "tokens", "documents"}}`` for the non-empty document-length splits.
+
+Every result file (``--json`` of each task, and of ``longmem perplexity``, ``demo`` and ``staleness``)
+also holds ``longmem_version`` (the package that wrote it), ``format_version`` (``RESULT_FORMAT``) and
+``sha256``: the hex sha256 of the canonical JSON (sorted keys, no spaces) of everything else in the
+file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -27,6 +33,8 @@ from pathlib import Path
 from longmem.errors import LongMemError
 
 MODES = ("longmem", "no_memory", "backbone")
+RESULT_FORMAT = 1  # layout of a sealed result file (see the module docstring); bump when it changes
+SEAL = ("longmem_version", "format_version", "sha256")  # the keys write_result adds to a report
 # document-length splits in tokens (the paper's PG-22 splits, and the shorter documents)
 LENGTH_SPLITS = (("<5K", 0, 5_000), ("5K-10K", 5_000, 10_000), ("10K-100K", 10_000, 100_000),
                  ("100K-500K", 100_000, 500_000), ("500K-1M", 500_000, 1_000_000), (">1M", 1_000_000, None))
@@ -68,6 +76,14 @@ def memory_args(args) -> dict:
     return {k: getattr(args, k) for k in ("memory_size", "chunk_size", "topk_chunks") if getattr(args, k, None) is not None}
 
 
+def at_least_one(args, *names: str) -> None:
+    """Counts given on the command line are >= 1 (a 0 or a negative would slice the wrong examples)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise LongMemError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
 def checked(model, memory_kwargs: dict) -> dict:
     """``memory_kwargs`` after LongMemConfig's validation against ``model`` (e.g. size a multiple of chunk)."""
     if memory_kwargs:
@@ -75,12 +91,69 @@ def checked(model, memory_kwargs: dict) -> dict:
     return memory_kwargs
 
 
+def check_output(path, flag: str = "--json") -> None:
+    """Refuse an output path that cannot be written, before the evaluation spends any time."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise LongMemError(f"{flag} {path} is a folder; give a file name")
+    above = next((q for q in path.parents if q.exists()), None)
+    if above is not None and not above.is_dir():
+        raise LongMemError(f"{flag} {path}: {above} is a file, not a folder")
+
+
 def write_json(path, obj) -> None:
+    """``obj`` as JSON in ``path``, atomically (a temporary file, then a rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _digest(body: dict) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_result(path, report: dict) -> dict:
+    """Write an evaluation report with its version and checksum (module docstring); returns what was written."""
+    from longmem import __version__
+
+    body = {k: v for k, v in report.items() if k not in SEAL}
+    body = json.loads(json.dumps({**body, "longmem_version": __version__, "format_version": RESULT_FORMAT}))  # as read back
+    body["sha256"] = _digest(body)
+    write_json(path, body)
+    return body
+
+
+def verify_result(path) -> dict:
+    """The report written to ``path`` by ``write_result`` (without the ``SEAL`` keys), once its checksum
+    shows the file whole and unaltered.
+
+    Raises:
+        LongMemError: the file is missing, truncated, not JSON, unsealed, of an unknown format or altered.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LongMemError(f"{path} is not a file; give a result file written by `longmem eval ... --json`")
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LongMemError(f"{path} is truncated or not JSON ({e}); rerun the evaluation") from None
+    if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
+        raise LongMemError(f"{path} carries no checksum; it was not written by `longmem eval ... --json` (or by an older longmem): rerun the evaluation")
+    if body.get("format_version") != RESULT_FORMAT:
+        raise LongMemError(f"{path} has result format version {body.get('format_version')!r}, this longmem reads version "
+                           f"{RESULT_FORMAT}; use the longmem that wrote it ({body.get('longmem_version', '?')})")
+    want = body.pop("sha256")
+    if _digest(body) != want:
+        raise LongMemError(f"{path} is damaged or was edited: its contents do not match the checksum written with it; rerun the evaluation")
+    return {k: v for k, v in body.items() if k not in SEAL}
 
 
 def _plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel: str, title: str, hline=None,
@@ -243,6 +316,9 @@ def run_ppl(model_paths: list, data: list, *, baselines=(), max_tokens: int | No
     if len(set(names)) < len(names):
         names = [str(p) for p in model_paths]
     report, meta = {}, {"data": [str(d) for d in data], "max_tokens": max_tokens, "models": {}}
+    for bpath in baselines:  # before any model is scored
+        if not Path(bpath).is_dir():
+            raise LongMemError(f"baseline {bpath} is not a folder; give a HF causal LM saved with save_pretrained (with its tokenizer)")
     loaded_baselines = {}
     for path, name in zip(model_paths, names):
         model, tok = load_model(path, device)
@@ -252,10 +328,10 @@ def run_ppl(model_paths: list, data: list, *, baselines=(), max_tokens: int | No
         docs = [d[:max_tokens] if max_tokens else d for d in full]
         short = sum(len(d) <= T for d in docs)
         docs = [d for d in docs if len(d) > T]
-        if short:
-            warn(f"{name}: skipped {short} document(s) of at most {T} tokens (one local window: nothing beyond it for the memory to help)")
         if not docs:
             raise LongMemError(f"no document in {', '.join(map(str, data))} is longer than one local window ({T} tokens) of {name}; give longer documents")
+        if short:
+            warn(f"{name}: skipped {short} document(s) of at most {T} tokens (one local window: nothing beyond it for the memory to help)")
         groups = _by_length(docs)
         prefix = "" if len(model_paths) == 1 else f"{name}/"
         for mode in MODES:
@@ -312,12 +388,14 @@ def _run_ppl(args) -> int:
         raise LongMemError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.batch_size < 1:
         raise LongMemError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_output(args.json)
+    check_output(args.plot, "--plot")
     report = run_ppl(args.model or [], args.data, baselines=args.baseline or [], max_tokens=args.max_tokens,
                      batch_size=args.batch_size, memory_kwargs=memory_args(args), device=resolve_device(args.device),
                      progress=args.progress)
     print(format_ppl(report))
     if args.json:
-        write_json(args.json, report)
+        write_result(args.json, report)
     if args.plot:
         buckets = [bucket_name(*b) for b in BUCKETS]
         lines = {k: [v["ppl_by_position"][b] for b in buckets] for k, v in report.items() if k != "meta"}
@@ -332,6 +410,9 @@ def _run_ppl(args) -> int:
 def _run_chapterbreak(args) -> int:
     from longmem.chapterbreak import evaluate_chapterbreak, load_chapterbreak
 
+    at_least_one(args, "max_examples", "max_context_tokens")
+    check_output(args.json)
+    check_output(args.plot, "--plot")
     examples = load_chapterbreak(args.data, args.split)
     if args.max_examples:
         examples = examples[: args.max_examples]
@@ -348,7 +429,7 @@ def _run_chapterbreak(args) -> int:
         print(f"{mode:<12}{r['accuracy_sum']:>16.3f}{r['accuracy_mean']:>17.3f}"
               + "".join(f"   {s}: {v['accuracy_sum']:.3f}/{v['accuracy_mean']:.3f}" for s, v in r["by_split"].items()))
     if args.json:
-        write_json(args.json, report)
+        write_result(args.json, report)
     if args.plot:
         _plot_bars(args.plot, list(MODES), {"sum log-prob": [report[m]["accuracy_sum"] for m in MODES],
                                             "mean log-prob": [report[m]["accuracy_mean"] for m in MODES]},
@@ -361,6 +442,8 @@ def _run_build(args) -> int:
 
     if args.split not in ("ao3", "pg19"):
         raise LongMemError(f"unknown split {args.split!r}; choose ao3 or pg19")
+    at_least_one(args, "negatives", "context_chars", "candidate_words", "max_examples")
+    check_output(args.out, "--out")
     book_id, text = read_book(args.book, args.id, args.data_root)
     examples = build_examples(text, negatives=args.negatives, context_chars=args.context_chars,
                               candidate_words=args.candidate_words, seed=args.seed)
@@ -380,6 +463,9 @@ def _run_icl(args) -> int:
     from longmem.icl import evaluate_icl, get_task, load_examples
 
     task = get_task(args.task)
+    at_least_one(args, "max_test")
+    check_output(args.json)
+    check_output(args.plot, "--plot")
     test = load_examples(args.data, task)
     pool = load_examples(args.train, task)
     if args.max_test:
@@ -396,7 +482,7 @@ def _run_icl(args) -> int:
         g, lk = r["accuracy_greedy"], r["accuracy_likelihood"]
         print(f"{mode:<12}{g['mean']:>11.3f} ± {g['std']:.3f}{lk['mean']:>11.3f} ± {lk['std']:.3f}{r['local_demos']:>13.1f}")
     if args.json:
-        write_json(args.json, report)
+        write_result(args.json, report)
     if args.plot:
         _plot_bars(args.plot, list(MODES),
                    {"greedy": [report[m]["accuracy_greedy"]["mean"] for m in MODES],
@@ -413,6 +499,8 @@ def _run_icl(args) -> int:
 def _run_passkey(args) -> int:
     from longmem.passkey import evaluate_passkey
 
+    check_output(args.json)
+    check_output(args.plot, "--plot")
     model, tok = load_model(args.model, resolve_device(args.device))
     report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed,
                               memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
@@ -426,7 +514,7 @@ def _run_passkey(args) -> int:
         print(f"{d:>10}" + "".join(f"{report[m]['by_distance'][str(d)]['accuracy_greedy']:>13.2f} / "
                                    f"{report[m]['by_distance'][str(d)]['accuracy_choice']:.2f}" for m in MODES))
     if args.json:
-        write_json(args.json, report)
+        write_result(args.json, report)
     if args.plot:
         xs = [str(d) for d in args.distances]
         lines = {}

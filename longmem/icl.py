@@ -113,6 +113,8 @@ def load_examples(path, task: Task) -> list[Example]:
     if not p.is_file():
         raise LongMemError(f"{p} does not exist; give a .tsv, .csv or .jsonl file, or hf:NAME")
     lines = p.read_text(encoding="utf-8", errors="replace").splitlines()
+    if not any(line.strip() for line in lines):
+        raise LongMemError(f"{p} holds no examples (it is empty); give labelled examples in a .tsv, .csv or .jsonl file")
     if p.suffix == ".tsv":
         out = _load_table(p, lines, task, delimiter="\t")
     elif p.suffix == ".csv":

@@ -11,7 +11,11 @@ from pathlib import Path
 import torch
 
 from longmem.errors import LongMemError
+from longmem.eval_cli import checked, memory_args, resolve_device
 from longmem.store import MemoryStore, check_name, check_text_file, ingest_file
+
+# a bound against typos, not a limit of the method (memory keeps the context): about an hour of CPU decoding
+MAX_NEW_TOKENS = 1_000_000
 
 
 def _store(args) -> MemoryStore:
@@ -21,9 +25,10 @@ def _store(args) -> MemoryStore:
 def _load(args):
     from longmem.demo import load_model_and_tokenizer
 
+    device = resolve_device(args.device) if getattr(args, "device", None) else None  # before the slow part
     model, tok = load_model_and_tokenizer(args.model)
-    if getattr(args, "device", None):
-        model.to(args.device)
+    if device is not None:
+        model.to(device)
     return model.eval(), tok
 
 
@@ -39,6 +44,7 @@ def _memory_add(args) -> int:
     for f in files:
         check_text_file(f)  # every file is checked before anything is written
     model, tok = _load(args)
+    checked(model, memory_args(args))  # the sizes are valid before anything is written
     with store.lock(args.name):
         if store.exists(args.name):
             bank = store.load(args.name, model)
@@ -102,11 +108,21 @@ def _memory_remove(args) -> int:
 
 
 def _sampling(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
-                top_k=args.top_k, top_p=args.top_p, stop_strings=tuple(getattr(args, "stop", None) or ()))
+    """The sampling flags as ``generate`` keyword arguments, checked (before any model is loaded)."""
+    from longmem.generation import SamplingConfig
+
+    if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise LongMemError(f"--max-new-tokens must be between 0 and {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
+    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
+              top_k=args.top_k, top_p=args.top_p, stop_strings=tuple(getattr(args, "stop", None) or ()))
+    SamplingConfig(**kw)
+    return kw
 
 
 def _generate(args) -> int:
+    sampling = _sampling(args)
+    if args.memory and not args.no_memory:
+        check_name(args.memory)
     model, tok = _load(args)
     memory = None
     if args.memory and not args.no_memory:
@@ -129,7 +145,7 @@ def _generate(args) -> int:
             sys.stdout.flush()
             printed = text
 
-    model.generate(prompt, memory=memory, streamer=stream, generator=gen, tokenizer=tok, **_sampling(args))
+    model.generate(prompt, memory=memory, streamer=stream, generator=gen, tokenizer=tok, **sampling)
     sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
     return 0
 
@@ -137,8 +153,10 @@ def _generate(args) -> int:
 def _chat(args) -> int:
     from longmem.generation import Decoder, SamplingConfig, sample_next
 
-    model, tok = _load(args)
+    cfg = SamplingConfig(**{**_sampling(args), "stop_strings": ("\n",)})
     store = _store(args)
+    check_name(args.memory)
+    model, tok = _load(args)
     lock = store.lock(args.memory) if args.remember else None
     if lock is not None:
         lock.__enter__()
@@ -149,7 +167,6 @@ def _chat(args) -> int:
                 raise LongMemError(f"no memory named {args.memory!r}; create it with `longmem memory add` or chat with --remember")
             memory = model.new_memory(1)
         dec = Decoder(model, 1, memory)
-        cfg = SamplingConfig(**{**_sampling(args), "stop_strings": ("\n",)})
         gen = torch.Generator(device=model.device).manual_seed(args.seed)
         interactive = sys.stdin.isatty()
         if interactive:

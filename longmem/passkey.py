@@ -42,6 +42,8 @@ KEY_TAIL = " is the pass key."  # what follows the key's last occurrence
 QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}"
 LEAD_IN = 3  # at most this many filler sentences before the key
+KEYS = 90_000  # 5-digit keys, 10000-99999
+MAX_DISTANCE = 10_000_000  # a bound against typos: the prompt's ids are built in RAM and read through the model
 
 
 def build_prompt(tokenizer, key: str, distance: int, lead_in: int) -> tuple[np.ndarray, int, int]:
@@ -90,6 +92,10 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
         raise LongMemError(f"--distances must be positive token counts, got {distances}")
     if trials < 1 or candidates < 2 or max_new_tokens < 1:
         raise LongMemError(f"--trials and --max-new-tokens must be >= 1 and --candidates >= 2, got {trials}, {max_new_tokens}, {candidates}")
+    if candidates > KEYS:
+        raise LongMemError(f"--candidates must be at most {KEYS:,} (the number of 5-digit keys), got {candidates}")
+    if max(distances) > MAX_DISTANCE:
+        raise LongMemError(f"--distances must be at most {MAX_DISTANCE:,} tokens (the prompt is built whole), got {max(distances)}")
     memory_kwargs = dict(memory_kwargs or {})
     T = model.segment_length
     M = memory_kwargs.get("memory_size") or model.config.memory_size

@@ -283,7 +283,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                                f"{cfg.seq_len + 1}; give more text or a smaller --seq-len")
         train_streams.append(s)
     for p in val_paths:
-        val_streams[f"val/{_name(p)}"] = torch.from_numpy(token_stream(p, tokenizer))
+        s = val_streams[f"val/{_name(p)}"] = torch.from_numpy(token_stream(p, tokenizer))
+        if len(s) < cfg.seq_len + 1:  # found now, not at the first evaluation
+            raise LongMemError(f"validation set {p} has {len(s)} tokens, fewer than one window of {cfg.seq_len + 1}; "
+                               "give more text or a smaller --seq-len")
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer)
@@ -407,9 +410,15 @@ def export_backbone(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict
     if not ckpt_path.is_file():
         raise LongMemError(f"{ckpt_path} does not exist; give the --out folder of a "
                            "`longmem pretrain` run that saved a checkpoint")
-    state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     fieldnames = {f.name for f in fields(PretrainConfig)}
-    cfg = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fieldnames})
+    try:
+        state = torch.load(ckpt_path, weights_only=False, map_location="cpu")
+        cfg = PretrainConfig(**{k: v for k, v in state["config"].items() if k in fieldnames})
+    except LongMemError:
+        raise
+    except Exception as e:  # truncated, empty, or not a checkpoint of `longmem pretrain`: all the same to the user
+        raise LongMemError(f"{ckpt_path} is damaged ({type(e).__name__}); resume the run to write a new one, "
+                           "or export another run") from None
     # the run folder holds its tokenizer once the run has ended; before, the one it was given
     has_tok = (run / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(str(run) if has_tok else cfg.tokenizer)
@@ -433,6 +442,11 @@ def perplexity(model_dir: str, paths: list[str], seq_len: int = 512,
     """Per-token loss and perplexity of the causal LM in ``model_dir`` on each of ``paths``."""
     from transformers import AutoModelForCausalLM
 
+    if seq_len < 1:
+        raise LongMemError(f"--seq-len must be at least 1, got {seq_len}")
+    if not Path(model_dir).is_dir():
+        raise LongMemError(f"model folder {model_dir} does not exist; give a folder written by `longmem pretrain` "
+                           "or `longmem export-backbone`")
     torch.set_num_threads(os.cpu_count() or 1)
     tokenizer = load_tokenizer(model_dir)
     try:
@@ -453,7 +467,7 @@ def perplexity(model_dir: str, paths: list[str], seq_len: int = 512,
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-    final = pretrain(cfg)
+    final = pretrain(cfg, progress=args.progress)
     print(json.dumps(final))
     print(f"model + tokenizer -> {cfg.out}")
     return 0
@@ -467,11 +481,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_perplexity(args: argparse.Namespace) -> int:
+    from longmem.eval_cli import check_output, write_result
+
+    check_output(args.json)
     results = perplexity(args.model, args.data, args.seq_len, args.max_tokens, args.precision)
     for name, r in results.items():
         print(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']} tokens)")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        write_result(args.json, results)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
     return 0
 
 
@@ -519,6 +536,7 @@ def add_parser(sub) -> None:
                    help="bf16 autocast (default; ~2x faster on CPUs with avx512_bf16) or fp32")
     o.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint/ exactly where it stopped")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(func=_run_pretrain)
 
     e = sub.add_parser(

@@ -35,7 +35,7 @@ def default_home() -> Path:
 
 
 def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:  # fullmatch: "$" lets "x\n" through
         raise LongMemError(
             f"invalid memory name {name!r}: use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
@@ -46,6 +46,9 @@ class MemoryStore:
     def __init__(self, root: str | os.PathLike | None = None):
         self.root = Path(root) if root is not None else default_home()
         self.dir = self.root / "memories"
+        for d in (self.root, self.dir):
+            if d.exists() and not d.is_dir():
+                raise LongMemError(f"memory store {d} is not a folder; pass --home DIR (or set LONGMEM_HOME) to a folder")
 
     def path(self, name: str) -> Path:
         return self.dir / f"{check_name(name)}.safetensors"
@@ -56,21 +59,34 @@ class MemoryStore:
     def names(self) -> list[str]:
         if not self.dir.is_dir():
             return []
-        return sorted(p.name[: -len(".safetensors")] for p in self.dir.glob("*.safetensors") if NAME_RE.match(p.name[: -len(".safetensors")]))
+        return sorted(p.name[: -len(".safetensors")] for p in self.dir.glob("*.safetensors") if NAME_RE.fullmatch(p.name[: -len(".safetensors")]))
 
     @contextlib.contextmanager
     def lock(self, name: str):
-        """Exclusive writer lock on one memory; a second writer is refused at once."""
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Exclusive writer lock on one memory; a second writer is refused at once.
+
+        The lock file exists only while it is held (it names the holder). Removing it on release is
+        safe because a locker checks, once it holds the lock, that the file it locked is still the
+        one at the path; if a releasing holder removed it in between, it tries again.
+        """
         lock_path = self.dir / f"{check_name(name)}.lock"
-        f = open(lock_path, "a+")
-        try:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        while True:
+            f = open(lock_path, "a+")
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 f.seek(0)
                 holder = f.read().strip() or "another process"
+                f.close()
                 raise LongMemError(f"memory {name!r} is being written by {holder}; wait for it to finish and try again") from None
+            try:
+                if os.stat(lock_path).st_ino == os.fstat(f.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            f.close()  # we locked a file its holder has just removed: take the new one
+        try:
             f.seek(0)
             f.truncate()
             f.write(f"process {os.getpid()}")
@@ -78,8 +94,7 @@ class MemoryStore:
             yield
         finally:
             with contextlib.suppress(OSError):
-                f.seek(0)
-                f.truncate()
+                lock_path.unlink()  # while still held: no other process can be between lock and check
             f.close()  # closing releases the lock
 
     def load(self, name: str, model) -> MemoryBank:
@@ -115,8 +130,6 @@ class MemoryStore:
             raise LongMemError(f"no memory named {name!r} in {self.dir}")
         with self.lock(name):
             path.unlink()
-        with contextlib.suppress(OSError):
-            (self.dir / f"{name}.lock").unlink()
 
 
 def remove_stale_temporaries(path: Path) -> None:

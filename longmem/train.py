@@ -206,6 +206,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         model = cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers)
     model.to(device).train()
     T = model.segment_length
+    bb = model.backbone
+    context = min([bb.max_positions] + ([bb.sliding_window] if bb.sliding_window else []))
+    if T > context:
+        raise LongMemError(f"--segment-length {T} is longer than the backbone's context ({context}); give at most {context}")
     if len(tokenizer) > model.backbone.vocab_size:
         raise LongMemError(f"tokenizer has {len(tokenizer)} tokens but the backbone only {model.backbone.vocab_size}; use the backbone's own tokenizer")
     if sum(len(d) for d in docs) <= T:

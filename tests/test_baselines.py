@@ -9,6 +9,7 @@ from longmem import LongMem, load_model
 from longmem.baselines import CoupledMemoryLM, FinetunedLM, staleness
 from longmem.cli import main
 from longmem.config import LongMemConfig
+from longmem.eval_cli import verify_result
 from longmem.evaluate import stream_nll
 
 from test_train import train_args
@@ -71,7 +72,7 @@ def test_staleness_report_compares_runs(tiny_assets, tmp_path, capsys):
         runs.append(str(out))
     png, js = tmp_path / "s.png", tmp_path / "s.json"
     assert main(["staleness", "--run", *runs, "--plot", str(png), "--json", str(js)]) == 0
-    curves = json.loads(js.read_text())
+    curves = verify_result(js)
     assert set(curves) == {"memtrm:memtrm", "longmem:longmem"}
     assert all(abs(c - 1) < 1e-4 for c in curves["longmem:longmem"].values())
     assert min(curves["memtrm:memtrm"].values()) < 0.9999

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from longmem import LongMem, LongMemConfig
+import longmem
+from longmem import LongMem, LongMemConfig, LongMemError
 from longmem.cli import main
+from longmem.eval_cli import RESULT_FORMAT, SEAL, verify_result
 from longmem.streams import encode_documents
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -32,7 +34,7 @@ def test_ppl_three_modes_on_the_same_tokens(checkpoints, cli, tiny_assets, tmp_p
                "--no-progress") == 0
     printed = capsys.readouterr().out
     assert all(m in printed for m in MODES) and "by document length" in printed
-    r = json.loads(out.read_text())
+    r = verify_result(out)
     docs = encode_documents([DOCS], tiny_assets["tokenizer"])
     n = sum(len(d) - 1 for d in docs)  # every token but each document's first is predicted once
     for mode in MODES:
@@ -53,7 +55,7 @@ def test_ppl_several_models_and_a_baseline_with_the_same_tokenizer(checkpoints, 
     out = tmp_path / "ppl.json"
     assert cli("ppl", "--data", DOCS, "--model", *checkpoints, "--baseline", tiny_assets["backbone"], "--max-tokens", "100",
                "--batch-size", "2", "--device", "cpu", "--json", out, "--plot", tmp_path / "p.png", "--no-progress") == 0
-    r = json.loads(out.read_text())
+    r = verify_result(out)
     assert {k for k in r if k != "meta"} == {f"{m}/{x}" for m in ("alpha", "beta") for x in MODES + ("baseline:backbone",)}
     assert r["alpha/longmem"]["tokens"] == 2 * 99  # --max-tokens caps each document
     # the baseline is the very HF model the checkpoints are built on: it equals backbone mode on the same windows
@@ -64,7 +66,7 @@ def test_ppl_several_models_and_a_baseline_with_the_same_tokenizer(checkpoints, 
     one = tmp_path / "one.json"
     assert cli("ppl", "--data", DOCS, "--model", checkpoints[0], "--max-tokens", "100", "--device", "cpu", "--json", one,
                "--no-progress") == 0
-    assert math.isclose(json.loads(one.read_text())["longmem"]["ppl"], r["alpha/longmem"]["ppl"], rel_tol=1e-5)
+    assert math.isclose(verify_result(one)["longmem"]["ppl"], r["alpha/longmem"]["ppl"], rel_tol=1e-5)
 
 
 def test_ppl_memory_overrides_change_the_longmem_mode_only(checkpoints, cli, tmp_path):
@@ -72,7 +74,7 @@ def test_ppl_memory_overrides_change_the_longmem_mode_only(checkpoints, cli, tmp
     assert cli("ppl", "--data", DOCS, "--model", checkpoints[0], "--device", "cpu", "--json", a, "--no-progress") == 0
     assert cli("ppl", "--data", DOCS, "--model", checkpoints[0], "--device", "cpu", "--json", b, "--no-progress",
                "--memory-size", "32", "--topk-chunks", "1") == 0
-    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    ra, rb = verify_result(a), verify_result(b)
     assert ra["backbone"] == rb["backbone"] and ra["no_memory"] == rb["no_memory"]
     assert ra["longmem"]["ppl"] != rb["longmem"]["ppl"] and rb["meta"]["models"]["alpha"]["memory_size"] == 32
 
@@ -83,10 +85,36 @@ def test_ppl_skips_short_documents_and_errors_when_none_is_left(checkpoints, cli
     out = tmp_path / "s.json"
     assert cli("ppl", "--data", DOCS, short, "--model", checkpoints[0], "--device", "cpu", "--json", out, "--no-progress") == 0
     assert "skipped 1 document" in capsys.readouterr().err
-    assert json.loads(out.read_text())["meta"]["models"]["alpha"]["documents"] == 2
+    assert verify_result(out)["meta"]["models"]["alpha"]["documents"] == 2
     assert cli("ppl", "--data", short, "--model", checkpoints[0], "--device", "cpu") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "longer than one local window" in err[-1] and "Traceback" not in "".join(err)
+
+
+def test_results_carry_version_and_checksum_and_any_change_is_refused(checkpoints, cli, tmp_path):
+    out = tmp_path / "ppl.json"
+    assert cli("ppl", "--data", DOCS, "--model", checkpoints[0], "--max-tokens", "40", "--device", "cpu", "--json", out,
+               "--no-progress") == 0
+    raw = json.loads(out.read_text())
+    assert raw["longmem_version"] == longmem.__version__ and raw["format_version"] == RESULT_FORMAT and len(raw["sha256"]) == 64
+    report = verify_result(out)
+    assert set(raw) - set(report) == set(SEAL) and report["longmem"]["tokens"] == 2 * 39
+    data = out.read_bytes()
+    for n in range(len(data.rstrip())):  # cut anywhere before the final newline
+        out.write_bytes(data[:n])
+        with pytest.raises(LongMemError, match="truncated or not JSON"):
+            verify_result(out)
+    passed = 0
+    for i in range(len(data)):  # one bit flipped in every byte
+        out.write_bytes(data[:i] + bytes([data[i] ^ (1 << (i % 8))]) + data[i + 1:])
+        try:
+            got = verify_result(out)
+        except LongMemError as e:
+            assert "\n" not in str(e)
+            continue
+        passed += 1
+        assert got == report  # only a flip that changes nothing read may pass (1e-05 -> 1E-05)
+    assert passed < len(data) // 100
 
 
 def test_ppl_bad_inputs_are_one_line_errors(checkpoints, cli, tiny_assets, tmp_path, capsys):
