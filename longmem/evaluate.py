@@ -88,6 +88,7 @@ def stream_nll(model, docs: list[np.ndarray], mode: str, segment_length: int | N
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     T = segment_length or model.segment_length
+    batch_size = max(1, min(batch_size, len(docs)))  # rows beyond the documents would only sit idle (and an enormous count hang)
     was_training = model.training
     model.eval()
     streams = DocumentStreams(docs, batch_size=batch_size, segment_length=T, loop=False)

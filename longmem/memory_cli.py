@@ -113,6 +113,8 @@ def _sampling(args) -> dict:
 
     if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise LongMemError(f"--max-new-tokens must be between 0 and {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise LongMemError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
     kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
               top_k=args.top_k, top_p=args.top_p, stop_strings=tuple(getattr(args, "stop", None) or ()))
     SamplingConfig(**kw)

@@ -41,3 +41,5 @@ def test_modes_are_exactly_what_they_claim():
     b = stream_nll(model, [doc], "no_memory", keep_tokens=True).token_table()
     for p in range(1, 8):
         assert a[(0, p)] == b[(0, p)]
+    # more rows than documents: the idle rows are not made (an enormous --batch-size neither hangs nor changes a number)
+    assert stream_nll(model, [doc], "longmem", batch_size=10**12).total == lm.total
