@@ -282,7 +282,7 @@ def test_memory_add_survives_random_kills_and_keeps_old_or_new_content(tiny_chec
     assert reported[-1] == (bank.num_tokens(0), bank.num_pending(0), n)
     assert bank.num_tokens(0) + bank.num_pending(0) == tokens
     assert_close(bank.chronological(0)[0], keys, rtol=1e-5, atol=1e-6)
-    assert sorted(p.name for p in store.dir.iterdir()) == ["m.lock", "m.safetensors"]
+    assert [p.name for p in store.dir.iterdir() if ".tmp-" in p.name] == []
     survived = sum(kinds.values())
     assert survived >= min(KILLS, 3)
     report(capsys, f"memory add: survived {survived} SIGKILLs ({', '.join(f'{k} {c}' for k, c in sorted(kinds.items()))}) "
