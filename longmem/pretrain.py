@@ -282,6 +282,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             raise LongMemError(f"{p} has {len(s)} tokens, fewer than one training sequence of "
                                f"{cfg.seq_len + 1}; give more text or a smaller --seq-len")
         train_streams.append(s)
+    total = sum(len(s) for s in train_streams)
+    if cfg.batch_size * cfg.seq_len > total:  # before anything is written (and before an enormous batch is allocated)
+        raise LongMemError(f"a batch of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} tokens is more than the "
+                           f"training data holds ({total}); give a smaller --batch-size or more text")
     for p in val_paths:
         s = val_streams[f"val/{_name(p)}"] = torch.from_numpy(token_stream(p, tokenizer))
         if len(s) < cfg.seq_len + 1:  # found now, not at the first evaluation

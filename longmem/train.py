@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from longmem.errors import LongMemError
-from longmem.streams import IGNORE, DocumentStreams, encode_documents
+from longmem.streams import IGNORE, DocumentStreams, encode_documents, num_segments
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
 
@@ -214,6 +214,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         raise LongMemError(f"tokenizer has {len(tokenizer)} tokens but the backbone only {model.backbone.vocab_size}; use the backbone's own tokenizer")
     if sum(len(d) for d in docs) <= T:
         raise LongMemError(f"the training data has {sum(len(d) for d in docs)} tokens, less than one segment ({T}); give more text or a smaller --segment-length")
+    segments = sum(num_segments(len(d), T) for d in docs)
+    if cfg.batch_size * world > segments:  # more rows would only repeat the same segments (and an enormous count hang)
+        raise LongMemError(f"--batch-size {cfg.batch_size} x {world} process(es) is more rows than the training data has segments "
+                           f"({segments} of {T} tokens); give a smaller --batch-size or more text")
     val_docs = encode_documents(cfg.val_data, tokenizer)[: cfg.eval_docs] if cfg.val_data else []
     val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -110,6 +110,7 @@ CASES = [
     cli("pretrain-binary-data", "looks binary", *PRETRAIN, "--data", "{binary}"),
     cli("pretrain-missing-tokenizer", "tokenizer folder", *PRETRAIN, "--data", "{text}", "--tokenizer", "{missing}"),
     cli("pretrain-seq-len-enormous", "exceeds max positions", *PRETRAIN, "--data", "{text}", "--seq-len", HUGE),
+    cli("pretrain-batch-size-enormous", "is more than the training data holds", *PRETRAIN, "--data", "{text}", "--batch-size", HUGE),
     cli("pretrain-layers-zero", "--layers must be >= 1", *PRETRAIN, "--data", "{text}", "--layers", "0"),
     cli("pretrain-empty-validation", "fewer than one window", *PRETRAIN, "--data", "{text}", "--val-data", "{empty}"),
     cli("pretrain-out-holds-a-run", "already holds a checkpoint", *PRETRAIN, "--data", "{text}", "--out", "{runs}/pretrain"),
@@ -141,6 +142,7 @@ CASES = [
     cli("train-init-from-backbone-swapped", "was trained on another backbone", *TRAIN, "--data", "{text}", "--init-from", "{swapped}",
         "--backbone", "{swapped}/backbone"),
     cli("train-out-holds-a-run", "already holds a training run", *TRAIN, "--data", "{text}", "--out", "{runs}/trained"),
+    cli("train-batch-size-enormous", "more rows than the training data has segments", *TRAIN, "--data", "{text}", "--batch-size", HUGE),
     cli("train-max-steps-zero", "must be positive", *TRAIN, "--data", "{text}", "--max-steps", "0"),
     cli("train-precision-unknown", "invalid choice", *TRAIN, "--data", "{text}", "--precision", "fp8", kind="usage"),
     # -- demo ----------------------------------------------------------------------------------
