@@ -28,6 +28,7 @@ SCHEMA = {
     "generation": (("tokens", "tok_per_s", "ms_per_token", "vs_no_memory"), ()),
     "footprint": (("memory_size", "stored_tokens", "nbytes", "bytes_per_token", "raw_bytes_per_token", "ratio"),
                   ("fill", "steps")),
+    "stream_rss": (("file_mb", "read_mb", "seconds", "mb_per_s", "memory_bank_mib", "peak_rss_mib"), ("samples",)),
 }
 
 
@@ -58,9 +59,12 @@ def run_quick(name, tmp_path, *extra):
     return data
 
 
-@pytest.mark.parametrize("name", list(SCHEMA))
+@pytest.mark.parametrize("name", [n for n in SCHEMA if n != "stream_rss"])  # stream_rss: its own test below
 def test_quick_mode_writes_documented_json(name, tmp_path, restore_torch_state):
-    data = run_quick(name, tmp_path)
+    check_documented_json(name, run_quick(name, tmp_path))
+
+
+def check_documented_json(name, data):
     row_fields, keys = SCHEMA[name]
     assert data["mode"] == "quick"
     assert data["command"].startswith(f"python benchmarks/{name}.py --quick")
@@ -83,6 +87,19 @@ def test_quick_mode_writes_documented_json(name, tmp_path, restore_torch_state):
         assert set(TARGET_FIELDS) <= set(t)
         assert positive(t["value"]) and positive(t["threshold"]) and t["op"] in ("<=", ">=")
         assert t["met"] == (t["value"] <= t["threshold"] if t["op"] == "<=" else t["value"] >= t["threshold"])
+
+
+def test_memory_add_streams_a_file_in_bounded_memory(tmp_path, restore_torch_state):
+    """The real `longmem memory add` on 1 MiB and 2 MiB files: the peak resident memory does not grow with the
+    file (tokenizing it whole would add ~150 MiB per MiB of text), but does with the memory's size."""
+    data = run_quick("stream_rss", tmp_path)
+    check_documented_json("stream_rss", data)
+    one, two, big = data["results"][:3]
+    assert one["complete"] and two["complete"] and big["complete"] and two["file_mb"] == pytest.approx(2 * one["file_mb"])
+    assert two["peak_rss_mib"] < 1.2 * one["peak_rss_mib"] + 16
+    assert two["growth_mib"] < one["growth_mib"] + 16  # MiB: far less than the file added
+    assert big["growth_mib"] > one["growth_mib"] + 0.5 * (big["memory_bank_mib"] - one["memory_bank_mib"])
+    assert {s["run"] for s in data["samples"]} == {r["run"] for r in data["results"]}
 
 
 def test_retrieval_bank_agrees_with_bare_faiss_and_reports_recall(tmp_path, restore_torch_state):
