@@ -41,7 +41,7 @@ class _TrainedBackbone(MemoryLM):
         if train_layers not in TRAIN_LAYERS:
             raise LongMemError(f"train_layers must be one of {TRAIN_LAYERS}, got {train_layers!r}")
         self.backbone = Backbone(hf_model, frozen=False)
-        self.config = resolve_config(config, self.backbone.num_layers)
+        self.config = resolve_config(config, self.backbone.num_layers, self.backbone.max_positions)
         self.train_layers = train_layers
         self.gate = nn.Parameter(torch.zeros(self.backbone.num_heads), requires_grad=self.uses_memory)
         self.backbone.model.requires_grad_(False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from longmem.errors import LongMemError
 
 BACKENDS = ("auto", "faiss", "torch")
+METRICS = ("ip", "cosine")
 
 
 @dataclass
@@ -27,6 +28,9 @@ class LongMemConfig:
     topk_chunks: int = 16  # chunks retrieved per query token and head
     segment_length: int | None = None  # local window T used by training/evaluation streams
     retrieval_backend: str = "auto"  # faiss on CPU, torch (matmul + top-k) on GPU tensors
+    # chunk search score: "ip" = inner product with the chunk-mean key (the paper); "cosine" = with the unit-length
+    # chunk-mean key, so a few large-norm keys cannot win every search (RESULTS.md: retrieval diagnostics)
+    retrieval_metric: str = "ip"
 
     def __post_init__(self):
         if self.memory_layer is not None:
@@ -45,6 +49,8 @@ class LongMemConfig:
             )
         if self.segment_length is not None and (not isinstance(self.segment_length, int) or self.segment_length < 1):
             raise LongMemError(f"segment_length must be a positive integer, got {self.segment_length!r}")
+        if self.retrieval_metric not in METRICS:
+            raise LongMemError(f"retrieval_metric must be one of {METRICS}, got {self.retrieval_metric!r}")
         if self.retrieval_backend not in BACKENDS:
             raise LongMemError(f"retrieval_backend must be one of {BACKENDS}, got {self.retrieval_backend!r}")
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from longmem.config import BACKENDS
+from longmem.config import BACKENDS, METRICS
 from longmem.errors import LongMemError
 
 FORMAT_VERSION = 1
@@ -68,6 +68,8 @@ class MemoryBank:
         info: what this memory belongs to (model name, fingerprint, layer); saved with it.
         index: "flat" (exact search) or "ivf" (approximate, faiss; for memories of hundreds of thousands of tokens).
         nlist, nprobe: ivf clusters per row and head (default sqrt of the chunk capacity) and clusters scanned per query.
+        metric: chunk score, "ip" (inner product with the chunk-mean key, the paper) or "cosine" (with the unit-length
+            chunk-mean key; the query's norm does not change its ranking). Retrieved tokens keep their raw keys.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class MemoryBank:
         index: str = "flat",
         nlist: int | None = None,
         nprobe: int = 16,
+        metric: str = "ip",
     ):
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
                             ("chunk_size", chunk_size), ("memory_size", memory_size), ("topk_chunks", topk_chunks)):
@@ -94,6 +97,8 @@ class MemoryBank:
             raise LongMemError(f"memory_size ({memory_size}) must be a multiple of chunk_size ({chunk_size})")
         if backend not in BACKENDS:
             raise LongMemError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if metric not in METRICS:
+            raise LongMemError(f"metric must be one of {METRICS}, got {metric!r}")
         if index not in INDEXES:
             raise LongMemError(f"index must be one of {INDEXES}, got {index!r}")
         for name, value in (("nlist", nlist), ("nprobe", nprobe)):
@@ -108,7 +113,7 @@ class MemoryBank:
         self.rows = [_Row() for _ in range(batch_size)]
         self.keys = self.values = None  # (B, Hkv, cap, csz, Dh)
         self.chunk_keys = None  # (B, Hkv, cap, Dh) fp32: mean key of each chunk (the search index)
-        self.index, self.nprobe = index, nprobe
+        self.index, self.nprobe, self.metric = index, nprobe, metric
         self.nlist = nlist or max(1, round(math.sqrt(self.max_chunks)))
         self.ivf_min_chunks = 39 * self.nlist  # faiss's minimum training set for k-means with nlist centroids
         self.centroids: dict[int, torch.Tensor] = {}  # row -> (Hkv, nlist, Dh) fp32, once trained
@@ -204,7 +209,8 @@ class MemoryBank:
             slots = (row.head + torch.arange(n, device=self.device)) % C
             self.keys[b, :, slots] = k
             self.values[b, :, slots] = v
-            self.chunk_keys[b, :, slots] = k.float().mean(dim=2)  # chunk representative, kept in fp32 for search
+            mean = k.float().mean(dim=2)  # chunk representative, kept in fp32 for search
+            self.chunk_keys[b, :, slots] = torch.nn.functional.normalize(mean, dim=-1) if self.metric == "cosine" else mean
             if b in self._ivf:
                 self._ivf_update(b, slots, overwritten=slots[slots < row.count])
             row.head = (row.head + n) % C
@@ -368,6 +374,7 @@ class MemoryBank:
             "dtype": str(self.dtype).removeprefix("torch."),
             "backend": self.backend,
             "index": self.index,
+            "metric": self.metric,
             "nlist": self.nlist,
             "nprobe": self.nprobe,
             "info": self.info,
@@ -437,6 +444,7 @@ class MemoryBank:
             chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
             dtype=_DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
             index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 16),
+            metric=header.get("metric", "ip"),
         )
         for b, meta_row in enumerate(header["rows"]):
             bank.rows[b].sources = list(meta_row.get("sources", []))

@@ -84,15 +84,16 @@ class MemoryLM(nn.Module):
             batch_size=batch_size,
             num_heads=self.backbone.num_kv_heads,
             head_dim=self.backbone.head_dim,
-            chunk_size=chunk_size or self.config.chunk_size,
-            memory_size=memory_size or self.config.memory_size,
-            topk_chunks=topk_chunks or self.config.topk_chunks,
+            chunk_size=self.config.chunk_size if chunk_size is None else chunk_size,
+            memory_size=self.config.memory_size if memory_size is None else memory_size,
+            topk_chunks=self.config.topk_chunks if topk_chunks is None else topk_chunks,
             dtype=dtype or self.dtype,
             device=device or self.device,
             backend=backend or self.config.retrieval_backend,
             info=self.memory_info(),
             index=index,
             nprobe=nprobe,
+            metric=self.config.retrieval_metric,
         )
 
     def load_memory(self, path, device=None) -> MemoryBank:
@@ -141,6 +142,9 @@ class MemoryLM(nn.Module):
                 )
         if (memory.num_heads, memory.head_dim) != (self.backbone.num_kv_heads, self.backbone.head_dim):
             raise LongMemError("memory head layout does not match this model; build a new memory with model.new_memory()")
+        if memory.metric != self.config.retrieval_metric:
+            raise LongMemError(f"this memory ranks chunks by {memory.metric!r} but the model was trained to retrieve by "
+                               f"{self.config.retrieval_metric!r}; build a new memory with model.new_memory()")
 
 class LongMem(MemoryLM):
     """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
@@ -149,7 +153,7 @@ class LongMem(MemoryLM):
 
     def __init__(self, backbone: Backbone, config: LongMemConfig, sidenet: SideNet | None = None):
         super().__init__()
-        self.config = resolve_config(config, backbone.num_layers)
+        self.config = resolve_config(config, backbone.num_layers, backbone.max_positions)
         self.backbone = backbone
         self.sidenet = sidenet if sidenet is not None else SideNet(backbone, self.config.memory_layer)
 
@@ -267,8 +271,9 @@ class LongMem(MemoryLM):
         return model
 
 
-def resolve_config(config: LongMemConfig, L: int) -> LongMemConfig:
-    """Fill in the default memory layer for an L-layer backbone and check that a SideNet layer reads it."""
+def resolve_config(config: LongMemConfig, L: int, context: int | None = None) -> LongMemConfig:
+    """Fill in the default memory layer for an L-layer backbone and check that a SideNet layer reads it
+    (and, given the backbone's ``context``, that a segment fits in it)."""
     if config.memory_layer is None:
         config = config.replace(memory_layer=default_memory_layer(L))
     if config.memory_layer >= 2 * (L // 2):
@@ -276,6 +281,9 @@ def resolve_config(config: LongMemConfig, L: int) -> LongMemConfig:
             f"memory_layer {config.memory_layer} has no SideNet layer to read it in a {L}-layer backbone; "
             f"choose an odd block below {2 * (L // 2)}"
         )
+    if context is not None and config.segment_length is not None and config.segment_length > context:
+        raise LongMemError(f"segment_length {config.segment_length} is longer than the backbone's context ({context}); "
+                           f"choose at most {context}")
     return config
 
 

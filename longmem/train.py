@@ -62,6 +62,7 @@ class TrainConfig:
     method: str = "longmem"  # longmem | memtrm (coupled memory, backbone trains) | finetune (no memory)
     train_layers: str = "all"  # baselines: train all backbone blocks or the upper half
     staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
+    retrieval_metric: str | None = None  # chunk search score: ip (the paper; default) or cosine (see LongMemConfig)
     init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
 
     def __post_init__(self):
@@ -194,9 +195,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
+                           retrieval_metric=cfg.retrieval_metric or "ip",
                            topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
-    if cfg.method == "longmem" and (ckpt or cfg.init_from):
-        model = LongMem.from_pretrained(ckpt or cfg.init_from, backbone=cfg.backbone)
+    if cfg.method == "longmem" and ckpt:
+        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
+    elif cfg.method == "longmem" and cfg.init_from:
+        overrides = {"retrieval_metric": cfg.retrieval_metric} if cfg.retrieval_metric else {}
+        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
     elif cfg.method == "longmem":
         model = LongMem.from_backbone(cfg.backbone, lm_cfg)
     else:
@@ -461,6 +466,9 @@ def add_parser(sub) -> None:
                         "backbone (Memorizing-Transformer style); finetune: the backbone fine-tuned, no memory")
     p.add_argument("--train-layers", dest="train_layers", choices=["all", "upper"], default=None,
                    help="baselines: train all backbone blocks (default) or the upper half")
+    p.add_argument("--retrieval-metric", dest="retrieval_metric", choices=["ip", "cosine"], default=None,
+                   help="chunk search score: ip = inner product with the chunk-mean key (the paper, default); cosine = "
+                        "with the unit-length chunk-mean key (a few large-norm keys cannot win every search)")
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
                         "the backbone's blocks; its memory settings are used")

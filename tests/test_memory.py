@@ -250,3 +250,29 @@ def test_ivf_needs_faiss_and_valid_sizes():
     for kw in ({"index": "hnsw"}, {"index": "ivf", "nlist": 0}, {"index": "ivf", "nprobe": -1}):
         with pytest.raises(LongMemError):
             bank(**kw)
+
+
+def test_cosine_metric_ranks_by_the_unit_length_chunk_mean_and_survives_save_load(tmp_path):
+    m = bank(M=64, kc=3, metric="cosine")
+    for s in range(3):
+        m.add(*stream(T=10, seed=s))
+    # a huge-norm chunk wins every inner-product search but not a cosine one
+    big = torch.zeros(2, 2, 4, 8)
+    big[..., 0] = 1e3
+    m.add(big, big)
+    q = torch.randn(2, 2, 5, 8)
+    slots, _ = m.search_chunks(q)
+    for row in range(2):
+        keys, _ = m.chronological(row)  # (Hkv, N, csz, Dh): stored raw, the search index is normalised
+        means = torch.nn.functional.normalize(keys.float().mean(2), dim=-1)
+        ref = torch.einsum("hqd,hnd->hqn", q[row], means).topk(3, dim=-1).indices
+        start = m.rows[row].head if m.rows[row].count == m.max_chunks else 0
+        got = (slots[row] - start) % m.max_chunks  # ring slot -> chronological index
+        assert torch.equal(got.sort(-1).values, ref.sort(-1).values)
+    assert torch.allclose(m.chunk_keys[0, :, : m.rows[0].count].norm(dim=-1), torch.ones(1))
+    assert m.chronological(0)[0].abs().max() == 1e3  # retrieved tokens keep their raw keys
+    m.save(tmp_path / "m.safetensors")
+    back = MemoryBank.load(tmp_path / "m.safetensors")
+    assert back.metric == "cosine" and torch.equal(back.search(q).keys, m.search(q).keys)
+    with pytest.raises(LongMemError, match="metric must be one of"):
+        bank(metric="l2")

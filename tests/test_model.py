@@ -215,3 +215,20 @@ def test_damaged_checkpoint_is_detected(model, tmp_path):
     (tmp_path / "lm" / "longmem.json").write_text("{not json")
     with pytest.raises(LongMemError, match="not valid JSON"):
         LongMem.from_pretrained(tmp_path / "lm")
+
+
+def test_cosine_retrieval_metric_is_saved_and_memories_must_match_it(backbone_hf, tmp_path):
+    model = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_metric="cosine")).eval()
+    assert CFG.retrieval_metric == "ip"  # the paper's default
+    mem = model.new_memory(2)
+    assert mem.metric == "cosine"
+    for ids in segments(3):
+        model(ids, memory=mem)
+    model.save_pretrained(tmp_path / "m", save_backbone=True)
+    back = LongMem.from_pretrained(tmp_path / "m").eval()
+    assert back.config.retrieval_metric == "cosine"
+    ids = segments(1, seed=5)[0]
+    assert torch.equal(back(ids, memory=copy.deepcopy(mem)).logits, model(ids, memory=copy.deepcopy(mem)).logits)
+    ip = LongMem.from_backbone(backbone_hf, CFG).eval()
+    with pytest.raises(LongMemError, match="ranks chunks by 'cosine'"):
+        ip(ids, memory=mem)
