@@ -93,8 +93,9 @@ def identity(path: Path):
 
 
 def records(out: Path) -> list[dict]:
+    """metrics.jsonl's records (a line still being written by the running process is left for later)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in open(path) if line.strip()] if path.is_file() else []
+    return [json.loads(line) for line in open(path) if line.endswith("\n") and line.strip()] if path.is_file() else []
 
 
 def test_train_survives_random_kills_and_ends_where_an_uninterrupted_run_ends(tiny_assets, tmp_path, capsys):
@@ -155,7 +156,9 @@ def test_train_survives_random_kills_and_ends_where_an_uninterrupted_run_ends(ti
                 step_s = max(0.005, (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1))
             # resume continued from the checkpoint: the first new step follows the checkpoint's step
             assert steps[0]["step"] == resumed_step + 1, (steps[0], resumed_step)
-        # nothing reported saved is lost, and the last checkpoint loads
+        # no half-written record, nothing reported saved is lost, and the last checkpoint loads
+        text = (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""
+        assert not text or text.endswith("\n"), "the kill left a half-written metrics record"
         saved = max((r["step"] for r in records(out) if "checkpoint" in r), default=0)
         assert saved >= saved_before
         ckpt = find_checkpoint(out)
