@@ -237,9 +237,9 @@ def reading_profile(run: dict) -> dict:
             "rss_at_end_mib": pts[-1]["rss_mib"], "hwm_at_end_mib": pts[-1]["hwm_mib"]}
 
 
-def thin(samples: list[dict], keep: int = 300) -> list[dict]:
+def thin(samples: list[dict], keep: int = 60) -> list[dict]:
     step = max(1, len(samples) // keep)
-    return samples[::step] + ([samples[-1]] if samples and len(samples) % step != 1 else [])
+    return samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])  # always the last
 
 
 def main(argv=None) -> dict:
