@@ -60,7 +60,7 @@ def main() -> None:
                 return r
 
             mem.search = spy
-            stored = mem.chunk_keys[0, :, : mem.rows[0].count].float()  # (Hkv, N, Dh), oldest first (no eviction)
+            stored = mem.chronological(0)[0].float().mean(2)  # (Hkv, N, Dh) raw chunk-mean keys, oldest first
             for _ in range(a.copies):
                 src = rng.randrange(0, a.context - T - a.passage)  # at least one window back
                 copy = torch.tensor([ids[src:src + a.passage]])
