@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
 
     print(common.table(ann_rows, ["tokens", "chunks", "index", "params", "build_s", "search_ms", "exact_ms",
                                   "speedup", "recall"],
-                       title="\napproximate search (recall@k_c against exact; Gaussian keys: pessimistic)"))
+                       title="\napproximate search (recall@k_c against exact" + ("; Gaussian keys: pessimistic)" if real is None else "; real keys and queries)")))
     config = {"sizes": sizes, "heads": H, "head_dim": Dh, "chunk_size": csz, "topk_chunks": kc, "queries_per_head": Q,
               "dtype": args.dtype, "backends": args.backends, "matmul_gflops": rate / 1e9, "ann_sizes": ann_sizes,
               "data": "i.i.d. Gaussian keys and queries" if real is None else real.describe}

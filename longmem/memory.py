@@ -86,7 +86,7 @@ class MemoryBank:
         info: dict | None = None,
         index: str = "flat",
         nlist: int | None = None,
-        nprobe: int = 16,
+        nprobe: int = 64,
         metric: str = "ip",
     ):
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
@@ -443,7 +443,7 @@ class MemoryBank:
             batch_size=header["batch_size"], num_heads=header["num_heads"], head_dim=header["head_dim"],
             chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
             dtype=_DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
-            index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 16),
+            index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 64),
             metric=header.get("metric", "ip"),
         )
         for b, meta_row in enumerate(header["rows"]):

@@ -237,7 +237,7 @@ def add_parser(sub) -> None:
     p.add_argument("--index", choices=["flat", "ivf"], default="flat",
                    help="new memories: flat = exact search (default); ivf = approximate faiss IVF search, for memories "
                         "of hundreds of thousands of tokens and more (recall: BENCHMARKS.md)")
-    p.add_argument("--nprobe", type=int, default=16, help="ivf clusters scanned per query (default: 16)")
+    p.add_argument("--nprobe", type=int, default=64, help="ivf clusters scanned per query (default: 64; recall and speed in BENCHMARKS.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     _common(p)
     p.set_defaults(func=_memory_add)

@@ -77,7 +77,7 @@ class MemoryLM(nn.Module):
 
     def new_memory(self, batch_size: int = 1, *, memory_size: int | None = None, chunk_size: int | None = None,
                    topk_chunks: int | None = None, backend: str | None = None, device=None, dtype=None,
-                   index: str = "flat", nprobe: int = 16) -> MemoryBank:
+                   index: str = "flat", nprobe: int = 64) -> MemoryBank:
         """An empty memory bank with one isolated memory per row. Sizes default to the config's.
         ``index="ivf"``: approximate search for very large memories (see ``MemoryBank``)."""
         return MemoryBank(
