@@ -143,3 +143,19 @@ def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_asset
     fresh = LongMem.from_backbone(a["backbone"], start.config)
     assert any(not torch.equal(v, w) for v, w in zip(fresh.sidenet.state_dict().values(), after.sidenet.state_dict().values()))
     assert main(train_args(a, tmp_path / "x", "--init-from", str(first), "--method", "memtrm")) == 2
+
+
+def test_a_damaged_trainer_state_is_detected_on_resume(tiny_assets, tmp_path, capsys):
+    a = tiny_assets
+    out = tmp_path / "run"
+    assert main(train_args(a, out, "--max-steps", "2", "--eval-every", "0", "--save-every", "2")) == 0
+    state = out / "checkpoint" / "trainer.pt"
+    assert json.loads((out / "checkpoint" / "COMPLETE").read_text())["trainer_sha256"]
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0x01  # one flipped bit
+    state.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(train_args(a, out, "--max-steps", "4", "--eval-every", "0", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "trainer.pt is damaged (checksum mismatch)" in err and len(err.splitlines()) == 1
+    assert state.read_bytes() == bytes(raw)  # left as it was
