@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -155,9 +154,11 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer)
     torch.save(trainer_state, tmp / "trainer.pt")
+    from longmem.model import file_sha256
+
     with open(tmp / "COMPLETE", "w") as f:  # written last: its presence marks a whole checkpoint
         f.write(json.dumps({"format": "longmem-train-checkpoint", "version": 1,
-                            "trainer_sha256": _file_sha256(tmp / "trainer.pt")}) + "\n")
+                            "trainer_sha256": file_sha256(tmp / "trainer.pt")}) + "\n")
         f.flush()
         os.fsync(f.fileno())
     if final.exists():
@@ -167,23 +168,17 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> No
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_trainer_state(ckpt: Path) -> dict:
     """OUT/checkpoint/trainer.pt after checking it against the checksum in COMPLETE (written by this library)."""
+    from longmem.model import file_sha256
+
     marker = (ckpt / "COMPLETE").read_text().strip()
     if marker != "ok":  # checkpoints from before the checksum say just "ok"
         try:
             want = json.loads(marker)["trainer_sha256"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise LongMemError(f"{ckpt}/COMPLETE is damaged, so the checkpoint cannot be trusted; start over with another --out") from None
-        if not (ckpt / "trainer.pt").is_file() or _file_sha256(ckpt / "trainer.pt") != want:
+        if not (ckpt / "trainer.pt").is_file() or file_sha256(ckpt / "trainer.pt") != want:
             raise LongMemError(f"{ckpt}/trainer.pt is damaged (checksum mismatch); it cannot be resumed: start over with another --out")
     return torch.load(ckpt / "trainer.pt", weights_only=False)  # our own file, verified above
 
