@@ -399,7 +399,8 @@ class MemoryBank:
         path = os.fspath(path)
         tmp = f"{path}.tmp-{os.getpid()}"
         header = self.header()
-        header["sha256"] = _checksum(tensors)
+        header["checksum_scope"] = "tensors+header"
+        header["sha256"] = _checksum(tensors, header)
         try:
             save_file(tensors, tmp, metadata={"longmem": json.dumps(header)})
             with open(tmp, "rb") as f:
@@ -433,7 +434,8 @@ class MemoryBank:
                    "no converter exists: rebuild it from its source files (`longmem memory show NAME` lists them) "
                    "with `longmem memory remove NAME`, then `longmem memory add NAME FILE...`")
             raise LongMemError(f"{path} has memory format version {version!r}, this longmem reads version {FORMAT_VERSION}; {fix}")
-        if header.get("sha256") != _checksum(tensors):
+        covered = header if header.get("checksum_scope") == "tensors+header" else None  # older files: tensors only
+        if header.get("sha256") != _checksum(tensors, covered):
             raise LongMemError(f"{path} is damaged: its contents do not match the checksum written with it; rebuild the memory")
         if expect:
             mismatched = {k: (header["info"].get(k), v) for k, v in expect.items() if header["info"].get(k) != v}
@@ -461,11 +463,14 @@ class MemoryBank:
         return bank
 
 
-def _checksum(tensors: dict) -> str:
-    """sha256 over the tensors' names, shapes, dtypes and bytes, in name order."""
+def _checksum(tensors: dict, header: dict | None = None) -> str:
+    """sha256 over the tensors' names, shapes, dtypes and bytes, in name order, then the header (as canonical
+    JSON, without its own sha256) so that sources, sizes and settings are covered too."""
     import hashlib
 
     h = hashlib.sha256()
+    if header is not None:
+        h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())

@@ -1,5 +1,7 @@
 """The memory bank: chunking, FIFO, search backends, isolation, persistence."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +278,55 @@ def test_cosine_metric_ranks_by_the_unit_length_chunk_mean_and_survives_save_loa
     assert back.metric == "cosine" and torch.equal(back.search(q).keys, m.search(q).keys)
     with pytest.raises(LongMemError, match="metric must be one of"):
         bank(metric="l2")
+
+
+def test_every_single_bit_flip_and_truncation_is_refused_or_harmless(tmp_path):
+    """Each byte of a saved memory gets one flipped bit (a different bit per byte), and the file is cut at every
+    length: each damaged file is refused with a one-line error, or (a flip the format cannot see, like JSON
+    padding) loads exactly the original memory, header included."""
+    m = bank(B=1, M=32, info={"fingerprint": "abc"})
+    m.add(*stream(B=1, T=13))
+    m.rows[0].sources.append({"file": "a.txt", "tokens": 13})
+    p = tmp_path / "m.safetensors"
+    m.save(p)
+    data = p.read_bytes()
+    refused = harmless = 0
+
+    def check(blob):
+        nonlocal refused, harmless
+        (tmp_path / "bad.safetensors").write_bytes(blob)
+        try:
+            back = MemoryBank.load(tmp_path / "bad.safetensors")
+        except LongMemError as e:
+            assert "\n" not in str(e)
+            refused += 1
+            return
+        assert back.header() == m.header() and torch.equal(back.chronological(0)[0], m.chronological(0)[0])
+        assert torch.equal(back.chronological(0)[1], m.chronological(0)[1])
+        harmless += 1
+
+    for i in range(len(data)):
+        check(data[:i] + bytes([data[i] ^ (1 << (i % 8))]) + data[i + 1:])
+    for n in range(0, len(data), 7):
+        check(data[:n])
+    print(f"memory file of {len(data)} bytes: {refused} damaged copies refused, {harmless} harmless")
+    assert harmless < len(data) // 20  # only bits the format ignores (e.g. JSON padding in the safetensors header)
+
+
+def test_a_memory_written_before_the_header_checksum_still_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from longmem.memory import _checksum
+
+    m = bank(B=1, M=32)
+    m.add(*stream(B=1, T=9))
+    m.save(tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        header = json.loads(f.metadata()["longmem"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    del header["checksum_scope"]
+    header["sha256"] = _checksum(tensors)  # the earlier scope: tensors only
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"longmem": json.dumps(header)})
+    old = MemoryBank.load(tmp_path / "old.safetensors")
+    assert torch.equal(old.chronological(0)[0], m.chronological(0)[0])
