@@ -25,7 +25,7 @@ from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
 from longmem.model import (CHECKPOINT_VERSION, CONFIG_FILE, LongMemOutput, MemoryLM, _atomic, causal_lm_loss,
-                           read_checkpoint_meta, resolve_config)
+                           read_checkpoint_meta, resolve_config, write_checkpoint_meta)
 
 TRAIN_LAYERS = ("all", "upper")
 EXTRA_FILE = "baseline.safetensors"
@@ -102,7 +102,7 @@ class _TrainedBackbone(MemoryLM):
                 "backbone": {"path": "backbone", "model_type": self.backbone.model_type,
                              "fingerprint": self._reference.fingerprint()}}
         _atomic(path / EXTRA_FILE, lambda tmp: save_file({"gate": self.gate.detach().cpu().contiguous()}, tmp))
-        _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_checkpoint_meta(path, meta)
 
     @classmethod
     def from_pretrained(cls, path, backbone=None):

@@ -233,7 +233,7 @@ class LongMem(MemoryLM):
         state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
         _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
-        _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_checkpoint_meta(path, meta)
 
     @classmethod
     def from_pretrained(cls, path, backbone=None, **config_overrides) -> "LongMem":
@@ -300,6 +300,18 @@ def load_model(path, backbone=None) -> MemoryLM:
     return BASELINES[method].from_pretrained(path)
 
 
+def _meta_sha256(meta: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
+
+
+def write_checkpoint_meta(path: Path, meta: dict) -> None:
+    """Write ``longmem.json`` atomically with a sha256 over its own content (config, method, weights' checksum)."""
+    meta = {**meta, "sha256": _meta_sha256(meta)}
+    _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+
+
 def read_checkpoint_meta(path: Path) -> dict:
     if not (path / CONFIG_FILE).is_file():
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); create one with `longmem train` or save_pretrained")
@@ -315,6 +327,9 @@ def read_checkpoint_meta(path: Path) -> dict:
         fix = ("it was written by a newer longmem: upgrade longmem to load it" if newer else
                "no converter exists: load it with the longmem release that wrote it, or retrain with `longmem train`")
         raise LongMemError(f"{path / CONFIG_FILE} has checkpoint format version {version!r}, this longmem reads version {CHECKPOINT_VERSION}; {fix}")
+    if "sha256" in meta and meta["sha256"] != _meta_sha256(meta):  # files written before this checksum have none
+        raise LongMemError(f"{path / CONFIG_FILE} is damaged (checksum mismatch): its settings were altered after it was written; "
+                           f"restore it or retrain")
     return meta
 
 

@@ -1,6 +1,7 @@
 """LongMem as a whole: SideNet initialisation and equations, invariants, persistence, errors."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -232,3 +233,18 @@ def test_cosine_retrieval_metric_is_saved_and_memories_must_match_it(backbone_hf
     ip = LongMem.from_backbone(backbone_hf, CFG).eval()
     with pytest.raises(LongMemError, match="ranks chunks by 'cosine'"):
         ip(ids, memory=mem)
+
+
+def test_an_altered_setting_in_longmem_json_is_detected(model, tmp_path):
+    model.save_pretrained(tmp_path / "m", save_backbone=True)
+    cfg = tmp_path / "m" / "longmem.json"
+    meta = json.loads(cfg.read_text())
+    assert len(meta["sha256"]) == 64
+    meta["config"]["topk_chunks"] += 1  # a plausible, silent change: a valid JSON and a valid config
+    cfg.write_text(json.dumps(meta, indent=2))
+    with pytest.raises(LongMemError, match="longmem.json is damaged"):
+        LongMem.from_pretrained(tmp_path / "m")
+    del meta["sha256"]  # files written before the checksum still load
+    meta["config"]["topk_chunks"] -= 1
+    cfg.write_text(json.dumps(meta, indent=2))
+    assert LongMem.from_pretrained(tmp_path / "m").config.topk_chunks == model.config.topk_chunks
