@@ -62,15 +62,14 @@ class Case:
     call: Callable | None = None  # API: call(world) must raise LongMemError
     kind: str = "error"  # "error": one line; "usage": argparse's usage block + one error line
     sub: bool = False  # run in a fresh process
-    xfail: str | None = None  # a known defect in a file this change may not touch
 
 
-def cli(id, expect, *argv, kind="error", sub=False, xfail=None):
-    return Case(id, expect, argv=list(argv), kind=kind, sub=sub, xfail=xfail)
+def cli(id, expect, *argv, kind="error", sub=False):
+    return Case(id, expect, argv=list(argv), kind=kind, sub=sub)
 
 
-def api(id, expect, call, xfail=None):
-    return Case(id, expect, call=call, xfail=xfail)
+def api(id, expect, call):
+    return Case(id, expect, call=call)
 
 
 M = ("--model", "{ckpt}")  # the tiny LongMem checkpoint
@@ -531,13 +530,7 @@ def leaf_commands() -> set[tuple[str, ...]]:
 # --------------------------------------------------------------------------- the tests
 
 
-def _params():
-    for c in CASES:
-        marks = [pytest.mark.xfail(reason=c.xfail, strict=True)] if c.xfail else []
-        yield pytest.param(c, id=c.id, marks=marks)
-
-
-@pytest.mark.parametrize("case", list(_params()))
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input(case: Case, world, capsys):
     before = snapshot(world["watched"])
     if case.call is not None:
