@@ -114,9 +114,10 @@ def test_train_survives_random_kills_and_ends_where_an_uninterrupted_run_ends(ti
     startup_s, step_s = 3.0, 0.05  # first guesses, then what the runs show
     launches = 0
     while True:
-        before = records(out)
-        saved_before = max((r["step"] for r in before if "checkpoint" in r), default=0)
         resumed_from = find_checkpoint(out)
+        # a start without a checkpoint begins at step 1 and rewrites metrics.jsonl: its new records start at line 0
+        before = records(out) if resumed_from else []
+        saved_before = max((r["step"] for r in before if "checkpoint" in r), default=0)
         resumed_step = torch.load(resumed_from / "trainer.pt", weights_only=False)["step"] if resumed_from else 0
         tmp, old = out / "checkpoint.tmp", out / "checkpoint.old"
         leftover = {tmp: identity(tmp), old: identity(old)}  # what an earlier kill left: not this start's doing
