@@ -391,6 +391,8 @@ class MemoryBank:
             if r.count:
                 k, v = self.chronological(b)
                 tensors[f"row{b}.keys"], tensors[f"row{b}.values"] = k.contiguous().cpu(), v.contiguous().cpu()
+            if self.index == "ivf":
+                self._ivf_for(b)  # train now if the row is large enough, so every later load uses these centroids
             if b in self.centroids:
                 tensors[f"row{b}.ivf_centroids"] = self.centroids[b].contiguous().cpu()
             if r.pending_k is not None:

@@ -178,6 +178,7 @@ def test_an_ivf_memory_is_built_kept_and_shown(tiny_checkpoint, book, tmp_path, 
     model = LongMem.from_pretrained(tiny_checkpoint)
     bank = MemoryStore(home).load("big", model)
     assert (bank.index, bank.nprobe) == ("ivf", 4) and bank.num_tokens(0) >= bank.ivf_min_chunks
+    assert 0 in bank.centroids  # trained when `memory add` saved it: every later load searches the same clusters
     ids = torch.randint(0, 100, (1, 16))
     flat = MemoryStore(home).load("big", model)
     flat.index = "flat"
