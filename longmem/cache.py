@@ -32,9 +32,7 @@ class KVCache:
         S, t = self._length[layer], k.shape[2]
         new = {"k": k, "v": v} if k_raw is None else {"k": k, "v": v, "raw": k_raw}
         buf = self._buffers[layer]
-        if buf is None or buf["k"].shape[2] < S + t or any(
-                name not in buf or buf[name].shape[:2] != x.shape[:2] or buf[name].shape[3] != x.shape[3]
-                or buf[name].dtype != x.dtype or buf[name].device != x.device for name, x in new.items()):
+        if buf is None or buf["k"].shape[2] < S + t or len(buf) < len(new):  # shapes are fixed per decoder
             buf = self._grow(layer, new, S + t)
         for name, x in new.items():
             buf[name][:, :, S:S + t].copy_(x)
