@@ -65,6 +65,8 @@ class PretrainConfig:
     max_minutes: float | None = None  # wall budget of this invocation; stops cleanly
     seed: int = 1234
     precision: str = "bf16"  # bf16 autocast (CPU with avx512_bf16: ~2x faster) or fp32
+    device: str = "auto"  # "auto": cuda when available, else cpu
+    weights: list[float] | None = None  # sampling weight of each --data set (None: uniform)
     # bookkeeping
     eval_every: int = 200
     eval_tokens: int = 65536  # per validation set; windows from its start, deterministic
@@ -96,6 +98,14 @@ class PretrainConfig:
             raise LongMemError(f"--max-minutes must be > 0, got {self.max_minutes}")
         if self.precision not in ("bf16", "fp32"):
             raise LongMemError(f"--precision must be bf16 or fp32, got {self.precision!r}")
+        if self.weights is not None:
+            if len(self.weights) != len(self.data):
+                raise LongMemError(f"--weights has {len(self.weights)} values for {len(self.data)} --data sets; "
+                                   "give one weight per set")
+            if any(not math.isfinite(w) or w < 0 for w in self.weights) or sum(self.weights) <= 0:
+                raise LongMemError(f"--weights must be finite, >= 0 and not all 0, got {self.weights}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise LongMemError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 # --------------------------------------------------------------------------- data
@@ -117,19 +127,16 @@ def load_tokenizer(path: str):
     return tok
 
 
-def token_stream(path: str, tokenizer, batch: int = 64) -> np.ndarray:
-    """All documents at ``path`` as one int32 token array, each followed by the eos token."""
-    backend = tokenizer.backend_tokenizer
-    eos = tokenizer.eos_token_id
-    parts: list[np.ndarray] = []
-    for doc in iter_documents(path):
-        pieces = list(text_pieces(doc.text))
-        for i in range(0, len(pieces), batch):
-            enc = backend.encode_batch(pieces[i:i + batch], add_special_tokens=False)
-            parts.extend(np.asarray(e.ids, dtype=np.int32) for e in enc)
-        parts.append(np.asarray([eos], dtype=np.int32))
-    stream = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    return stream
+def token_stream(path: str, tokenizer, batch: int = 256) -> np.ndarray:
+    """All documents at ``path`` as one int32 token array, each followed by the eos token.
+
+    Pieces of many documents go to the tokenizer together, so its threads share the work even when each
+    document is a single piece (a code file)."""
+    from longmem.streams import encode_documents
+
+    eos = np.asarray([tokenizer.eos_token_id], dtype=np.int32)
+    docs = encode_documents(path, tokenizer, min_tokens=0, batch=batch, allow_empty=True)
+    return np.concatenate([part for d in docs for part in (d, eos)]) if docs else np.zeros(0, dtype=np.int32)
 
 
 def _name(path: str) -> str:
@@ -147,9 +154,13 @@ def _default_val(paths: list[str]) -> list[str]:
 
 
 def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
-                 gen: torch.Generator) -> torch.Tensor:
-    """(B, seq_len + 1) random windows; each row's stream is chosen uniformly."""
-    which = torch.randint(len(streams), (batch_size,), generator=gen)
+                 gen: torch.Generator, weights: list[float] | None = None) -> torch.Tensor:
+    """(B, seq_len + 1) random windows; each row's stream is chosen uniformly, or in proportion to ``weights``."""
+    if weights is None:
+        which = torch.randint(len(streams), (batch_size,), generator=gen)
+    else:
+        which = torch.multinomial(torch.tensor(weights, dtype=torch.float64), batch_size, replacement=True,
+                                  generator=gen)
     rows = []
     for s in which.tolist():
         start = int(torch.randint(len(streams[s]) - seq_len, (1,), generator=gen))
@@ -174,6 +185,15 @@ def build_model(cfg: PretrainConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first GPU when torch sees one, else the CPU; a named GPU that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LongMemError(f"--device {name}: torch sees no GPU here; use --device cpu (or auto)")
+    return torch.device(name)
+
+
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of (B, T + 1) windows."""
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
@@ -196,11 +216,13 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, max_tokens: int | None,
                            f"{seq_len + 1}; use more text or a smaller --seq-len")
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total = 0.0
     for i in range(0, n, batch_size):
         idx = range(i, min(n, i + batch_size))
         windows = torch.stack([stream[j * seq_len: j * seq_len + seq_len + 1] for j in idx]).long()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        windows = windows.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             total += lm_loss(model, windows).item() * len(idx)
     model.train(was_training)
     return total / n, n * seq_len
@@ -292,13 +314,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             raise LongMemError(f"validation set {p} has {len(s)} tokens, fewer than one window of {cfg.seq_len + 1}; "
                                "give more text or a smaller --seq-len")
 
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=model.device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -308,7 +332,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     metrics_path = out / "metrics.jsonl"
     records: list[dict] = []
     if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False)
+        state = torch.load(ckpt_path, weights_only=False, map_location=device)
         saved = state["config"]
         diff = [k for k in _SHAPE_FIELDS if saved[k] != getattr(cfg, k)]
         if diff:
@@ -318,7 +342,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
         step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["seconds"]
         if metrics_path.exists():  # drop what the killed run logged after its checkpoint
             with open(metrics_path) as f:
@@ -357,8 +381,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             stop_reason = "max_minutes"
             break
         t0 = time.monotonic()
-        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen, cfg.weights).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
             loss = lm_loss(model, windows)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -499,14 +523,14 @@ def _run_perplexity(args: argparse.Namespace) -> int:
 def add_parser(sub) -> None:
     d = PretrainConfig.__dataclass_fields__
     p = sub.add_parser(
-        "pretrain", help="train a small Llama-style backbone from scratch (CPU)",
+        "pretrain", help="train a small Llama-style backbone from scratch (CPU or GPU)",
         description="Train a LlamaForCausalLM (RoPE, RMSNorm, GQA, SwiGLU, tied embeddings) on "
         "random windows of the training documents; save it with its tokenizer in OUT "
         "(safetensors), with OUT/metrics.jsonl, OUT/loss.png and a resumable OUT/checkpoint/.",
     )
     p.add_argument("--data", nargs="+", required=True,
                    help="training sets (text files, folders, .jsonl, hf:NAME[:SPLIT]); each "
-                   "batch row samples one set uniformly")
+                   "batch row samples one set uniformly (or by --weights)")
     p.add_argument("--val-data", nargs="*", default=None,
                    help="validation sets (default: validation.jsonl next to each train.jsonl)")
     p.add_argument("--tokenizer", required=True, help="tokenizer folder (longmem tokenizer)")
@@ -538,6 +562,10 @@ def add_parser(sub) -> None:
                    help="wall-time budget of this run; stops cleanly, checkpoints and saves")
     o.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
                    help="bf16 autocast (default; ~2x faster on CPUs with avx512_bf16) or fp32")
+    o.add_argument("--device", default="auto",
+                   help="auto (default: cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
+    o.add_argument("--weights", type=float, nargs="+", default=None,
+                   help="sampling weight of each --data set, in order (default: each set equally often)")
     o.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint/ exactly where it stopped")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

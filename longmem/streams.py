@@ -31,22 +31,49 @@ class Batch:
     doc_index: torch.Tensor  # (B,) which document each row reads (-1: idle row)
 
 
-def encode_documents(paths, tokenizer, min_tokens: int = 2, progress: bool = False) -> list[np.ndarray]:
-    """Token ids (int32) of every document under ``paths`` (files, folders, .jsonl, hf:NAME)."""
+def encode_documents(paths, tokenizer, min_tokens: int = 2, progress: bool = False, batch: int = 256,
+                     allow_empty: bool = False) -> list[np.ndarray]:
+    """Token ids (int32) of every document under ``paths`` (files, folders, .jsonl, hf:NAME).
+
+    Up to ``batch`` pieces, from as many documents as it takes, are encoded in one ``encode_batch`` call so the
+    tokenizer's threads are busy even when every document is one piece; the ids are those of encoding each piece
+    alone."""
     from tqdm import tqdm
 
     from longmem.data import iter_documents, text_pieces
 
     backend = tokenizer.backend_tokenizer
-    docs = []
-    for path in [paths] if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__") else paths:
-        for doc in tqdm(iter_documents(path), desc=f"tokenizing {path}", unit="doc", disable=not progress, leave=False):
-            pieces = list(text_pieces(doc.text))
-            ids = [np.asarray(e.ids, dtype=np.int32) for e in backend.encode_batch(pieces, add_special_tokens=False)]
+    docs: list[np.ndarray] = []
+    pending: list[tuple[int, str]] = []  # (document number, piece)
+    parts: dict[int, list[np.ndarray]] = {}
+    n_docs = 0
+
+    def flush() -> None:
+        enc = backend.encode_batch([piece for _, piece in pending], add_special_tokens=False)
+        for (d, _), e in zip(pending, enc):
+            parts[d].append(np.asarray(e.ids, dtype=np.int32))
+        pending.clear()
+
+    def finish(upto: int) -> None:  # documents below `upto` are complete
+        for d in sorted(k for k in parts if k < upto):
+            ids = parts.pop(d)
             ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32)
             if len(ids) >= min_tokens:
                 docs.append(ids)
-    if not docs:
+
+    for path in [paths] if isinstance(paths, (str, bytes)) or not hasattr(paths, "__iter__") else paths:
+        for doc in tqdm(iter_documents(path), desc=f"tokenizing {path}", unit="doc", disable=not progress, leave=False):
+            parts[n_docs] = []
+            for piece in text_pieces(doc.text):
+                pending.append((n_docs, piece))
+                if len(pending) >= batch:
+                    flush()
+                    finish(n_docs)
+            n_docs += 1
+    if pending:
+        flush()
+    finish(n_docs)
+    if not docs and not allow_empty:
         raise LongMemError(f"no document with at least {min_tokens} tokens in {paths}; give longer text")
     return docs
 
