@@ -18,6 +18,7 @@ from longmem.errors import LongMemError
 
 BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("ip", "cosine")
+QUERIES = ("query", "key")
 
 
 @dataclass
@@ -31,6 +32,10 @@ class LongMemConfig:
     # chunk search score: "ip" = inner product with the chunk-mean key (the paper); "cosine" = with the unit-length
     # chunk-mean key, so a few large-norm keys cannot win every search (RESULTS.md: retrieval diagnostics)
     retrieval_metric: str = "ip"
+    # what searches the memory: "query" = the memory layer's query projection (the paper); "key" = the backbone's own
+    # block-m key of each token, the space the stored keys live in, so a repeated context finds where it was seen
+    # (RESULTS.md: retrieval diagnostics); the retrieved tokens are attended to with the query either way
+    retrieval_query: str = "query"
 
     def __post_init__(self):
         if self.memory_layer is not None:
@@ -51,6 +56,8 @@ class LongMemConfig:
             raise LongMemError(f"segment_length must be a positive integer, got {self.segment_length!r}")
         if self.retrieval_metric not in METRICS:
             raise LongMemError(f"retrieval_metric must be one of {METRICS}, got {self.retrieval_metric!r}")
+        if self.retrieval_query not in QUERIES:
+            raise LongMemError(f"retrieval_query must be one of {QUERIES}, got {self.retrieval_query!r}")
         if self.retrieval_backend not in BACKENDS:
             raise LongMemError(f"retrieval_backend must be one of {BACKENDS}, got {self.retrieval_backend!r}")
 

@@ -43,6 +43,13 @@ class Retrieved:
     mask: torch.Tensor  # (B, H, T, K) bool, True = a real memory token
     chunks: torch.Tensor  # (B, H, T, k_c) slot index of each retrieved chunk, -1 where missing
 
+    def repeat_heads(self, groups: int) -> "Retrieved":
+        """Each head's retrieval shared by ``groups`` consecutive query heads (GQA: head h -> h // groups)."""
+        if groups == 1:
+            return self
+        rep = lambda t: t.repeat_interleave(groups, dim=1)  # noqa: E731
+        return Retrieved(rep(self.keys), rep(self.values), rep(self.mask), rep(self.chunks))
+
 
 @dataclass
 class _Row:

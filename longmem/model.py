@@ -191,11 +191,26 @@ class LongMem(MemoryLM):
         bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
         positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
         rope = self.backbone.rotary(bb.hidden_states[0], positions)
-        retrieve = memory.search if memory is not None else None
-        logits = self.sidenet(self.backbone, bb.hidden_states, rope, retrieve)
+        logits = self.sidenet(self.backbone, bb.hidden_states, rope, self.retriever(memory, bb.keys))
         if memory is not None and update_memory:
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
         return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
+
+    def retriever(self, memory: MemoryBank | None, keys: torch.Tensor):
+        """The memory layer's ``retrieve(q_raw)``: None without memory; the search by ``config.retrieval_query``.
+
+        ``keys``: (B, Hkv, T, Dh) the backbone's block-m keys (pre-rotary) of the same tokens, used as the search
+        query when ``retrieval_query == "key"``.
+        """
+        if memory is None:
+            return None
+        if self.config.retrieval_query == "query":
+            return memory.search
+
+        def retrieve(q_raw: torch.Tensor):
+            return memory.search(keys).repeat_heads(q_raw.shape[1] // keys.shape[1])
+
+        return retrieve
 
     def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, **kwargs) -> torch.Tensor:
         """Greedy or sampled continuation with memory and a KV cache; see ``longmem.generation.generate``."""

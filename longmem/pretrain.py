@@ -295,6 +295,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         raise LongMemError(f"{out} already holds a checkpoint; pass --resume to continue it or "
                            "choose another --out")
 
+    device = resolve_device(cfg.device)  # before the (long) tokenization
     tokenizer = load_tokenizer(cfg.tokenizer)
     val_paths = cfg.val_data if cfg.val_data is not None else _default_val(cfg.data)
     train_streams, val_streams = [], {}
@@ -314,7 +315,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             raise LongMemError(f"validation set {p} has {len(s)} tokens, fewer than one window of {cfg.seq_len + 1}; "
                                "give more text or a smaller --seq-len")
 
-    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, tokenizer).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -392,8 +392,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         step += 1
         n_tok = cfg.batch_size * cfg.seq_len
         tokens_seen += n_tok
+        window_loss += loss.item()  # waits for the step (a GPU runs ahead otherwise)
         train_seconds += time.monotonic() - t0
-        window_loss += loss.item()
         window_tokens += n_tok
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.max_steps:

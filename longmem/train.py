@@ -63,6 +63,7 @@ class TrainConfig:
     train_layers: str = "all"  # baselines: train all backbone blocks or the upper half
     staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
     retrieval_metric: str | None = None  # chunk search score: ip (the paper; default) or cosine (see LongMemConfig)
+    retrieval_query: str | None = None  # what searches the memory: query (the paper; default) or key (see LongMemConfig)
     init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
 
     def __post_init__(self):
@@ -74,6 +75,8 @@ class TrainConfig:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
         if self.init_from is not None and self.method != "longmem":
             raise LongMemError("--init-from starts a LongMem SideNet; it cannot be combined with --method " + self.method)
+        if self.retrieval_query not in (None, "query") and self.method != "longmem":
+            raise LongMemError(f"--retrieval-query {self.retrieval_query} is a LongMem SideNet option; --method {self.method} searches with its query")
         if self.method not in ("longmem", "memtrm", "finetune"):
             raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
         self.betas = tuple(self.betas)
@@ -213,12 +216,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
-                           retrieval_metric=cfg.retrieval_metric or "ip",
+                           retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
                            topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
     if cfg.method == "longmem" and ckpt:
         model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
     elif cfg.method == "longmem" and cfg.init_from:
-        overrides = {"retrieval_metric": cfg.retrieval_metric} if cfg.retrieval_metric else {}
+        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query") if getattr(cfg, k)}
         model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
     elif cfg.method == "longmem":
         model = LongMem.from_backbone(cfg.backbone, lm_cfg)
@@ -487,6 +490,9 @@ def add_parser(sub) -> None:
     p.add_argument("--retrieval-metric", dest="retrieval_metric", choices=["ip", "cosine"], default=None,
                    help="chunk search score: ip = inner product with the chunk-mean key (the paper, default); cosine = "
                         "with the unit-length chunk-mean key (a few large-norm keys cannot win every search)")
+    p.add_argument("--retrieval-query", dest="retrieval_query", choices=["query", "key"], default=None,
+                   help="what searches the memory: query = the memory layer's query projection (the paper, default); "
+                        "key = the backbone's own block-m key of each token, the space the stored keys are in")
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
                         "the backbone's blocks; its memory settings are used")

@@ -33,8 +33,8 @@ def say(msg: str) -> None:
     print(f"[{time.time() - T_START:7.1f}s] {msg}", flush=True)
 
 
-def unpack(src: Path, data: Path, smoke: bool) -> None:
-    for name in ("books-train", "books-validation", "code-train", "code-validation", "pycode"):
+def unpack(src: Path, data: Path, smoke: bool, names) -> None:
+    for name in names:
         corpus, _, split = name.partition("-")
         dest = data / corpus / f"{split or 'train'}.jsonl"
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -111,37 +111,12 @@ def pretrain_rate(cfg, tokenizer, steps: int) -> float:
     return rate
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--src", default="gpu", help="folder with the .jsonl.xz corpora")
-    p.add_argument("--work", default="/tmp/longmem-gpu")
-    p.add_argument("--out", required=True)
-    p.add_argument("--pretrain-s", type=float, default=200.0, help="seconds of pretraining")
-    p.add_argument("--adapt-s", type=float, default=150.0, help="seconds of adaptation (both runs at once)")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes and data: checks the path on a CPU")
-    a = p.parse_args()
-    import torch
-
+def pretrain_backbone(a, data: Path, work: Path, out: Path) -> Path:
     from longmem.pretrain import PretrainConfig, export_backbone, load_tokenizer, pretrain
 
-    work, out = Path(a.work), Path(a.out)
-    data = work / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    work.mkdir(parents=True, exist_ok=True)
-    say(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"
-        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
-    unpack(Path(a.src), data, a.smoke)
-    (data / "recall").mkdir(exist_ok=True)
     # pretraining: code with short-range copies (a copy follows its source within one 1,024-token window)
     n_pre = recall_corpus([data / "code/train.jsonl"], data / "recall/pre.jsonl", 3000, 3, 200, 600, seed=0)
-    # adaptation: long pieces, copies more than a segment after their source (only the memory holds it)
-    adapt_inputs = [data / "books/train.jsonl", data / "code/train.jsonl"]
-    n_ad = recall_corpus(adapt_inputs, data / "recall/adapt.jsonl", 24000, 8, 300, 2000, seed=1)
-    n_ad += recall_corpus([data / "pycode/train.jsonl"], data / "recall/adapt-py.jsonl", 24000, 8, 300, 2000,
-                          seed=2, every=4)
-    n_val = recall_corpus([data / "books/validation.jsonl", data / "code/validation.jsonl"],
-                          data / "recall/validation.jsonl", 24000, 8, 300, 2000, seed=3)
-    say(f"corpora ready: {n_pre} pretraining copy pieces, {n_ad} adaptation pieces, {n_val} validation pieces")
+    say(f"pretraining corpora ready: {n_pre} copy pieces")
 
     tok_dir = Path(__file__).resolve().parent.parent / "models/longmem-tiny/backbone"
     tokenizer = load_tokenizer(str(tok_dir))
@@ -166,21 +141,72 @@ def main() -> None:
                                                           "throughput_probe_tok_s": round(rate)}, indent=1) + "\n")
     say(f"backbone exported ({info}); packed {pack([bb], out, 'backbone')}")
 
+    return bb
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--src", default="gpu", help="folder with the .jsonl.xz corpora")
+    p.add_argument("--work", default="/tmp/longmem-gpu")
+    p.add_argument("--out", required=True)
+    p.add_argument("--pretrain-s", type=float, default=200.0, help="seconds of pretraining")
+    p.add_argument("--adapt-s", type=float, default=150.0, help="seconds of adaptation (both runs at once)")
+    p.add_argument("--backbone", default=None, help="skip pretraining: adapt SideNets on this backbone folder")
+    p.add_argument("--adapt-src", nargs="*", default=None,
+                   help="NAME.jsonl.xz files in --src to adapt on (default: the pretraining corpora)")
+    p.add_argument("--adapt-steps", type=int, default=None, help="steps per adaptation run (default: from a probe)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes and data: checks the path on a CPU")
+    a = p.parse_args()
+    import torch
+
+    work, out = Path(a.work), Path(a.out)
+    data = work / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    say(f"torch {torch.__version__}, cuda {torch.cuda.is_available()}"
+        + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    (data / "recall").mkdir(parents=True, exist_ok=True)
+    if a.backbone is None:
+        unpack(Path(a.src), data, a.smoke, ("books-train", "books-validation", "code-train", "code-validation", "pycode"))
+        bb = pretrain_backbone(a, data, work, out)
+    else:  # adaptation only, on a backbone trained before (copied into the tree)
+        unpack(Path(a.src), data, a.smoke, ("books-validation", "code-validation"))
+        bb = Path(a.backbone)
+    if a.adapt_src:  # code the backbone never saw: copies there can only come from the memory
+        adapt_inputs = []
+        for name in a.adapt_src:
+            unpack(Path(a.src), data, a.smoke, (name,))
+            adapt_inputs.append(data / name / "train.jsonl")
+        n_ad = recall_corpus(adapt_inputs, data / "recall/adapt.jsonl", 24000, 8, 300, 2000, seed=1)
+        adapt_files = [data / "recall/adapt.jsonl"]
+    else:
+        n_ad = recall_corpus([data / "books/train.jsonl", data / "code/train.jsonl"], data / "recall/adapt.jsonl",
+                             24000, 8, 300, 2000, seed=1)
+        n_ad += recall_corpus([data / "pycode/train.jsonl"], data / "recall/adapt-py.jsonl", 24000, 8, 300, 2000,
+                              seed=2, every=4)
+        adapt_files = [data / "recall/adapt.jsonl", data / "recall/adapt-py.jsonl"]
+    n_val = recall_corpus([data / "books/validation.jsonl", data / "code/validation.jsonl"],
+                          data / "recall/validation.jsonl", 24000, 8, 300, 2000, seed=3)
+    say(f"adaptation corpora ready: {n_ad} pieces, {n_val} validation pieces")
+
     # adaptation: two SideNets at once, inner product (the paper) and cosine retrieval
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    common = ["-m", "longmem.cli", "train", "--backbone", str(bb), "--data", str(data / "recall/adapt.jsonl"),
-              str(data / "recall/adapt-py.jsonl"), "--val-data", str(data / "recall/validation.jsonl"),
+    common = ["-m", "longmem.cli", "train", "--backbone", str(bb), "--data", *map(str, adapt_files), "--val-data", str(data / "recall/validation.jsonl"),
               "--segment-length", "64" if a.smoke else "256", "--batch-size", "4" if a.smoke else "32",
               "--lr", "8e-4", "--warmup-steps", "100", "--precision", "bf16", "--eval-every", "0",
               "--eval-docs", "8", "--eval-segments", "16", "--no-progress"]
-    probe_out = work / "adapt-probe"
-    t = time.time()
-    subprocess.run([sys.executable, *common, "--out", str(probe_out), "--max-steps", "30", "--save-every", "1000"],
-                   check=True, env=env, stdout=subprocess.DEVNULL)
-    recs = [json.loads(l) for l in open(probe_out / "metrics.jsonl") if '"loss"' in l]
-    per_step = (recs[-1]["elapsed_s"] - recs[9]["elapsed_s"]) / (len(recs) - 10)
-    adapt_steps = max(20, int(a.adapt_s / per_step * 0.55))  # two runs share the GPU
-    say(f"adaptation probe: {per_step * 1000:.0f} ms/step alone ({time.time() - t:.0f} s with set-up) -> {adapt_steps} steps each")
+    if a.adapt_steps:
+        adapt_steps = a.adapt_steps
+    else:
+        probe_out = work / "adapt-probe"
+        t = time.time()
+        subprocess.run([sys.executable, *common, "--out", str(probe_out), "--max-steps", "30", "--save-every", "1000"],
+                       check=True, env=env, stdout=subprocess.DEVNULL)
+        recs = [json.loads(l) for l in open(probe_out / "metrics.jsonl") if '"loss"' in l]
+        per_step = (recs[-1]["elapsed_s"] - recs[9]["elapsed_s"]) / (len(recs) - 10)
+        adapt_steps = max(20, int(a.adapt_s / per_step * 0.55))  # two runs share the GPU
+        say(f"adaptation probe: {per_step * 1000:.0f} ms/step alone ({time.time() - t:.0f} s with set-up)")
+    say(f"adaptation: {adapt_steps} steps per run")
     procs = {}
     for metric in ("ip", "cosine"):
         log = open(work / f"adapt-{metric}.log", "w")

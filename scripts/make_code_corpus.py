@@ -26,6 +26,16 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def _version(name: str) -> str:
+    """The installed distribution's version (module and distribution names differ for a few: _pytest, PIL)."""
+    for dist in (name, *importlib.metadata.packages_distributions().get(name, [])):
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "unknown"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -58,7 +68,7 @@ def main() -> None:
                 n += 1
                 count += 1
                 chars += len(text)
-            manifest["packages"][name] = {"version": importlib.metadata.version(name), "files": count}
+            manifest["packages"][name] = {"version": _version(name), "files": count}
     manifest.update(documents=n, characters=chars, duplicates_dropped=dropped)
     out.with_name("manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     print(f"{n} files, {chars:,} characters ({dropped} duplicates dropped) -> {out}")

@@ -11,9 +11,10 @@ from longmem.generation import Decoder, SamplingConfig, sample_next
 CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4, segment_length=12)
 
 
-@pytest.fixture
-def model(backbone_hf):
-    m = LongMem.from_backbone(backbone_hf, CFG).eval()
+@pytest.fixture(params=["query", "key"])
+def model(backbone_hf, request):
+    """Each family, with the paper's query-based retrieval and with key-based retrieval (the shipped default's)."""
+    m = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_query=request.param)).eval()
     with torch.no_grad():
         m.sidenet.gate.fill_(1.0)  # lean on the memory so that a wrong memory shows
     return m

@@ -248,3 +248,49 @@ def test_an_altered_setting_in_longmem_json_is_detected(model, tmp_path):
     meta["config"]["topk_chunks"] -= 1
     cfg.write_text(json.dumps(meta, indent=2))
     assert LongMem.from_pretrained(tmp_path / "m").config.topk_chunks == model.config.topk_chunks
+
+
+def test_key_retrieval_searches_with_the_backbones_own_keys(backbone_hf):
+    """retrieval_query="key": the search query of each token is its block-m key, the space the memory stores, so a
+    repeated context finds the exact place it was seen (csz 1, cosine: its own stored key scores 1)."""
+    cfg = CFG.replace(chunk_size=1, topk_chunks=2, retrieval_metric="cosine", retrieval_query="key")
+    model = LongMem.from_backbone(backbone_hf, cfg).eval()
+    assert CFG.retrieval_query == "query"  # the paper's default
+    ids = segments(1, B=2, T=16, seed=3)[0]
+    mem = model.new_memory(2)
+    with torch.no_grad():
+        model(ids, memory=mem)  # 16 tokens stored, slots 0..15
+        search, seen = mem.search, {}
+
+        def spy(q):
+            seen["q"], seen["r"] = q, search(q)
+            return seen["r"]
+
+        mem.search = spy
+        model(ids, memory=mem, update_memory=False)  # the same text again
+        keys = model.backbone(ids, model.memory_layer).keys
+    assert torch.equal(seen["q"], keys)  # (B, Hkv, T, Dh): not the query projection
+    top = seen["r"].chunks[..., 0]  # (B, Hkv, T) best slot of each token
+    assert torch.equal(top, torch.arange(16).expand_as(top))
+    # the paper's query-based search (same weights) searches with the query projection and misses some of them
+    paper = LongMem.from_backbone(backbone_hf, cfg.replace(retrieval_query="query")).eval()
+    paper.sidenet.load_state_dict(model.sidenet.state_dict())
+    mem.search = spy
+    with torch.no_grad():
+        paper(ids, memory=mem, update_memory=False)
+    assert seen["q"].shape[1] == model.backbone.num_heads and not torch.equal(seen["q"][:, : keys.shape[1]], keys)
+    assert (seen["r"].chunks[..., 0] != torch.arange(16)).any()
+
+
+def test_key_retrieval_is_saved_and_older_files_read_as_query(backbone_hf, tmp_path):
+    model = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_query="key")).eval()
+    model.save_pretrained(tmp_path / "m", save_backbone=True)
+    back = LongMem.from_pretrained(tmp_path / "m").eval()
+    assert back.config.retrieval_query == "key"
+    mem_a, mem_b = model.new_memory(2), back.new_memory(2)
+    for ids in segments(3):
+        assert torch.equal(model(ids, memory=mem_a).logits, back(ids, memory=mem_b).logits)
+    old = LongMemConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "retrieval_query"})
+    assert old.retrieval_query == "query"
+    with pytest.raises(LongMemError, match="retrieval_query must be one of"):
+        LongMemConfig(retrieval_query="value")

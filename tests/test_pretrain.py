@@ -106,7 +106,11 @@ def test_max_minutes_stops_cleanly_and_saves(corpus, tmp_path):
     (["--seq-len", "100000"], "exceeds max positions"),
     (["--heads", "3"], "not divisible"),
     (["--precision", "fp32", "--lr", "2"], "--lr must be"),
-])
+    (["--weights", "1"], "--weights has 1 values for 2 --data sets"),
+    (["--weights", "1", "-1"], "--weights must be finite"),
+    (["--weights", "0", "0"], "not all 0"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "torch sees no GPU here")]))
 def test_bad_shapes_and_settings_are_one_line_errors(corpus, tmp_path, capsys, extra, match):
     assert main(args(corpus, tmp_path / "run", "--max-steps", "1", *extra)) == 2
     err = capsys.readouterr().err
@@ -186,3 +190,25 @@ def test_export_backbone_writes_only_the_model(corpus, tmp_path):
     ids = torch.arange(10)[None]
     assert torch.equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
     assert main(["export-backbone", "--run", str(tmp_path / "nothing"), "--out", str(dest)]) == 2
+
+
+def test_sample_batch_weights_choose_streams_in_proportion():
+    streams = [torch.arange(0, 100), torch.arange(1000, 1050), torch.arange(5000, 5100)]
+    batch = P.sample_batch(streams, 400, 8, torch.Generator().manual_seed(0), weights=[0.8, 0.2, 0.0])
+    first = (batch[:, 0] < 1000).float().mean().item()
+    assert 0.7 < first < 0.9 and not (batch[:, 0] >= 5000).any()  # a weight of 0 is never drawn
+    again = P.sample_batch(streams, 400, 8, torch.Generator().manual_seed(0), weights=[0.8, 0.2, 0.0])
+    assert torch.equal(batch, again)
+
+
+def test_token_stream_batches_pieces_of_many_documents_without_changing_ids(corpus, tmp_path):
+    tok = P.load_tokenizer(str(corpus / "tok"))
+    docs = [{"text": "def f(x):\n    return x\n" * (i + 1)} for i in range(40)] + [{"text": ""}]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    eos = tok.eos_token_id
+    want = []
+    for d in docs:  # one document at a time, as before batching
+        want += tok.backend_tokenizer.encode(d["text"], add_special_tokens=False).ids + [eos]
+    for batch in (1, 3, 256):
+        assert P.token_stream(str(path), tok, batch=batch).tolist() == want
