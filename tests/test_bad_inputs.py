@@ -110,6 +110,9 @@ CASES = [
     cli("pretrain-missing-tokenizer", "tokenizer folder", *PRETRAIN, "--data", "{text}", "--tokenizer", "{missing}"),
     cli("pretrain-seq-len-enormous", "exceeds max positions", *PRETRAIN, "--data", "{text}", "--seq-len", HUGE),
     cli("pretrain-batch-size-enormous", "is more than the training data holds", *PRETRAIN, "--data", "{text}", "--batch-size", HUGE),
+    cli("pretrain-weights-count", "--weights has 2 values for 1 --data sets", *PRETRAIN, "--data", "{text}", "--weights", "1", "2"),
+    cli("pretrain-weights-negative", "--weights must be finite, >= 0", *PRETRAIN, "--data", "{text}", "--weights", "-1"),
+    cli("pretrain-device-unknown", "--device must be auto, cpu, cuda", *PRETRAIN, "--data", "{text}", "--device", "quantum"),
     cli("pretrain-layers-zero", "--layers must be >= 1", *PRETRAIN, "--data", "{text}", "--layers", "0"),
     cli("pretrain-empty-validation", "fewer than one window", *PRETRAIN, "--data", "{text}", "--val-data", "{empty}"),
     cli("pretrain-out-holds-a-run", "already holds a checkpoint", *PRETRAIN, "--data", "{text}", "--out", "{runs}/pretrain"),
@@ -143,6 +146,8 @@ CASES = [
     cli("train-out-holds-a-run", "already holds a training run", *TRAIN, "--data", "{text}", "--out", "{runs}/trained"),
     cli("train-batch-size-enormous", "more rows than the training data has segments", *TRAIN, "--data", "{text}", "--batch-size", HUGE),
     cli("train-max-steps-zero", "must be positive", *TRAIN, "--data", "{text}", "--max-steps", "0"),
+    cli("train-key-retrieval-for-memtrm", "--retrieval-query key is a LongMem SideNet option", *TRAIN, "--data", "{text}",
+        "--method", "memtrm", "--retrieval-query", "key"),
     cli("train-precision-unknown", "invalid choice", *TRAIN, "--data", "{text}", "--precision", "fp8", kind="usage"),
     # -- demo ----------------------------------------------------------------------------------
     cli("demo-missing-model", "is not a LongMem checkpoint", "demo", "--model", "{missing}", "--data", "{text}"),
