@@ -73,6 +73,7 @@ class PretrainConfig:
     save_every: int = 100
     log_every: int = 10
     resume: bool = False
+    init_from: str | None = None  # start from this model folder's weights (same shape) instead of a random init
 
     def __post_init__(self):
         if not self.data:
@@ -192,6 +193,24 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LongMemError(f"--device {name}: torch sees no GPU here; use --device cpu (or auto)")
     return torch.device(name)
+
+
+def load_init(model, folder: str) -> None:
+    """Continue pretraining from the weights of a model folder (``export-backbone`` output) of the same shape."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise LongMemError(f"--init-from {folder}: no model.safetensors there; give a folder written by export-backbone")
+    state = load_file(str(path))
+    if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied embeddings are saved once
+    mine = model.state_dict()
+    bad = sorted(k for k in set(mine) | set(state) if k not in state or k not in mine or state[k].shape != mine[k].shape)
+    if bad:
+        raise LongMemError(f"--init-from {folder} does not have this model's shape (first mismatch: {bad[0]}); "
+                           "pass the same --layers/--hidden/--heads/--kv-heads/--intermediate it was trained with")
+    model.load_state_dict(state)
 
 
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
@@ -316,7 +335,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
                                "give more text or a smaller --seq-len")
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer).to(device)
+    model = build_model(cfg, tokenizer)
+    if cfg.init_from and not (cfg.resume and ckpt_path.exists()):
+        load_init(model, cfg.init_from)
+    model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -566,6 +588,9 @@ def add_parser(sub) -> None:
                    help="auto (default: cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
     o.add_argument("--weights", type=float, nargs="+", default=None,
                    help="sampling weight of each --data set, in order (default: each set equally often)")
+    o.add_argument("--init-from", default=None,
+                   help="continue from the weights of this model folder (same shape; e.g. a shipped backbone) "
+                        "with a fresh optimizer and schedule")
     o.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint/ exactly where it stopped")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

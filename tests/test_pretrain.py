@@ -212,3 +212,25 @@ def test_token_stream_batches_pieces_of_many_documents_without_changing_ids(corp
         want += tok.backend_tokenizer.encode(d["text"], add_special_tokens=False).ids + [eos]
     for batch in (1, 3, 256):
         assert P.token_stream(str(path), tok, batch=batch).tolist() == want
+
+
+def test_init_from_continues_an_exported_backbone_and_refuses_another_shape(corpus, tmp_path, capsys):
+    run, dest = tmp_path / "run", tmp_path / "backbone"
+    assert main(args(corpus, run, "--max-steps", "6")) == 0
+    assert main(["export-backbone", "--run", str(run), "--out", str(dest)]) == 0
+    cont, fresh = tmp_path / "cont", tmp_path / "fresh"
+    assert main(args(corpus, cont, "--max-steps", "1", "--lr", "1e-9", "--init-from", str(dest))) == 0
+    assert main(args(corpus, fresh, "--max-steps", "1", "--lr", "1e-9")) == 0
+    from safetensors.torch import load_file
+
+    want, got, rand = (load_file(str(d / "model.safetensors")) for d in (dest, cont, fresh))
+    for name, w in want.items():  # one step at lr 1e-9 from the exported weights, not from a random init
+        assert torch.allclose(got[name], w, atol=1e-6), name
+    assert not all(torch.allclose(rand[n], w, atol=1e-3) for n, w in want.items())
+    wide = args(corpus, tmp_path / "wide", "--max-steps", "1", "--init-from", str(dest))
+    wide[wide.index("--hidden") + 1] = "48"
+    assert main(wide) == 2
+    err = capsys.readouterr().err
+    assert "does not have this model's shape" in err.splitlines()[-1] and "Traceback" not in err
+    assert main(args(corpus, tmp_path / "none", "--max-steps", "1", "--init-from", str(tmp_path / "nothing"))) == 2
+    assert "no model.safetensors there" in capsys.readouterr().err
