@@ -1,10 +1,12 @@
 """Name recall with memory (RESULTS.md): memory = the first third of Emma (test split); prompts = later sentences ending right
-before a character name; greedy continuations with and without memory. Run: .venv/bin/python scripts/name_recall.py"""
+before a character name; greedy continuations with and without memory.
+Run: .venv/bin/python scripts/name_recall.py [OUT.json (default results/generation_names.json) [MODEL_DIR]]"""
 import json, re, sys, torch
 from longmem.demo import load_model_and_tokenizer
 from longmem.store import ingest_file
 from pathlib import Path
-model, tok = load_model_and_tokenizer(None)
+OUT = sys.argv[1] if len(sys.argv) > 1 else "results/generation_names.json"
+model, tok = load_model_and_tokenizer(sys.argv[2] if len(sys.argv) > 2 else None)
 model.eval()
 emma = [json.loads(l) for l in open("data/books/test.jsonl")][0]["text"]
 cut = len(emma) // 3
@@ -31,6 +33,6 @@ for prompt, name in found:
 ok_mem = sum(r["memory"].strip().startswith(r["truth"]) for r in rows)
 ok_no = sum(r["no_memory"].strip().startswith(r["truth"]) for r in rows)
 print(f"name right: with memory {ok_mem}/{len(rows)}, without {ok_no}/{len(rows)}")
-json.dump({"with_memory": ok_mem, "without": ok_no, "n": len(rows), "rows": rows}, open("results/generation_names.json", "w"), indent=1)
+json.dump({"with_memory": ok_mem, "without": ok_no, "n": len(rows), "rows": rows}, open(OUT, "w"), indent=1)
 for r in rows[:40]:
     print(repr(r["prompt"][-60:]), "| truth", r["truth"], "| mem", repr(r["memory"]), "| none", repr(r["no_memory"]))
