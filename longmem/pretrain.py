@@ -418,8 +418,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
         train_seconds += time.monotonic() - t0
         window_tokens += n_tok
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            k = step % cfg.log_every or cfg.log_every
+        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+            k = window_tokens // n_tok  # steps since the last record
             tps = window_tokens / max(1e-9, time.monotonic() - window_t0)
             rec = {"step": step, "loss": round(window_loss / k, 4),
                    "lr": sched.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),

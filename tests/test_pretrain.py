@@ -234,3 +234,13 @@ def test_init_from_continues_an_exported_backbone_and_refuses_another_shape(corp
     assert "does not have this model's shape" in err.splitlines()[-1] and "Traceback" not in err
     assert main(args(corpus, tmp_path / "none", "--max-steps", "1", "--init-from", str(tmp_path / "nothing"))) == 2
     assert "no model.safetensors there" in capsys.readouterr().err
+
+
+def test_validation_runs_every_eval_every_steps_even_off_the_log_grid(corpus, tmp_path):
+    out = tmp_path / "run"
+    cli = args(corpus, out, "--max-steps", "7")
+    cli[cli.index("--log-every") + 1], cli[cli.index("--eval-every") + 1] = "5", "3"
+    assert main(cli) == 0
+    recs = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "val/books/validation" in r and "loss" in r] == [3, 6]
+    assert [r["step"] for r in recs if "loss" in r] == [3, 5, 6, 7]
