@@ -14,7 +14,6 @@ import argparse
 import json
 import lzma
 import os
-import random
 import subprocess
 import sys
 import tarfile
@@ -24,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from make_recall_corpus import augment  # noqa: E402
+from make_recall_corpus import write_corpus  # noqa: E402
 
 T_START = time.time()
 
@@ -46,18 +45,7 @@ def unpack(src: Path, data: Path, smoke: bool, names) -> None:
 
 
 def recall_corpus(inputs, out: Path, piece_chars, passages, passage_chars, min_back, seed, every=1) -> int:
-    rng = random.Random(seed)
-    n = 0
-    with open(out, "w") as f:
-        for path in inputs:
-            for i, line in enumerate(open(path)):
-                if i % every:
-                    continue
-                doc = json.loads(line)
-                for j, piece in enumerate(augment(doc["text"], rng, piece_chars, passages, passage_chars, min_back)):
-                    f.write(json.dumps({"id": f"{doc.get('id', i)}#{j}", "text": piece}) + "\n")
-                    n += 1
-    return n
+    return write_corpus(inputs, out, piece_chars, passages, passage_chars, min_back, seed, every)[0]
 
 
 def pack(paths: list[Path], out: Path, stem: str, part_bytes: int = 15 * 2**20) -> list[str]:

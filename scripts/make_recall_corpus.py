@@ -28,6 +28,25 @@ def augment(text: str, rng: random.Random, piece_chars: int, passages: int, pass
         yield piece + "\n\n" + "\n\n".join(copies)
 
 
+def write_corpus(inputs, out: Path, piece_chars: int, passages: int, passage_chars: int, min_back: int, seed: int,
+                 every: int = 1) -> tuple[int, int]:
+    """Augment every ``every``-th document of the JSONL ``inputs`` into ``out``; returns (documents, characters)."""
+    rng = random.Random(seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = chars = 0
+    with open(out, "w") as f:
+        for path in inputs:
+            for i, line in enumerate(open(path)):
+                if i % every:
+                    continue
+                doc = json.loads(line)
+                for j, piece in enumerate(augment(doc["text"], rng, piece_chars, passages, passage_chars, min_back)):
+                    f.write(json.dumps({"id": f"{doc.get('id', i)}#{j}", "text": piece}) + "\n")
+                    n += 1
+                    chars += len(piece)
+    return n, chars
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="JSONL files with a 'text' field")
@@ -38,19 +57,8 @@ def main() -> None:
     p.add_argument("--min-back", type=int, default=2000, help="characters between a passage's source and the piece end")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    rng = random.Random(a.seed)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = chars = 0
-    with open(out, "w") as f:
-        for path in a.inputs:
-            for line in open(path):
-                doc = json.loads(line)
-                for i, piece in enumerate(augment(doc["text"], rng, a.piece_chars, a.passages, a.passage_chars, a.min_back)):
-                    f.write(json.dumps({"id": f"{doc.get('id', n)}#{i}", "text": piece}) + "\n")
-                    n += 1
-                    chars += len(piece)
-    print(f"{n} documents, {chars:,} characters -> {out}")
+    n, chars = write_corpus(a.inputs, Path(a.out), a.piece_chars, a.passages, a.passage_chars, a.min_back, a.seed)
+    print(f"{n} documents, {chars:,} characters -> {a.out}")
 
 
 if __name__ == "__main__":
