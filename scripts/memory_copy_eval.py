@@ -1,0 +1,120 @@
+"""Can the model copy text that only its memory holds? (RESULTS.md, "Recall of made-up lines")
+
+For pieces of held-out documents: --lines lines of made-up names (``vokaru_ti = pelzo(nimaxe, 4172)``, text no
+model can guess) are inserted at line starts in the first part of the piece, and the same lines are repeated at the
+end, each at least --min-back characters (several local windows) after its first occurrence, so that only the memory
+holds it. Every piece is streamed segment by segment as in evaluation (`longmem eval ppl`), with a fresh memory and
+without any memory. Reported:
+
+    loss            mean next-token loss on the repeated lines after their first --cue tokens
+    greedy exact    the last --context tokens before a repeat plus its first --cue tokens as the prompt, whole
+                    piece before it in memory (as `longmem memory add` writes it): how often greedy generation
+                    reproduces the rest of the line exactly
+
+    .venv/bin/python scripts/memory_copy_eval.py --model runs/memcopy --json results/memory_copy.json
+"""
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_recall_corpus import made_up_line  # noqa: E402
+
+from longmem.demo import load_model_and_tokenizer  # noqa: E402
+from longmem.evaluate import stream_nll  # noqa: E402
+
+
+def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, str]]]:
+    """The piece with made-up lines inserted early and repeated at the end; returns it and [(repeat offset, line)]."""
+    limit = len(text) - min_back
+    invented = []
+    for _ in range(lines):
+        line = made_up_line(rng)
+        a = text.rfind("\n", 0, rng.randrange(0, limit)) + 1
+        text = text[:a] + line + "\n" + text[a:]
+        invented.append(line)
+    repeats = []
+    for line in invented:
+        text += "\n\n"
+        repeats.append((len(text), line))
+        text += line
+    return text + "\n", repeats
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="LongMem folder (default: the shipped models/longmem-tiny)")
+    p.add_argument("--data", nargs="+", default=["data/code/test.jsonl", "data/books/test.jsonl"])
+    p.add_argument("--piece-chars", type=int, default=8000)
+    p.add_argument("--pieces", type=int, default=6, help="pieces per document")
+    p.add_argument("--lines", type=int, default=3, help="made-up lines per piece")
+    p.add_argument("--min-back", type=int, default=3000, help="characters between an insertion and the piece end")
+    p.add_argument("--cue", type=int, default=3, help="tokens of each repeat given before scoring / generating")
+    p.add_argument("--context", type=int, default=32, help="tokens before the repeat in the generation prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    model, tok = load_model_and_tokenizer(a.model)
+    model.eval()
+    rng = random.Random(a.seed)
+    enc = tok.backend_tokenizer
+
+    pieces = []  # (ids, [(first token of repeat, last token + 1)])
+    for path in a.data:
+        for line in open(path):
+            text = json.loads(line)["text"]
+            for k in range(a.pieces):
+                start = rng.randrange(0, max(1, len(text) - a.piece_chars))
+                piece, repeats = build_piece(text[start:start + a.piece_chars], rng, a.lines, a.min_back)
+                e = enc.encode(piece, add_special_tokens=False)
+                spans = []
+                for off, line_text in repeats:
+                    toks = [i for i, (s, t) in enumerate(e.offsets) if s >= off and t <= off + len(line_text)]
+                    spans.append((toks[0], toks[-1] + 1))
+                pieces.append((e.ids, spans))
+
+    docs = [np.array(ids, dtype=np.int64) for ids, _ in pieces]
+    result = {"model": a.model or "models/longmem-tiny", "pieces": len(pieces), "lines": sum(len(s) for _, s in pieces)}
+    for mode in ("longmem", "no_memory"):
+        table = stream_nll(model, docs, mode, keep_tokens=True, progress=True, desc=mode).token_table()
+        # position p in the table is the loss of predicting token p of the document
+        losses = [table[(d, t)] for d, (_, spans) in enumerate(pieces) for s, e in spans for t in range(s + a.cue, e)]
+        result[f"loss_{mode}"] = float(np.mean(losses))
+
+    exact = {"memory": 0, "no_memory": 0}
+    samples = []
+    T = model.segment_length
+    for ids, spans in pieces:
+        for s, e in spans:
+            cut = s + a.cue
+            prompt = ids[max(0, cut - a.context - a.cue):cut]
+            truth = ids[cut:e]
+            memory = model.new_memory(1)
+            before = ids[: max(0, cut - len(prompt))]
+            for i in range(0, len(before) - len(before) % model.config.chunk_size, T):
+                seg = before[i:i + T]
+                with torch.no_grad():
+                    model(torch.tensor([seg]), memory=memory)
+            got = {}
+            for name, mem in (("memory", memory), ("no_memory", None)):
+                out = model.generate(torch.tensor([prompt]), memory=mem, max_new_tokens=len(truth))[0, len(prompt):]
+                got[name] = out.tolist()
+                exact[name] += got[name] == truth
+            if len(samples) < 12:
+                samples.append({"prompt": tok.decode(prompt), "truth": tok.decode(truth),
+                                **{k: tok.decode(v) for k, v in got.items()}})
+    n = result["lines"]
+    result.update({f"greedy_exact_{k}": v / n for k, v in exact.items()}, samples=samples)
+    print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
