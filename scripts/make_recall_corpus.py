@@ -6,6 +6,8 @@ window back: the only place the model can find them is its memory). The loss on 
 retrieving from memory; the original text is kept whole, so ordinary language modelling still makes up most tokens.
 With --random-lines K, K lines of made-up identifiers are also inserted at line starts early in each piece and
 copied at its end with the passages: text no model can guess, so only copying from memory predicts their repeats.
+With --dense N, N documents are drawn instead, each 1,500 characters of a random document, --dense-lines made-up
+lines, the next 1,500 characters, then the same lines shuffled: a third of the tokens can be predicted only by copying.
 
     .venv/bin/python scripts/make_recall_corpus.py data/books/train.jsonl data/code/train.jsonl --out data/recall/train.jsonl
 """
@@ -74,6 +76,25 @@ def write_corpus(inputs, out: Path, piece_chars: int, passages: int, passage_cha
     return n, chars
 
 
+def write_dense(inputs, out: Path, documents: int, lines: int, seed: int) -> tuple[int, int]:
+    """``documents`` copy-dense documents (module docstring) drawn from the JSONL ``inputs``."""
+    rng = random.Random(seed)
+    texts = [t for path in inputs for t in (json.loads(line)["text"] for line in open(path)) if len(t) > 4000]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chars = 0
+    with open(out, "w") as f:
+        for i in range(documents):
+            t = rng.choice(texts)
+            s = rng.randrange(0, len(t) - 3200)
+            invented = [made_up_line(rng) for _ in range(lines)]
+            repeated = invented[:]
+            rng.shuffle(repeated)
+            doc = t[s:s + 1500] + "\n" + "\n".join(invented) + "\n" + t[s + 1500:s + 3000] + "\n" + "\n".join(repeated) + "\n"
+            f.write(json.dumps({"id": f"dense{i}", "text": doc}) + "\n")
+            chars += len(doc)
+    return documents, chars
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="JSONL files with a 'text' field")
@@ -84,8 +105,14 @@ def main() -> None:
     p.add_argument("--min-back", type=int, default=2000, help="characters between a passage's source and the piece end")
     p.add_argument("--random-lines", type=int, default=0, help="made-up lines inserted early in each piece and copied")
     p.add_argument("--every", type=int, default=1, help="use every N-th document only")
+    p.add_argument("--dense", type=int, default=0, help="write this many copy-dense documents instead (see above)")
+    p.add_argument("--dense-lines", type=int, default=25, help="made-up lines per copy-dense document")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    if a.dense:
+        n, chars = write_dense(a.inputs, Path(a.out), a.dense, a.dense_lines, a.seed)
+        print(f"{n} documents, {chars:,} characters -> {a.out}")
+        return
     n, chars = write_corpus(a.inputs, Path(a.out), a.piece_chars, a.passages, a.passage_chars, a.min_back, a.seed,
                             a.every, a.random_lines)
     print(f"{n} documents, {chars:,} characters -> {a.out}")

@@ -7,6 +7,9 @@ holds it. Every piece is streamed segment by segment as in evaluation (`longmem 
 without any memory. Reported:
 
     loss            mean next-token loss on the repeated lines after their first --cue tokens
+    retrieved       (with memory) share of the memory layer's heads whose retrieved chunks hold the token to copy
+                    (the one after the original of the current token)
+    attention       (with memory) the memory attention weight on that token, best head, mean over tokens
     greedy exact    the last --context tokens before a repeat plus its first --cue tokens as the prompt, whole
                     piece before it in memory (as `longmem memory add` writes it): how often greedy generation
                     reproduces the rest of the line exactly
@@ -29,21 +32,67 @@ from longmem.demo import load_model_and_tokenizer  # noqa: E402
 from longmem.evaluate import stream_nll  # noqa: E402
 
 
-def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, str]]]:
-    """The piece with made-up lines inserted early and repeated at the end; returns it and [(repeat offset, line)]."""
+def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, int, str]]]:
+    """The piece with made-up lines inserted early and repeated at the end.
+
+    Returns the text and [(offset of the original, offset of the repeat, line)]."""
     limit = len(text) - min_back
     invented = []
     for _ in range(lines):
         line = made_up_line(rng)
         a = text.rfind("\n", 0, rng.randrange(0, limit)) + 1
         text = text[:a] + line + "\n" + text[a:]
-        invented.append(line)
+        invented = [(o + len(line) + 1 if o >= a else o, l) for o, l in invented] + [(a, line)]
     repeats = []
-    for line in invented:
+    for orig, line in invented:
         text += "\n\n"
-        repeats.append((len(text), line))
+        repeats.append((orig, len(text), line))
         text += line
     return text + "\n", repeats
+
+
+def token_span(offsets, start: int, length: int) -> list[int]:
+    return [i for i, (s, t) in enumerate(offsets) if s >= start and t <= start + length]
+
+
+@torch.no_grad()
+def mechanism(model, ids: list[int], pairs: dict[int, int]) -> tuple[list[float], list[float]]:
+    """Stream one piece with memory; for each repeated token t whose original is j (``pairs``), whether the chunk of
+    j + 1 is retrieved (share of heads) and the memory attention weight on j + 1 (best head)."""
+    T, csz = model.segment_length, model.config.chunk_size
+    seen, retriever = {}, model.retriever
+
+    def spying(memory, keys):  # the model's own retrieval, its query kept for the attention weights
+        retrieve = retriever(memory, keys)
+
+        def spy(q_raw):
+            seen["q"], seen["r"] = q_raw, retrieve(q_raw)
+            return seen["r"]
+
+        return spy
+
+    model.retriever = spying
+    memory, hit, weight = model.new_memory(1), [], []
+    try:
+        for st in range(0, len(ids) - len(ids) % csz, T):
+            seen.clear()
+            model(torch.tensor([ids[st:st + T]]), memory=memory)
+            if "r" not in seen:
+                continue
+            q, r = seen["q"][0].float(), seen["r"]
+            for t in range(st, min(st + T, len(ids))):
+                if t not in pairs or pairs[t] + 1 >= st:
+                    continue
+                target = pairs[t] + 1
+                chunks = r.chunks[0, :, t - st]  # (H, k_c)
+                hit.append((chunks == target // csz).any(-1).float().mean().item())
+                scores = torch.einsum("hd,hkd->hk", q[:, t - st], r.keys[0, :, t - st].float()) * model.backbone.scale
+                probs = scores.masked_fill(~r.mask[0, :, t - st], float("-inf")).softmax(-1)
+                where = (chunks.clamp_min(0)[:, :, None] * csz + torch.arange(csz)).flatten(1) == target
+                weight.append((probs * where).sum(-1).max().item())
+    finally:
+        model.retriever = retriever
+    return hit, weight
 
 
 def main() -> None:
@@ -64,7 +113,7 @@ def main() -> None:
     rng = random.Random(a.seed)
     enc = tok.backend_tokenizer
 
-    pieces = []  # (ids, [(first token of repeat, last token + 1)])
+    pieces = []  # (ids, [(first token of repeat, last token + 1)], {repeat token: original token})
     for path in a.data:
         for line in open(path):
             text = json.loads(line)["text"]
@@ -72,24 +121,33 @@ def main() -> None:
                 start = rng.randrange(0, max(1, len(text) - a.piece_chars))
                 piece, repeats = build_piece(text[start:start + a.piece_chars], rng, a.lines, a.min_back)
                 e = enc.encode(piece, add_special_tokens=False)
-                spans = []
-                for off, line_text in repeats:
-                    toks = [i for i, (s, t) in enumerate(e.offsets) if s >= off and t <= off + len(line_text)]
+                spans, pairs = [], {}
+                for orig, off, line_text in repeats:
+                    toks, first = token_span(e.offsets, off, len(line_text)), token_span(e.offsets, orig, len(line_text))
                     spans.append((toks[0], toks[-1] + 1))
-                pieces.append((e.ids, spans))
+                    if [e.ids[i] for i in toks] == [e.ids[i] for i in first]:  # same tokens: position by position
+                        pairs.update(zip(toks[a.cue - 1:-1], first[a.cue - 1:-1]))
+                pieces.append((e.ids, spans, pairs))
 
-    docs = [np.array(ids, dtype=np.int64) for ids, _ in pieces]
-    result = {"model": a.model or "models/longmem-tiny", "pieces": len(pieces), "lines": sum(len(s) for _, s in pieces)}
+    docs = [np.array(ids, dtype=np.int64) for ids, _, _ in pieces]
+    result = {"model": a.model or "models/longmem-tiny", "config": model.config.to_dict(), "pieces": len(pieces),
+              "lines": sum(len(s) for _, s, _ in pieces)}
     for mode in ("longmem", "no_memory"):
         table = stream_nll(model, docs, mode, keep_tokens=True, progress=True, desc=mode).token_table()
         # position p in the table is the loss of predicting token p of the document
-        losses = [table[(d, t)] for d, (_, spans) in enumerate(pieces) for s, e in spans for t in range(s + a.cue, e)]
+        losses = [table[(d, t)] for d, (_, spans, _) in enumerate(pieces) for s, e in spans for t in range(s + a.cue, e)]
         result[f"loss_{mode}"] = float(np.mean(losses))
+    hit, weight = [], []
+    for ids, _, pairs in pieces:
+        h, w = mechanism(model, ids, pairs)
+        hit += h
+        weight += w
+    result.update(retrieved=float(np.mean(hit)), attention=float(np.mean(weight)), tokens_paired=len(hit))
 
     exact = {"memory": 0, "no_memory": 0}
     samples = []
     T = model.segment_length
-    for ids, spans in pieces:
+    for ids, spans, _ in pieces:
         for s, e in spans:
             cut = s + a.cue
             prompt = ids[max(0, cut - a.context - a.cue):cut]
