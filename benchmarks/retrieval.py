@@ -219,7 +219,7 @@ class RealMemory:
             self.keys, self.values = flat(k), flat(v)
             captured = []
             search = bank.search
-            bank.search = lambda q: captured.append(q.detach().float().cpu()) or search(q)
+            bank.search = lambda q, **kw: captured.append(q.detach().float().cpu()) or search(q, **kw)
             model(torch.from_numpy(ids[tokens:tokens + T]).long().view(1, -1).to(device), memory=bank, update_memory=False)
         q = captured[0]  # (1, H, T, Dh)
         Hkv = self.keys.shape[1]

@@ -36,6 +36,10 @@ class LongMemConfig:
     # block-m key of each token, the space the stored keys live in, so a repeated context finds where it was seen
     # (RESULTS.md: retrieval diagnostics); the retrieved tokens are attended to with the query either way
     retrieval_query: str = "query"
+    # also attend to the chunk stored right after each retrieved one (not in the paper): with key search the chunk
+    # found holds the token seen before, and the one to copy is its successor, in the next chunk 1 time in csz
+    # (RESULTS.md: "The SideNet can learn to copy from memory itself"). K doubles.
+    retrieval_next: bool = False
 
     def __post_init__(self):
         if self.memory_layer is not None:
@@ -58,13 +62,15 @@ class LongMemConfig:
             raise LongMemError(f"retrieval_metric must be one of {METRICS}, got {self.retrieval_metric!r}")
         if self.retrieval_query not in QUERIES:
             raise LongMemError(f"retrieval_query must be one of {QUERIES}, got {self.retrieval_query!r}")
+        if not isinstance(self.retrieval_next, bool):
+            raise LongMemError(f"retrieval_next must be true or false, got {self.retrieval_next!r}")
         if self.retrieval_backend not in BACKENDS:
             raise LongMemError(f"retrieval_backend must be one of {BACKENDS}, got {self.retrieval_backend!r}")
 
     @property
     def retrieved_tokens(self) -> int:
         """K: memory tokens each query attends to."""
-        return self.topk_chunks * self.chunk_size
+        return self.topk_chunks * self.chunk_size * (2 if self.retrieval_next else 1)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

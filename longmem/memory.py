@@ -311,14 +311,25 @@ class MemoryBank:
                 ivf.remove_ids(gone)
             ivf.add_with_ids(np.ascontiguousarray(ck[h]), ids)
 
+    def next_slots(self, slots: torch.Tensor) -> torch.Tensor:
+        """The slot of the chunk written right after each of ``slots`` (B, Hkv, Q, k), -1 where there is none
+        (the newest chunk, or a missing one). The ring holds chunks oldest-first from ``head`` once full, in
+        [0, count) before, so the successor of slot s is s + 1 (mod the ring size) unless that is ``head``."""
+        heads = torch.tensor([r.head for r in self.rows], device=slots.device).view(-1, 1, 1, 1)
+        nxt = (slots + 1) % self.max_chunks
+        return torch.where((slots >= 0) & (nxt != heads), nxt, -1)
+
     @torch.no_grad()
-    def search(self, queries: torch.Tensor) -> Retrieved:
+    def search(self, queries: torch.Tensor, next_chunks: bool = False) -> Retrieved:
         """Retrieve the top-k_c chunks per query token and head, expanded to their tokens.
 
         Args:
             queries: (B, H, T, Dh) retrieval queries (H a multiple of the memory's Hkv).
+            next_chunks: also return the chunk stored right after each retrieved one (not in the paper; a token
+                that matches the query may end its chunk, and what follows it is then in the next one).
         Returns:
-            Retrieved keys/values (B, H, T, K, Dh) with K = k_c * csz, and a validity mask.
+            Retrieved keys/values (B, H, T, K, Dh) with K = k_c * csz (2 k_c * csz with ``next_chunks``; each
+            retrieved chunk's successor after the k_c retrieved ones), and a validity mask.
         """
         B, H, T, Dh = queries.shape
         if B != self.batch_size or H % self.num_heads or Dh != self.head_dim:
@@ -329,6 +340,8 @@ class MemoryBank:
         G, kc, csz = H // self.num_heads, self.topk_chunks, self.chunk_size
         q = queries.reshape(B, self.num_heads, G * T, Dh)  # query head h -> kv head h // G
         slots, _ = self.search_chunks(q, kc)  # (B, Hkv, G*T, kc)
+        if next_chunks:
+            slots, kc = torch.cat([slots, self.next_slots(slots)], dim=-1), 2 * kc
         found = slots >= 0
         if self.keys is None:
             shape = (B, H, T, kc * csz, Dh)

@@ -204,11 +204,12 @@ class LongMem(MemoryLM):
         """
         if memory is None:
             return None
+        nxt = self.config.retrieval_next
         if self.config.retrieval_query == "query":
-            return memory.search
+            return lambda q_raw: memory.search(q_raw, next_chunks=nxt)
 
         def retrieve(q_raw: torch.Tensor):
-            return memory.search(keys).repeat_heads(q_raw.shape[1] // keys.shape[1])
+            return memory.search(keys, next_chunks=nxt).repeat_heads(q_raw.shape[1] // keys.shape[1])
 
         return retrieve
 

@@ -64,6 +64,7 @@ class TrainConfig:
     staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
     retrieval_metric: str | None = None  # chunk search score: ip (the paper; default) or cosine (see LongMemConfig)
     retrieval_query: str | None = None  # what searches the memory: query (the paper; default) or key (see LongMemConfig)
+    retrieval_next: bool | None = None  # also attend to the chunk after each retrieved one (see LongMemConfig)
     init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
 
     def __post_init__(self):
@@ -75,6 +76,8 @@ class TrainConfig:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
         if self.init_from is not None and self.method != "longmem":
             raise LongMemError("--init-from starts a LongMem SideNet; it cannot be combined with --method " + self.method)
+        if self.retrieval_next and self.method != "longmem":
+            raise LongMemError(f"--retrieval-next is a LongMem SideNet option; --method {self.method} does not use it")
         if self.retrieval_query not in (None, "query") and self.method != "longmem":
             raise LongMemError(f"--retrieval-query {self.retrieval_query} is a LongMem SideNet option; --method {self.method} searches with its query")
         if self.method not in ("longmem", "memtrm", "finetune"):
@@ -217,11 +220,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
                            retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
-                           topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
+                           retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
     if cfg.method == "longmem" and ckpt:
         model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
     elif cfg.method == "longmem" and cfg.init_from:
-        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query") if getattr(cfg, k)}
+        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next") if getattr(cfg, k)}
         model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
     elif cfg.method == "longmem":
         model = LongMem.from_backbone(cfg.backbone, lm_cfg)
@@ -493,6 +496,9 @@ def add_parser(sub) -> None:
     p.add_argument("--retrieval-query", dest="retrieval_query", choices=["query", "key"], default=None,
                    help="what searches the memory: query = the memory layer's query projection (the paper, default); "
                         "key = the backbone's own block-m key of each token, the space the stored keys are in")
+    p.add_argument("--retrieval-next", dest="retrieval_next", action="store_true", default=None,
+                   help="also attend to the chunk stored right after each retrieved one (not in the paper; K doubles): "
+                        "with key search the token to copy is often the first of the next chunk")
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
                         "the backbone's blocks; its memory settings are used")

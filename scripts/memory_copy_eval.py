@@ -13,6 +13,9 @@ without any memory. Reported:
     greedy exact    the last --context tokens before a repeat plus its first --cue tokens as the prompt, whole
                     piece before it in memory (as `longmem memory add` writes it): how often greedy generation
                     reproduces the rest of the line exactly
+    greedy name     same prompts, only repeats whose cue ends inside the line's first name: how often the
+                    generation completes that name exactly (the rest of it, then " =")
+    greedy first 4  same prompts: how often the first 4 generated tokens are right
 
     .venv/bin/python scripts/memory_copy_eval.py --model runs/memcopy --json results/memory_copy.json
 """
@@ -105,10 +108,14 @@ def main() -> None:
     p.add_argument("--min-back", type=int, default=3000, help="characters between an insertion and the piece end")
     p.add_argument("--cue", type=int, default=3, help="tokens of each repeat given before scoring / generating")
     p.add_argument("--context", type=int, default=32, help="tokens before the repeat in the generation prompt")
+    p.add_argument("--next-chunks", action="store_true",
+                   help="also attend to the chunk after each retrieved one (LongMemConfig.retrieval_next)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
     model, tok = load_model_and_tokenizer(a.model)
+    if a.next_chunks:
+        model.config = model.config.replace(retrieval_next=True)
     model.eval()
     rng = random.Random(a.seed)
     enc = tok.backend_tokenizer
@@ -144,8 +151,8 @@ def main() -> None:
         weight += w
     result.update(retrieved=float(np.mean(hit)), attention=float(np.mean(weight)), tokens_paired=len(hit))
 
-    exact = {"memory": 0, "no_memory": 0}
-    samples = []
+    exact, first4, name = {"memory": 0, "no_memory": 0}, {"memory": 0, "no_memory": 0}, {"memory": 0, "no_memory": 0}
+    named, samples = 0, []
     T = model.segment_length
     for ids, spans, _ in pieces:
         for s, e in spans:
@@ -158,16 +165,23 @@ def main() -> None:
                 seg = before[i:i + T]
                 with torch.no_grad():
                     model(torch.tensor([seg]), memory=memory)
-            got = {}
-            for name, mem in (("memory", memory), ("no_memory", None)):
+            got, rest = {}, tok.decode(truth)
+            in_name = rest.find(" = ") > 0  # the cue ends inside the first name: its rest, then " ="
+            named += in_name
+            for mode, mem in (("memory", memory), ("no_memory", None)):
                 out = model.generate(torch.tensor([prompt]), memory=mem, max_new_tokens=len(truth))[0, len(prompt):]
-                got[name] = out.tolist()
-                exact[name] += got[name] == truth
+                got[mode] = out.tolist()
+                exact[mode] += got[mode] == truth
+                first4[mode] += got[mode][:4] == truth[:4]
+                if in_name:
+                    name[mode] += tok.decode(got[mode]).startswith(rest[: rest.index(" = ") + 3])
             if len(samples) < 12:
                 samples.append({"prompt": tok.decode(prompt), "truth": tok.decode(truth),
                                 **{k: tok.decode(v) for k, v in got.items()}})
     n = result["lines"]
-    result.update({f"greedy_exact_{k}": v / n for k, v in exact.items()}, samples=samples)
+    result.update({f"greedy_exact_{k}": v / n for k, v in exact.items()},
+                  **{f"greedy_first4_{k}": v / n for k, v in first4.items()},
+                  **{f"greedy_name_{k}": v / max(named, 1) for k, v in name.items()}, names_cued=named, samples=samples)
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

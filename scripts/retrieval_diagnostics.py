@@ -53,8 +53,8 @@ def main() -> None:
                     model(torch.tensor([ids[s:s + T]]), memory=mem)
             search, queries, chunks = mem.search, [], []
 
-            def spy(q):
-                r = search(q)
+            def spy(q, **kw):
+                r = search(q, **kw)
                 queries.append(q.float())
                 chunks.append(r.chunks)
                 return r

@@ -11,10 +11,12 @@ from longmem.generation import Decoder, SamplingConfig, sample_next
 CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4, segment_length=12)
 
 
-@pytest.fixture(params=["query", "key"])
+@pytest.fixture(params=[("query", False), ("key", False), ("key", True)], ids=["query", "key", "key+next"])
 def model(backbone_hf, request):
-    """Each family, with the paper's query-based retrieval and with key-based retrieval (the shipped default's)."""
-    m = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_query=request.param)).eval()
+    """Each family, with the paper's query-based retrieval, key-based retrieval, and key-based retrieval that also
+    returns the chunk after each retrieved one (the shipped default's)."""
+    query, nxt = request.param
+    m = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_query=query, retrieval_next=nxt)).eval()
     with torch.no_grad():
         m.sidenet.gate.fill_(1.0)  # lean on the memory so that a wrong memory shows
     return m

@@ -101,6 +101,36 @@ def test_faiss_and_torch_backends_return_identical_chunks():
     assert torch.equal(ra.keys, rb.keys) and torch.equal(ra.values, rb.values)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5, 9])  # fewer chunks than k_c, not full, full, wrapped more than once
+def test_next_chunks_returns_the_chunk_written_after_each_retrieved_one(steps):
+    m = bank(M=32, csz=4, kc=3)
+    for s in range(steps):
+        m.add(*stream(T=7, seed=s))
+    q = torch.randn(2, 2, 5, 8)
+    plain, both = m.search(q), m.search(q, next_chunks=True)
+    assert both.keys.shape == (2, 2, 5, 2 * 3 * 4, 8)
+    assert torch.equal(both.keys[..., :12, :], plain.keys) and torch.equal(both.mask[..., :12], plain.mask)
+    for row in range(2):
+        keys, values = m.chronological(row)  # (Hkv, N, csz, Dh), oldest first
+        N = keys.shape[1]
+        for h in range(2):
+            for t in range(5):
+                for j in range(3):
+                    slot = int(plain.chunks[row, h, t, j])
+                    if slot < 0:  # nothing retrieved: no successor either
+                        assert not both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].any()
+                        continue
+                    hits = [n for n in range(N) if torch.equal(keys[h, n], m.keys[row, h, slot])]
+                    assert len(hits) == 1
+                    got = both.keys[row, h, t, 12 + 4 * j: 16 + 4 * j]
+                    if hits[0] == N - 1:  # the newest chunk has no successor: masked
+                        assert not both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].any()
+                    else:
+                        assert both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].all()
+                        assert torch.equal(got, keys[h, hits[0] + 1])
+                        assert torch.equal(both.values[row, h, t, 12 + 4 * j: 16 + 4 * j], values[h, hits[0] + 1])
+
+
 def test_missing_results_are_masked():
     m = bank(kc=4, csz=2)
     m.add(*stream(T=4))  # two chunks per row, four asked for

@@ -262,8 +262,8 @@ def test_key_retrieval_searches_with_the_backbones_own_keys(backbone_hf):
         model(ids, memory=mem)  # 16 tokens stored, slots 0..15
         search, seen = mem.search, {}
 
-        def spy(q):
-            seen["q"], seen["r"] = q, search(q)
+        def spy(q, **kw):
+            seen["q"], seen["r"] = q, search(q, **kw)
             return seen["r"]
 
         mem.search = spy
@@ -290,7 +290,40 @@ def test_key_retrieval_is_saved_and_older_files_read_as_query(backbone_hf, tmp_p
     mem_a, mem_b = model.new_memory(2), back.new_memory(2)
     for ids in segments(3):
         assert torch.equal(model(ids, memory=mem_a).logits, back(ids, memory=mem_b).logits)
-    old = LongMemConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k != "retrieval_query"})
-    assert old.retrieval_query == "query"
+    old = LongMemConfig.from_dict({k: v for k, v in CFG.to_dict().items() if k not in ("retrieval_query", "retrieval_next")})
+    assert old.retrieval_query == "query" and old.retrieval_next is False
     with pytest.raises(LongMemError, match="retrieval_query must be one of"):
         LongMemConfig(retrieval_query="value")
+
+
+def test_next_chunk_retrieval_adds_each_retrieved_chunks_successor_and_is_saved(backbone_hf, tmp_path):
+    """retrieval_next: the memory layer attends to the k_c retrieved chunks and the chunk written after each; with
+    an empty memory it is plain attention, and the option survives save -> load."""
+    cfg = CFG.replace(retrieval_query="key", retrieval_metric="cosine", retrieval_next=True)
+    model = LongMem.from_backbone(backbone_hf, cfg).eval()
+    assert cfg.retrieved_tokens == 2 * cfg.topk_chunks * cfg.chunk_size
+    ids = segments(3, B=2)
+    mem, seen = model.new_memory(2), {}
+    search = mem.search
+
+    def spy(q, **kw):
+        seen["kw"], seen["r"] = kw, search(q, **kw)
+        seen["successors"] = mem.next_slots(seen["r"].chunks[..., : cfg.topk_chunks])  # before this segment's write
+        return seen["r"]
+
+    mem.search = spy
+    with torch.no_grad():
+        empty = model(ids[0], memory=mem).logits  # nothing stored yet
+        assert torch.equal(empty, model(ids[0]).logits)
+        for seg in ids[1:]:
+            model(seg, memory=mem)
+    assert seen["kw"] == {"next_chunks": True}
+    r = seen["r"]
+    assert r.keys.shape[-2] == cfg.retrieved_tokens and r.chunks.shape[-1] == 2 * cfg.topk_chunks
+    assert torch.equal(r.chunks[..., cfg.topk_chunks:], seen["successors"])
+    assert (seen["successors"] >= 0).any() and (seen["successors"] == -1).any()  # the newest chunk has none
+    model.save_pretrained(tmp_path / "m", save_backbone=True)
+    back = LongMem.from_pretrained(tmp_path / "m").eval()
+    assert back.config.retrieval_next is True
+    with pytest.raises(LongMemError, match="retrieval_next must be true or false"):
+        LongMemConfig(retrieval_next="yes")

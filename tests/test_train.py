@@ -143,6 +143,14 @@ def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_asset
     fresh = LongMem.from_backbone(a["backbone"], start.config)
     assert any(not torch.equal(v, w) for v, w in zip(fresh.sidenet.state_dict().values(), after.sidenet.state_dict().values()))
     assert main(train_args(a, tmp_path / "x", "--init-from", str(first), "--method", "memtrm")) == 2
+    # retrieval options given with --init-from override the saved ones (how the shipped default was continued)
+    third = tmp_path / "third"
+    assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(third),
+                 "--init-from", str(first), "--max-steps", "1", "--batch-size", "2", "--precision", "fp32",
+                 "--no-progress", "--eval-every", "0", "--retrieval-query", "key", "--retrieval-next"]) == 0
+    cfg = LongMem.from_pretrained(third).config
+    assert (cfg.retrieval_query, cfg.retrieval_next, cfg.memory_size) == ("key", True, 128)
+    assert main(train_args(a, tmp_path / "y", "--retrieval-next", "--method", "memtrm")) == 2
 
 
 def test_a_damaged_trainer_state_is_detected_on_resume(tiny_assets, tmp_path, capsys):
