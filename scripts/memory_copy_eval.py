@@ -16,6 +16,8 @@ without any memory. Reported:
     greedy name     same prompts, only repeats whose cue ends inside the line's first name: how often the
                     generation completes that name exactly (the rest of it, then " =")
     greedy first 4  same prompts: how often the first 4 generated tokens are right
+    --cue-name      the cue of every repeat is its first name and " =" (``vokaru_ti =``) instead of --cue tokens:
+                    greedy exact is then how often what the name was set to comes back whole (the README example)
 
     .venv/bin/python scripts/memory_copy_eval.py --model runs/memcopy --json results/memory_copy.json
 """
@@ -107,6 +109,8 @@ def main() -> None:
     p.add_argument("--lines", type=int, default=3, help="made-up lines per piece")
     p.add_argument("--min-back", type=int, default=3000, help="characters between an insertion and the piece end")
     p.add_argument("--cue", type=int, default=3, help="tokens of each repeat given before scoring / generating")
+    p.add_argument("--cue-name", action="store_true",
+                   help="cue each repeat with its first name and ' =' (the rest of the line is what was assigned)")
     p.add_argument("--context", type=int, default=32, help="tokens before the repeat in the generation prompt")
     p.add_argument("--next-chunks", action="store_true",
                    help="also attend to the chunk after each retrieved one (LongMemConfig.retrieval_next)")
@@ -120,7 +124,7 @@ def main() -> None:
     rng = random.Random(a.seed)
     enc = tok.backend_tokenizer
 
-    pieces = []  # (ids, [(first token of repeat, last token + 1)], {repeat token: original token})
+    pieces = []  # (ids, [(first token of repeat, last token + 1, cue tokens)], {repeat token: original token})
     for path in a.data:
         for line in open(path):
             text = json.loads(line)["text"]
@@ -131,9 +135,12 @@ def main() -> None:
                 spans, pairs = [], {}
                 for orig, off, line_text in repeats:
                     toks, first = token_span(e.offsets, off, len(line_text)), token_span(e.offsets, orig, len(line_text))
-                    spans.append((toks[0], toks[-1] + 1))
+                    cue = a.cue
+                    if a.cue_name:  # the tokens up to and including " =" (a token never spans " = ")
+                        cue = len(token_span(e.offsets, off, line_text.index(" = ") + 2))
+                    spans.append((toks[0], toks[-1] + 1, cue))
                     if [e.ids[i] for i in toks] == [e.ids[i] for i in first]:  # same tokens: position by position
-                        pairs.update(zip(toks[a.cue - 1:-1], first[a.cue - 1:-1]))
+                        pairs.update(zip(toks[cue - 1:-1], first[cue - 1:-1]))
                 pieces.append((e.ids, spans, pairs))
 
     docs = [np.array(ids, dtype=np.int64) for ids, _, _ in pieces]
@@ -142,7 +149,7 @@ def main() -> None:
     for mode in ("longmem", "no_memory"):
         table = stream_nll(model, docs, mode, keep_tokens=True, progress=True, desc=mode).token_table()
         # position p in the table is the loss of predicting token p of the document
-        losses = [table[(d, t)] for d, (_, spans, _) in enumerate(pieces) for s, e in spans for t in range(s + a.cue, e)]
+        losses = [table[(d, t)] for d, (_, spans, _) in enumerate(pieces) for s, e, c in spans for t in range(s + c, e)]
         result[f"loss_{mode}"] = float(np.mean(losses))
     hit, weight = [], []
     for ids, _, pairs in pieces:
@@ -155,9 +162,9 @@ def main() -> None:
     named, samples = 0, []
     T = model.segment_length
     for ids, spans, _ in pieces:
-        for s, e in spans:
-            cut = s + a.cue
-            prompt = ids[max(0, cut - a.context - a.cue):cut]
+        for s, e, c in spans:
+            cut = s + c
+            prompt = ids[max(0, cut - a.context - c):cut]
             truth = ids[cut:e]
             memory = model.new_memory(1)
             before = ids[: max(0, cut - len(prompt))]
