@@ -14,7 +14,7 @@ CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4, segment_length=
 @pytest.fixture(params=[("query", False), ("key", False), ("key", True)], ids=["query", "key", "key+next"])
 def model(backbone_hf, request):
     """Each family, with the paper's query-based retrieval, key-based retrieval, and key-based retrieval that also
-    returns the chunk after each retrieved one (the shipped default's)."""
+    returns the chunk after each retrieved one (the copy-trained candidates of RESULTS.md)."""
     query, nxt = request.param
     m = LongMem.from_backbone(backbone_hf, CFG.replace(retrieval_query=query, retrieval_next=nxt)).eval()
     with torch.no_grad():
