@@ -125,13 +125,15 @@ def _generate(args) -> int:
     sampling = _sampling(args)
     if args.memory and not args.no_memory:
         check_name(args.memory)
+    if args.prompt_file is not None:
+        args.prompt = _read_prompt(args.prompt_file)
     model, tok = _load(args)
     memory = None
     if args.memory and not args.no_memory:
         memory = _store(args).load(args.memory, model)
     ids = tok.backend_tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not ids:
-        raise LongMemError("the prompt is empty; pass --prompt TEXT")
+        raise LongMemError("the prompt is empty; pass --prompt TEXT or --prompt-file FILE")
     prompt = torch.tensor([ids], dtype=torch.long)
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
     new: list[int] = []
@@ -150,6 +152,18 @@ def _generate(args) -> int:
     model.generate(prompt, memory=memory, streamer=stream, generator=gen, tokenizer=tok, **sampling)
     sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
     return 0
+
+
+def _read_prompt(path: str) -> str:
+    """The text of ``--prompt-file`` (``-``: standard input), exactly as written."""
+    if path == "-":
+        return sys.stdin.read()
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LongMemError(f"--prompt-file {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise LongMemError(f"cannot read --prompt-file {path}: {e.strerror}") from None
 
 
 def _chat(args) -> int:
@@ -256,7 +270,10 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("generate", help="continue a prompt, reading a named memory",
                        description="Generate text with the model's local window plus a named long-term memory.")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to continue")
+    src.add_argument("--prompt-file", metavar="FILE", help="continue the text of FILE (UTF-8; '-': standard input), "
+                                                           "for long or multi-line prompts")
     p.add_argument("--memory", help="name of a memory in the store (see `longmem memory list`)")
     p.add_argument("--no-memory", action="store_true", help="ignore --memory (to compare)")
     p.add_argument("--stop", nargs="*", help="stop when one of these strings is generated")

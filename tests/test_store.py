@@ -71,6 +71,26 @@ def test_memory_reloaded_in_a_new_process_gives_the_same_generation(tiny_checkpo
     assert without.returncode == 0
 
 
+def test_prompt_file_and_stdin_give_the_prompts_generation(tiny_checkpoint, book, tmp_path, capsys, monkeypatch):
+    import io
+
+    home = tmp_path / "home"
+    assert run("memory", "add", "m", str(book), "--model", str(tiny_checkpoint), "--no-progress", home=home) == 0
+    prompt = "alpha beta\n    gamma \u00e9 delta"  # several lines, non-ASCII: read exactly as written
+    gen = ("generate", "--model", str(tiny_checkpoint), "--memory", "m", "--max-new-tokens", "10")
+    capsys.readouterr()
+    assert run(*gen, "--prompt", prompt, home=home) == 0
+    direct = capsys.readouterr().out
+    assert direct.startswith(prompt) and len(direct) > len(prompt) + 1
+    f = tmp_path / "prompt.txt"
+    f.write_text(prompt, encoding="utf-8")
+    assert run(*gen, "--prompt-file", str(f), home=home) == 0
+    assert capsys.readouterr().out == direct
+    monkeypatch.setattr("sys.stdin", io.StringIO(prompt))
+    assert run(*gen, "--prompt-file", "-", home=home) == 0
+    assert capsys.readouterr().out == direct
+
+
 def test_a_killed_add_leaves_the_previous_memory_intact(tiny_checkpoint, book, tmp_path):
     home = tmp_path / "home"
     assert run("memory", "add", "m", str(book), "--model", str(tiny_checkpoint), "--no-progress", home=home) == 0
