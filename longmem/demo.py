@@ -81,6 +81,7 @@ def memory_example(tokenizer, ids: np.ndarray, with_mem: dict, without: dict, T:
 def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None, progress=True) -> dict:
     from longmem.eval_cli import check_output, write_result
     from longmem.evaluate import stream_nll
+    from longmem.recall import identifier_recall
     from longmem.streams import encode_documents
 
     t0 = time.time()
@@ -106,8 +107,10 @@ def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None,
         results[mode] = stats.summary()
         tables[mode] = stats.token_table()
     example = memory_example(tokenizer, ids, tables["longmem"], tables["no_memory"], T)
+    # generation: names the first half defines, completed in the second half with / without that half in memory
+    identifiers = identifier_recall(model, tokenizer, tokenizer.decode(ids.tolist()))
     report = {**results, "document": name, "segment_length": T, "memory_size": model.config.memory_size,
-              "example": example, "seconds": round(time.time() - t0, 1)}
+              "example": example, "identifiers": identifiers, "seconds": round(time.time() - t0, 1)}
     if json_out:
         write_result(json_out, report)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
     return report
@@ -130,8 +133,29 @@ def format_report(r: dict) -> str:
                       f"{ex['distance']} tokens earlier, outside the {r['segment_length']}-token window",
                   f"  context: ...{ex['context']!r}",
                   f"  p(token) with memory {ex['p_with_memory']:.3f}, without {ex['p_without_memory']:.3f}"]
+    lines += format_identifiers(r.get("identifiers"))
     lines.append(f"\n({r['seconds']} s)")
     return "\n".join(lines)
+
+
+def format_identifiers(idr: dict | None) -> list[str]:
+    if idr is None:
+        return []
+    head = "recall of names defined far back (generation):"
+    if not idr["probes"]:
+        return ["", f"{head} none to probe (no name defined in the first half is used in the second half)"]
+    n = idr["probes"]
+    lines = ["", f"{head} the first half ({idr['memory_tokens']} tokens) in a fresh memory; each name it defines, at its",
+             "first use in the second half, cued with the 600 characters before it and the name's first token",
+             f"  completed exactly: with memory {idr['right_memory']}/{n}, without {idr['right_no_memory']}/{n} "
+             f"({idr['only_with_memory']} only with memory, {idr['only_without_memory']} only without)"]
+    only = [x for x in idr["rows"] if x["right_memory"] and not x["right_no_memory"]]
+    if only:  # the one with the most left to complete
+        row = max(only, key=lambda x: len(x["name"]) - len(x["cue"]))
+        cut = lambda t: (row["cue"] + t).split("\n")[0]  # noqa: E731
+        lines += [f"  e.g. {row['name']}: ...{row['prompt_tail'][-60:]!r}",
+                  f"    with memory {cut(row['memory'])!r}, without {cut(row['no_memory'])!r}"]
+    return lines
 
 
 def _run(args) -> int:
@@ -143,7 +167,9 @@ def _run(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="show LongMem's memory at work on a held-out long document",
                        description="Stream a held-out long document through the shipped default model and print perplexity "
-                                   "with memory, without memory (same weights) and with the frozen backbone alone.")
+                                   "with memory, without memory (same weights) and with the frozen backbone alone; then "
+                                   "put its first half in a memory and see whether the model completes names defined "
+                                   "there when they are used in the second half (greedy, with and without memory).")
     p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
     p.add_argument("--data", help="document to read (default: the longest test-split file of the stdlib code corpus)")
     p.add_argument("--max-tokens", type=int, default=16384, help="read at most this many tokens (default: 16384)")

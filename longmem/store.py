@@ -181,6 +181,16 @@ def read_pieces(path: Path, size: int = READ_BYTES):
 
 
 @torch.no_grad()
+def write_tokens(model, bank: MemoryBank, ids: np.ndarray, row: int = 0) -> None:
+    """Write token ids (1-D, any length) into a memory row, one segment at a time, through the backbone up
+    to block m (the blocks after m are not needed)."""
+    T = model.segment_length
+    for s in range(0, len(ids), T):
+        x = torch.as_tensor(np.asarray(ids[s:s + T], dtype=np.int64)).view(1, -1).to(model.device)
+        kv = model.backbone(x, model.memory_layer, upto=model.memory_layer)
+        bank.add(kv.keys, kv.values, rows=[row])
+
+
 def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, progress=None) -> int:
     """Write one file into a memory row, segment by segment, through the backbone up to block m.
 
@@ -188,20 +198,13 @@ def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, pr
     bounded by its FIFO). Returns the number of tokens written.
     """
     T = model.segment_length
-    device = model.device
     buffer = np.zeros(0, dtype=np.int64)
     total = 0
-
-    def write(ids: np.ndarray):
-        x = torch.from_numpy(ids).view(1, -1).to(device)
-        kv = model.backbone(x, model.memory_layer, upto=model.memory_layer)  # blocks after m are not needed
-        bank.add(kv.keys, kv.values, rows=[row])
-
     for piece in read_pieces(path):
         ids = np.asarray(tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids, dtype=np.int64)
         buffer = np.concatenate([buffer, ids])
         while len(buffer) >= T:
-            write(buffer[:T])
+            write_tokens(model, bank, buffer[:T], row)
             buffer = buffer[T:]
             total += T
             if progress is not None:
@@ -209,7 +212,7 @@ def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, pr
         if progress is not None:
             progress.set_postfix(tokens=total)
     if len(buffer):
-        write(buffer)
+        write_tokens(model, bank, buffer, row)
         total += len(buffer)
         if progress is not None:
             progress.update(len(buffer))

@@ -25,6 +25,23 @@ def test_demo_runs_and_writes_the_documented_json(tiny_assets, tmp_path, capsys)
         assert {"ppl", "ppl_beyond_window", "tokens"} <= set(r[mode])
         assert r[mode]["tokens"] == r["longmem"]["tokens"] > 16
     assert r["example"] is None or r["example"]["distance"] > 16
+    idr = r["identifiers"]  # prose: names are probed only where the first half defines them (likely none)
+    assert "recall of names defined far back" in printed and idr["probes"] == len(idr["rows"])
+
+
+def test_demo_on_code_probes_names_defined_in_the_first_half(tiny_checkpoint, tmp_path, capsys):
+    head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(40))
+    later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(60))
+    doc = tmp_path / "code.py"
+    doc.write_text(head + later + "".join(f"total = helper_number_{i}(total)\n" + later[:700] for i in range(0, 40, 7)))
+    capsys.readouterr()
+    assert main(["demo", "--model", str(tiny_checkpoint), "--data", str(doc), "--json", str(tmp_path / "d.json"),
+                 "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    idr = json.loads((tmp_path / "d.json").read_text())["identifiers"]
+    assert idr["probes"] > 0 and {r["name"] for r in idr["rows"]} <= {f"helper_number_{i}" for i in range(40)}
+    n = idr["probes"]
+    assert f"completed exactly: with memory {idr['right_memory']}/{n}, without {idr['right_no_memory']}/{n}" in printed
 
 
 def test_demo_on_a_missing_model_is_a_one_line_error(tmp_path, capsys):

@@ -82,22 +82,3 @@ def test_memory_copy_eval_pieces_point_at_both_occurrences():
         assert text[orig - 1] == "\n" and text[orig + len(line)] == "\n"
         assert rep - orig >= 3000
 
-
-def test_identifier_probes_use_names_only_memory_holds():
-    import identifier_recall as ir
-
-    head = "import os\n\nclass ZorbleCache:\n    pass\n\ndef frobnicate_all(x):\n    self.widget_count = 1\n    len = 3\n"
-    filler = "".join(f"value_{i} = {i}\n" for i in range(200))
-    later = "y = frobnicate_all(2)\n" + filler + "z = frobnicate_all(3) + ZorbleCache()\n" + filler + "w = widget_count\n"
-    text = head + filler + later
-    cut = len(head) + len(filler)
-    names = ir.defined_names(text[:cut], 6)
-    assert {"ZorbleCache", "frobnicate_all", "widget_count"} <= set(names)
-    assert "len" not in names and "import" not in names  # builtins, keywords and short names are not probes
-    got = ir.probes(text, cut, ["ZorbleCache", "frobnicate_all", "widget_count"], 600)
-    for name, pos in got:
-        assert pos >= cut + 600 and text[pos:pos + len(name)] == name
-        assert name not in text[pos - 600:pos]  # the prompt does not hold the name: only the memory does
-    # the use right after the cut is too close to it to have a whole prompt after the cut; the second one is taken
-    assert dict(got)["frobnicate_all"] == text.index("z = frobnicate_all") + 4
-    assert [n for n, _ in got] == ["frobnicate_all", "ZorbleCache", "widget_count"]
