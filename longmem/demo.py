@@ -146,7 +146,7 @@ def format_identifiers(idr: dict | None) -> list[str]:
         return ["", f"{head} none to probe (no name defined in the first half is used in the second half)"]
     n = idr["probes"]
     lines = ["", f"{head} the first half ({idr['memory_tokens']} tokens) in a fresh memory; each name it defines, at its",
-             "first use in the second half, cued with the 600 characters before it and the name's first token",
+             f"first use in the second half, cued with the {idr['context_chars']} characters before it and the name's first token",
              f"  completed exactly: with memory {idr['right_memory']}/{n}, without {idr['right_no_memory']}/{n} "
              f"({idr['only_with_memory']} only with memory, {idr['only_without_memory']} only without)"]
     only = [x for x in idr["rows"] if x["right_memory"] and not x["right_no_memory"]]

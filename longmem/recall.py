@@ -78,7 +78,7 @@ def identifier_recall(model, tokenizer, text: str, memory_frac: float = 0.5, con
             row[key] = got
             row[f"right_{key}"] = got.startswith(rest) and not re.match(r"\w", got[len(rest):len(rest) + 1])
         rows.append(row)
-    return {"probes": len(rows), "memory_tokens": memory.num_tokens(0),
+    return {"probes": len(rows), "memory_tokens": memory.num_tokens(0), "context_chars": context_chars,
             "right_memory": sum(r["right_memory"] for r in rows), "right_no_memory": sum(r["right_no_memory"] for r in rows),
             "only_with_memory": sum(r["right_memory"] and not r["right_no_memory"] for r in rows),
             "only_without_memory": sum(r["right_no_memory"] and not r["right_memory"] for r in rows), "rows": rows}
