@@ -199,7 +199,10 @@ def _plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[st
         ax.bar(x + i * width - 0.4 + width / 2, ys, width, yerr=(errors or {}).get(name), label=name, capsize=3)
     if hline is not None:
         ax.axhline(hline, color="grey", linestyle=":", label="chance")
-    ax.set_xticks(x, groups)
+    if len(groups) > 5:  # long rows of labels would overlap
+        ax.set_xticks(x, groups, rotation=35, ha="right")
+    else:
+        ax.set_xticks(x, groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.set_ylim(0, 1)
@@ -526,6 +529,52 @@ def _run_passkey(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- names
+
+
+def _run_names(args) -> int:
+    from tqdm import tqdm
+
+    from longmem.data import iter_documents
+    from longmem.recall import COUNTS, identifier_recall
+
+    if not 0 < args.memory_frac < 1:
+        raise LongMemError(f"--memory-frac must be between 0 and 1 (the share of each document put in memory), got {args.memory_frac}")
+    at_least_one(args, "context_chars", "min_chars", "new_tokens")
+    check_output(args.json)
+    check_output(args.plot, "--plot")
+    docs = [d for path in args.data for d in iter_documents(path)]
+    if not docs:
+        raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
+    model, tok = load_model(args.model, resolve_device(args.device))
+    memory_kwargs = checked(model, memory_args(args))
+    per_doc = {}
+    for doc in tqdm(docs, desc="eval names", unit="doc", disable=not args.progress):
+        per_doc[doc.id] = identifier_recall(model, tok, doc.text, args.memory_frac, args.context_chars, args.min_chars,
+                                            args.new_tokens, memory_kwargs)
+    total = {k: sum(r[k] for r in per_doc.values()) for k in COUNTS}
+    report = {"all": total, "documents": per_doc,
+              "meta": {"model": str(args.model or "(shipped default)"), "memory_frac": args.memory_frac,
+                       "context_chars": args.context_chars, "min_chars": args.min_chars, "new_tokens": args.new_tokens}}
+    print(f"names defined in the first {args.memory_frac:.0%} of each document (in memory), completed at their first use "
+          f"after it from their first token (greedy, {args.context_chars} characters of prompt)")
+    print(f"{'document':<44}{'names':>7}{'with memory':>13}{'without':>9}{'only with':>11}{'only without':>14}")
+    for name, r in [*per_doc.items(), ("all", total)]:
+        print(f"{name[-44:]:<44}{r['probes']:>7}{r['right_memory']:>13}{r['right_no_memory']:>9}"
+              f"{r['only_with_memory']:>11}{r['only_without_memory']:>14}")
+    if args.json:
+        write_result(args.json, report)
+    if args.plot:
+        groups = [k for k, r in per_doc.items() if r["probes"]] + ["all"]
+        rows = [per_doc[k] for k in groups[:-1]] + [total]
+        series = {label: [r[key] / max(1, r["probes"]) for r in rows]
+                  for label, key in (("with memory", "right_memory"), ("without memory", "right_no_memory"))}
+        labels = [f"{Path(g).name[-18:]} ({r['probes']})" for g, r in zip(groups, rows)]
+        _plot_bars(args.plot, labels, series, None, "share of names completed exactly (names probed)",
+                   "Names defined far back, completed from memory")
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -552,7 +601,7 @@ def _output_flags(p, plot: str) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a LongMem checkpoint (perplexity, ChapterBreak, ICL, pass key)",
+    p = sub.add_parser("eval", help="evaluate a LongMem checkpoint (perplexity, ChapterBreak, ICL, pass key, names)",
                        description="The paper's evaluations. Each compares three modes of one checkpoint on the same "
                                    "tokens: longmem (SideNet reading its memory), no_memory (same weights, memory off) "
                                    "and backbone (the frozen LM alone).")
@@ -658,3 +707,25 @@ def add_parser(sub) -> None:
     _memory_flags(k)
     _output_flags(k, "accuracy by distance, one line per mode and rule")
     k.set_defaults(func=_run_passkey)
+
+    n = ev.add_parser("names", help="recall of names defined far back in code: completed with and without memory",
+                      description="For each document: its first --memory-frac (cut at a line start) goes into a fresh "
+                                  "memory; every name that part defines (def NAME, class NAME, NAME =, self.NAME =) and the "
+                                  "rest uses is cued at its first use there, with the --context-chars characters before "
+                                  "it (which must not contain it) and the name's first token; greedy generation with the "
+                                  "memory and without. A name counts when the rest of it comes back exactly. Nothing is "
+                                  "picked by hand (longmem.recall).",
+                      epilog="--json layout: {\"all\": C, \"documents\": {ID: C + memory_tokens, context_chars, rows}, "
+                             "\"meta\": {...}}; C holds probes, right_memory, right_no_memory, only_with_memory, "
+                             "only_without_memory; each row the name, its cue and both continuations.")
+    n.add_argument("--data", nargs="+", required=True, metavar="PATH",
+                   help="code documents: text files, folders, .jsonl files ({\"text\": ...} per line) or hf:NAME[:SPLIT]")
+    n.add_argument("--memory-frac", type=float, default=0.5, metavar="F",
+                   help="share of each document put in memory (default: 0.5)")
+    n.add_argument("--context-chars", type=int, default=600, metavar="N", help="characters of prompt before each use (default: 600)")
+    n.add_argument("--min-chars", type=int, default=6, metavar="N", help="shortest name probed (default: 6)")
+    n.add_argument("--new-tokens", type=int, default=8, metavar="N", help="tokens generated per probe (default: 8)")
+    _model_flags(n)
+    _memory_flags(n)
+    _output_flags(n, "a bar chart of names completed with and without memory, per document")
+    n.set_defaults(func=_run_names)

@@ -48,17 +48,20 @@ def probe_sites(text: str, cut: int, names: list[str], context_chars: int) -> li
     return sorted(out, key=lambda x: x[1])
 
 
+COUNTS = ("probes", "right_memory", "right_no_memory", "only_with_memory", "only_without_memory")
+
+
 @torch.no_grad()
 def identifier_recall(model, tokenizer, text: str, memory_frac: float = 0.5, context_chars: int = 600,
-                      min_chars: int = 6, new_tokens: int = 8) -> dict:
+                      min_chars: int = 6, new_tokens: int = 8, memory_kwargs: dict | None = None) -> dict:
     """Probe every identifier of ``text``'s first part (see the module docstring).
 
-    Returns counts (``probes``, ``right_memory``, ``right_no_memory``, ``only_with_memory``,
-    ``only_without_memory``), ``memory_tokens`` and one row per probe (name, cue, both continuations).
+    Returns the ``COUNTS``, ``memory_tokens``, ``context_chars`` and one row per probe (name, cue, both
+    continuations). ``memory_kwargs``: ``new_memory`` arguments (default: the model's memory settings).
     """
     enc = tokenizer.backend_tokenizer
     cut = text.rfind("\n", 0, int(len(text) * memory_frac)) + 1
-    memory = model.new_memory(1)
+    memory = model.new_memory(1, **(memory_kwargs or {}))
     write_tokens(model, memory, np.asarray(enc.encode(text[:cut], add_special_tokens=False).ids))
     rows = []
     for name, pos in probe_sites(text, cut, defined_names(text[:cut], min_chars), context_chars):

@@ -1,7 +1,7 @@
 """The README's recall example, and how much it depends on where the prompt starts.
 
 Memory: the first half of this Python's ``xml/etree/ElementTree.py`` (held out from all training; cut at a line
-start, as ``scripts/identifier_recall.py`` cuts), written as ``longmem memory add`` writes it. Prompt: the lines
+start, as ``longmem eval names`` cuts), written as ``longmem memory add`` writes it. Prompt: the lines
 before the first ``_raise_serialization_error(`` call after ``def _escape_cdata_c14n``, then the call's indent and
 ``_``; the name is defined and used only in the first half, never in a prompt. Greedy generation with that memory
 and without, from every third line between --span lines and 3 lines before the call (and from the README's start,

@@ -83,6 +83,7 @@ CB = ("eval", "chapterbreak", *M, "--device", "cpu", "--no-progress", "--json", 
 BUILD = ("eval", "chapterbreak-build", "--out", "{out}/cb.json")
 ICL = ("eval", "icl", "--task", "sst2", *M, "--device", "cpu", "--no-progress", "--json", "{out}/icl.json", "--seeds", "1")
 PK = ("eval", "passkey", *M, "--device", "cpu", "--no-progress", "--json", "{out}/pk.json", "--trials", "1")
+NAMES = ("eval", "names", *M, "--device", "cpu", "--no-progress", "--json", "{out}/names.json")
 GEN = ("generate", *M, "--prompt", "alpha beta")
 CHAT = ("chat", *M)
 ADD = ("memory", "add")
@@ -285,6 +286,13 @@ CASES = [
     cli("icl-backbone-swapped", "was trained on another backbone", *ICL, "--data", "{sst2}", "--train", "{sst2}",
         "--model", "{swapped}"),
     # -- eval passkey --------------------------------------------------------------------------
+    cli("names-memory-frac-zero", "--memory-frac must be between 0 and 1", *NAMES, "--data", "{text}", "--memory-frac", "0"),
+    cli("names-memory-frac-whole", "--memory-frac must be between 0 and 1", *NAMES, "--data", "{text}", "--memory-frac", "1"),
+    cli("names-context-zero", "--context-chars must be at least 1", *NAMES, "--data", "{text}", "--context-chars", "0"),
+    cli("names-new-tokens-negative", "--new-tokens must be at least 1", *NAMES, "--data", "{text}", "--new-tokens", "-2"),
+    cli("names-missing-data", "does not exist", *NAMES, "--data", "{missing}"),
+    cli("names-binary-data", "looks binary", *NAMES, "--data", "{binary}"),
+    cli("names-json-is-a-folder", "is a folder", "eval", "names", *M, "--data", "{text}", "--json", "{folder}"),
     cli("passkey-distance-zero", "--distances must be positive", *PK, "--distances", "0"),
     cli("passkey-distance-enormous", "--distances must be at most", *PK, "--distances", HUGE),
     cli("passkey-candidates-enormous", "--candidates must be at most", *PK, "--distances", "40", "--candidates", HUGE),

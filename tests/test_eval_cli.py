@@ -140,14 +140,36 @@ def test_ppl_bad_inputs_are_one_line_errors(checkpoints, cli, tiny_assets, tmp_p
         assert len(err) == 1 and message in err[0], (message, err)
 
 
+def test_names_per_document_and_in_all_with_json_and_plot(checkpoints, cli, tmp_path, capsys):
+    head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(30))
+    later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(40))
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.py").write_text(head + later + "".join(f"t = helper_number_{i}(t)\n" + later for i in range(0, 30, 5)))
+    (docs / "b.txt").write_text("no names are defined here, only prose about memory and recall. " * 80)
+    out, png = tmp_path / "names.json", tmp_path / "names.png"
+    assert cli("names", "--data", docs, "--model", checkpoints[0], "--device", "cpu", "--context-chars", "200",
+               "--memory-size", "4096", "--json", out, "--plot", png, "--no-progress") == 0
+    printed = capsys.readouterr().out
+    r = verify_result(out)
+    a, b = (next(v for k, v in r["documents"].items() if k.endswith(name)) for name in ("a.py", "b.txt"))
+    assert a["probes"] == len(a["rows"]) > 0 and b["probes"] == 0
+    assert {row["name"] for row in a["rows"]} <= {f"helper_number_{i}" for i in range(30)}
+    for k in ("probes", "right_memory", "right_no_memory", "only_with_memory", "only_without_memory"):
+        assert r["all"][k] == a[k] + b[k]
+    assert a["memory_tokens"] > 128  # --memory-size reached the memory (the checkpoint's own holds 128)
+    assert f"{r['all']['probes']:>7}{r['all']['right_memory']:>13}" in printed.splitlines()[-1]
+    assert png.stat().st_size > 1000
+
+
 def test_eval_help_lists_every_task(cli, capsys):
     with pytest.raises(SystemExit) as e:
         cli("--help")
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for task in ("ppl", "chapterbreak", "chapterbreak-build", "icl", "passkey"):
+    for task in ("ppl", "chapterbreak", "chapterbreak-build", "icl", "passkey", "names"):
         assert task in text
-    for task in ("ppl", "chapterbreak", "chapterbreak-build", "icl", "passkey"):
+    for task in ("ppl", "chapterbreak", "chapterbreak-build", "icl", "passkey", "names"):
         with pytest.raises(SystemExit):
             cli(task, "--help")
         assert "--" in capsys.readouterr().out
