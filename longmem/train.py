@@ -224,7 +224,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if cfg.method == "longmem" and ckpt:
         model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
     elif cfg.method == "longmem" and cfg.init_from:
-        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next") if getattr(cfg, k)}
+        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
+                     if getattr(cfg, k) is not None}
         model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
     elif cfg.method == "longmem":
         model = LongMem.from_backbone(cfg.backbone, lm_cfg)
@@ -496,9 +497,10 @@ def add_parser(sub) -> None:
     p.add_argument("--retrieval-query", dest="retrieval_query", choices=["query", "key"], default=None,
                    help="what searches the memory: query = the memory layer's query projection (the paper, default); "
                         "key = the backbone's own block-m key of each token, the space the stored keys are in")
-    p.add_argument("--retrieval-next", dest="retrieval_next", action="store_true", default=None,
+    p.add_argument("--retrieval-next", dest="retrieval_next", action=argparse.BooleanOptionalAction, default=None,
                    help="also attend to the chunk stored right after each retrieved one (not in the paper; K doubles): "
-                        "with key search the token to copy is often the first of the next chunk")
+                        "with key search the token to copy is often the first of the next chunk; --no-retrieval-next "
+                        "turns it off for a model --init-from one that has it (the shipped default does)")
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
                         "the backbone's blocks; its memory settings are used")

@@ -150,6 +150,13 @@ def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_asset
                  "--no-progress", "--eval-every", "0", "--retrieval-query", "key", "--retrieval-next"]) == 0
     cfg = LongMem.from_pretrained(third).config
     assert (cfg.retrieval_query, cfg.retrieval_next, cfg.memory_size) == ("key", True, 128)
+    # ... and can turn an inherited option off again (back to the paper's retrieval from the shipped default)
+    fourth = tmp_path / "fourth"
+    assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(fourth),
+                 "--init-from", str(third), "--max-steps", "1", "--batch-size", "2", "--precision", "fp32",
+                 "--no-progress", "--eval-every", "0", "--retrieval-query", "query", "--no-retrieval-next"]) == 0
+    cfg = LongMem.from_pretrained(fourth).config
+    assert (cfg.retrieval_query, cfg.retrieval_next) == ("query", False)
     assert main(train_args(a, tmp_path / "y", "--retrieval-next", "--method", "memtrm")) == 2
 
 
