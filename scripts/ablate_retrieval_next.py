@@ -4,8 +4,7 @@ Names (`longmem eval names`'s probe on the code test + validation splits) and co
 
     .venv/bin/python scripts/ablate_retrieval_next.py      # writes results/v3/ablation_retrieval_next.json
 """
-import json, sys
-import numpy as np
+import json
 from longmem import LongMem
 from longmem.pretrain import load_tokenizer
 from longmem.recall import identifier_recall, COUNTS
