@@ -2,6 +2,7 @@
 
 import json
 
+from conftest import code_document
 from longmem import LongMem
 from longmem.cli import main
 
@@ -30,10 +31,8 @@ def test_demo_runs_and_writes_the_documented_json(tiny_assets, tmp_path, capsys)
 
 
 def test_demo_on_code_probes_names_defined_in_the_first_half(tiny_checkpoint, tmp_path, capsys):
-    head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(40))
-    later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(60))
     doc = tmp_path / "code.py"
-    doc.write_text(head + later + "".join(f"total = helper_number_{i}(total)\n" + later[:700] for i in range(0, 40, 7)))
+    doc.write_text(code_document(40))
     capsys.readouterr()
     assert main(["demo", "--model", str(tiny_checkpoint), "--data", str(doc), "--json", str(tmp_path / "d.json"),
                  "--no-progress"]) == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import longmem
+from conftest import code_document
 from longmem import LongMem, LongMemConfig, LongMemError
 from longmem.cli import main
 from longmem.eval_cli import RESULT_FORMAT, SEAL, verify_result
@@ -141,11 +142,9 @@ def test_ppl_bad_inputs_are_one_line_errors(checkpoints, cli, tiny_assets, tmp_p
 
 
 def test_names_per_document_and_in_all_with_json_and_plot(checkpoints, cli, tmp_path, capsys):
-    head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(30))
-    later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(40))
     docs = tmp_path / "docs"
     docs.mkdir()
-    (docs / "a.py").write_text(head + later + "".join(f"t = helper_number_{i}(t)\n" + later for i in range(0, 30, 5)))
+    (docs / "a.py").write_text(code_document(30))
     (docs / "b.txt").write_text("no names are defined here, only prose about memory and recall. " * 80)
     out, png = tmp_path / "names.json", tmp_path / "names.png"
     assert cli("names", "--data", docs, "--model", checkpoints[0], "--device", "cpu", "--context-chars", "200",

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import code_document
 from longmem import LongMem
 from longmem.recall import defined_names, identifier_recall, probe_sites
 
@@ -34,15 +35,9 @@ def model_and_tok(tiny_checkpoint):
     return LongMem.from_pretrained(tiny_checkpoint, memory_size=8192).eval(), load_tokenizer(str(tiny_checkpoint / "backbone"))
 
 
-def code_text(n=40):
-    head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(n))
-    later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(60))
-    return head + later + "".join(f"total = helper_number_{i}(total)\n" + later[:700] for i in range(0, n, 7))
-
-
 def test_rows_are_scored_as_stated_and_the_memory_holds_the_first_part(model_and_tok):
     model, tok = model_and_tok
-    text = code_text()
+    text = code_document()
     r = identifier_recall(model, tok, text, context_chars=300, new_tokens=6)
     cut = text.rfind("\n", 0, len(text) // 2) + 1
     n = len(tok.backend_tokenizer.encode(text[:cut], add_special_tokens=False).ids)
@@ -68,7 +63,7 @@ def test_a_closed_gate_makes_memory_and_no_memory_agree(model_and_tok):
     closed.sidenet.load_state_dict(model.sidenet.state_dict())
     with torch.no_grad():
         closed.sidenet.gate.fill_(-1e4)  # sigmoid(g) = 0: the memory branch weighs nothing
-    r = identifier_recall(closed, tok, code_text(), context_chars=300, new_tokens=6)
+    r = identifier_recall(closed, tok, code_document(), context_chars=300, new_tokens=6)
     assert r["probes"] > 0
     assert all(row["memory"] == row["no_memory"] for row in r["rows"])
     assert r["only_with_memory"] == r["only_without_memory"] == 0

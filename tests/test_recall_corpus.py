@@ -81,4 +81,3 @@ def test_memory_copy_eval_pieces_point_at_both_occurrences():
         assert text[orig:orig + len(line)] == line and text[rep:rep + len(line)] == line
         assert text[orig - 1] == "\n" and text[orig + len(line)] == "\n"
         assert rep - orig >= 3000
-
