@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     args = common.parse(build_parser(), argv)
     device = common.setup(args)
     started = time.perf_counter()
-    from longmem.model import causal_lm_loss
+    from longmem.model import next_token_loss
 
     B = args.batch or (2 if args.quick else 8)
     T = args.tokens or (64 if args.quick else 256)
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
             with autocast():
                 logits = model(ids, memory=memory).logits
         with sw("loss"):
-            loss = causal_lm_loss(logits, ids)
+            loss = next_token_loss(logits, ids)
         with sw("backward"):
             loss.backward()
         with sw("optimizer"):
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
     def full_step():
         with autocast():
             logits = full(ids, use_cache=False).logits
-        loss = causal_lm_loss(logits, ids)
+        loss = next_token_loss(logits, ids)
         loss.backward()
         opt_full.step()
         opt_full.zero_grad(set_to_none=True)

@@ -342,8 +342,8 @@ def fill_memory(bank, tokens: int, seed: int = 0, piece: int = 65536) -> None:
 
 
 def autocast_dtype(precision: str, device: torch.device):
-    """The training loop's rule (longmem.train.autocast_dtype): auto = bf16 where the hardware has it."""
-    from longmem.train import autocast_dtype as rule
+    """The training loop's rule (longmem.training.train.autocast_dtype): auto = bf16 where the hardware has it."""
+    from longmem.training.train import autocast_dtype as rule
 
     return rule(precision, device)
 

@@ -103,7 +103,7 @@ def phase(fn, device) -> dict:
 def child(args) -> dict:
     device = common.setup(args)
     from longmem.memory import MemoryBank
-    from longmem.model import causal_lm_loss
+    from longmem.model import next_token_loss
 
     if args.child == "fill":
         M = max(args.sizes or (QUICK_SIZES if args.quick else [65536]))
@@ -136,7 +136,7 @@ def child(args) -> dict:
     def step():
         with autocast():
             logits = net()
-        causal_lm_loss(logits, ids).backward()
+        next_token_loss(logits, ids).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -151,12 +151,12 @@ def main(argv=None) -> dict:
 
 def load_or_train_tokenizer(args, model, tmp: Path):
     if args.model:  # the checkpoint's backbone folder holds its tokenizer (as `longmem memory add` finds it)
-        from longmem.model import read_checkpoint_meta
-        from longmem.pretrain import load_tokenizer
+        from longmem.io import read_checkpoint_meta
+        from longmem.loading import load_tokenizer
 
         ref = read_checkpoint_meta(Path(args.model))["backbone"]["path"]
         return load_tokenizer(str(Path(args.model) / ref if (Path(args.model) / ref).is_dir() else ref))
-    from longmem.data import train_tokenizer
+    from longmem.data.corpora import train_tokenizer
 
     corpus = tmp / "corpus.txt"
     corpus.write_text(stdlib_text(200_000 if args.quick else 2_000_000), encoding="utf-8")

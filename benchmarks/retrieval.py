@@ -196,7 +196,7 @@ class RealMemory:
 
     def __init__(self, args, device, tokens: int):
         from longmem import LongMem
-        from longmem.streams import encode_documents
+        from longmem.data.streams import encode_documents
 
         if not args.text:
             sys.exit("--real-keys needs --text (the documents to write into memory)")
@@ -230,8 +230,8 @@ class RealMemory:
 
 
 def _tokenizer(model_dir):
-    from longmem.model import read_checkpoint_meta
-    from longmem.pretrain import load_tokenizer
+    from longmem.io import read_checkpoint_meta
+    from longmem.loading import load_tokenizer
 
     ref = read_checkpoint_meta(Path(model_dir))["backbone"]["path"]
     return load_tokenizer(str(Path(model_dir) / ref if (Path(model_dir) / ref).is_dir() else ref))

@@ -120,7 +120,7 @@ def make_checkpoint(args, folder: Path) -> tuple[Path, dict]:
     import transformers
 
     from longmem import LongMem, LongMemConfig
-    from longmem.data import train_tokenizer
+    from longmem.data.corpora import train_tokenizer
 
     if args.model:
         model = LongMem.from_pretrained(args.model)

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from longmem.attention import causal_attention
 from longmem.errors import LongMemError
@@ -139,8 +140,6 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
     """An HF causal LM from an instance, a local folder or a hub id, with clear errors offline."""
     if isinstance(model_or_path, nn.Module):
         return model_or_path
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     name = str(model_or_path)
     try:
         config = AutoConfig.from_pretrained(name)

@@ -13,19 +13,20 @@ so the training loop and the evaluations take them unchanged.
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longmem.attention import joint_attention
 from longmem.backbone import Backbone, load_causal_lm
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
+from longmem.io import CHECKPOINT_VERSION, atomic_write, read_checkpoint_meta, write_checkpoint_meta
 from longmem.memory import MemoryBank
-from longmem.model import (CHECKPOINT_VERSION, CONFIG_FILE, LongMemOutput, MemoryLM, _atomic, causal_lm_loss,
-                           read_checkpoint_meta, resolve_config, write_checkpoint_meta)
+from longmem.model import LongMemOutput, MemoryLM, next_token_loss, resolve_config
 
 TRAIN_LAYERS = ("all", "upper")
 EXTRA_FILE = "baseline.safetensors"
@@ -63,7 +64,7 @@ class _TrainedBackbone(MemoryLM):
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
                 update_memory: bool = True) -> LongMemOutput:
-        self._check_inputs(input_ids, labels, memory)
+        self.check_inputs(input_ids, labels, memory)
         core = None
         if self.uses_memory and memory is not None:
             scale, gate = self.backbone.scale, self.gate
@@ -76,7 +77,19 @@ class _TrainedBackbone(MemoryLM):
         logits = self.backbone.logits(out.hidden_states[-1])
         if self.uses_memory and memory is not None and update_memory:
             memory.add(out.keys.detach(), out.values.detach())  # written by the weights of this step
-        return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
+        return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))
+
+    @torch.no_grad()
+    def write_memory(self, input_ids: torch.Tensor, memory: MemoryBank, rows=None) -> None:
+        """Write tokens into this model's own memory, one local window at a time: a coupled memory is
+        written by the model's forward, reading then writing as when it streams a document.
+        (R, n) ids with R = 1 go to every row; ``rows`` must be all rows (the forward reads every row)."""
+        if rows is not None and list(rows) != list(range(memory.batch_size)):
+            raise LongMemError(f"the {self.method} baseline writes its memory through its forward: write all rows at once")
+        B, T = memory.batch_size, self.segment_length
+        for start in range(0, input_ids.shape[1], T):
+            seg = input_ids[:, start:start + T].to(self.device)
+            self(seg.expand(B, -1), memory=memory)
 
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -89,8 +102,6 @@ class _TrainedBackbone(MemoryLM):
                 "memory_layer": self.memory_layer}
 
     def save_pretrained(self, path, tokenizer=None) -> None:
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.backbone.model.save_pretrained(path / "backbone")
@@ -101,13 +112,11 @@ class _TrainedBackbone(MemoryLM):
                 "train_layers": self.train_layers, "config": self.config.to_dict(),
                 "backbone": {"path": "backbone", "model_type": self.backbone.model_type,
                              "fingerprint": self._reference.fingerprint()}}
-        _atomic(path / EXTRA_FILE, lambda tmp: save_file({"gate": self.gate.detach().cpu().contiguous()}, tmp))
+        atomic_write(path / EXTRA_FILE, lambda tmp: save_file({"gate": self.gate.detach().cpu().contiguous()}, tmp))
         write_checkpoint_meta(path, meta)
 
     @classmethod
     def from_pretrained(cls, path, backbone=None):
-        from safetensors.torch import load_file
-
         path = Path(path)
         meta = read_checkpoint_meta(path)
         if meta.get("method") != cls.method:
@@ -120,8 +129,6 @@ class _TrainedBackbone(MemoryLM):
 
 
 def _frozen_copy(hf_model: nn.Module) -> nn.Module:
-    import copy
-
     return copy.deepcopy(hf_model)
 
 
@@ -140,97 +147,3 @@ class FinetunedLM(_TrainedBackbone):
 
 
 BASELINES = {cls.method: cls for cls in (CoupledMemoryLM, FinetunedLM)}
-
-
-@torch.no_grad()
-def staleness(model, memory: MemoryBank, segments: list[torch.Tensor], row: int = 0) -> list[dict]:
-    """Cosine similarity between the stored block-m keys of a row and the keys the *current* weights give
-    for the same segments, by age (segments back; the newest is age 1).
-
-    Args:
-        segments: the row's segments already written to memory, oldest first, each (1, T).
-    """
-    if not segments:
-        return []
-    T = segments[0].shape[1]
-    stored, _ = memory.chronological(row)  # (Hkv, N, csz, Dh)
-    stored = stored.reshape(stored.shape[0], -1, stored.shape[-1])  # (Hkv, N*csz, Dh)
-    n = stored.shape[1] // T  # whole segments still in memory (FIFO may have dropped older ones)
-    out = []
-    for age in range(1, min(n, len(segments)) + 1):
-        seg = segments[-age].to(model.device)
-        fresh = model.backbone(seg, model.memory_layer, upto=model.memory_layer).keys[0]  # (Hkv, T, Dh)
-        old = stored[:, stored.shape[1] - age * T: stored.shape[1] - (age - 1) * T]
-        cos = torch.nn.functional.cosine_similarity(fresh.float(), old.float().to(fresh.device), dim=-1).mean()
-        out.append({"age": age, "cos": float(cos)})
-    return out
-
-
-# -- the staleness report --------------------------------------------------------------------------
-
-
-def staleness_curve(metrics_path: Path) -> dict[int, float]:
-    """Mean cosine similarity by age (steps since written) over all staleness records of a run."""
-    sums: dict[int, list[float]] = {}
-    with open(metrics_path, "rb") as f:
-        for lineno, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                points = [(int(p["age"]), float(p["cos"])) for p in record.get("staleness", [])]
-            except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-                raise LongMemError(f"{metrics_path}:{lineno} is not valid JSON of a `longmem train` record ({type(e).__name__}); "
-                                   "the file is damaged: train again, or drop the broken line") from None
-            for age, cos in points:
-                sums.setdefault(age, []).append(cos)
-    return {age: sum(v) / len(v) for age, v in sorted(sums.items())}
-
-
-def _run_staleness(args) -> int:
-    from longmem.eval_cli import check_output
-
-    check_output(args.json)
-    check_output(args.plot, "--plot")
-    curves = {}
-    for run in args.run:
-        path = Path(run) / "metrics.jsonl"
-        if not path.is_file():
-            raise LongMemError(f"{run} has no metrics.jsonl; give the --out folder of a `longmem train` run")
-        meta = read_checkpoint_meta(Path(run)) if (Path(run) / CONFIG_FILE).is_file() else {}
-        curve = staleness_curve(path)
-        if not curve:
-            raise LongMemError(f"{run} recorded no staleness; train it with --staleness-every N")
-        curves[f"{meta.get('method', 'run')}:{Path(run).name}"] = curve
-    for name, curve in curves.items():
-        print(f"{name}: " + ", ".join(f"age {a}: {c:.4f}" for a, c in list(curve.items())[:12]))
-    if args.json:
-        from longmem.eval_cli import write_result
-
-        write_result(args.json, {k: {str(a): c for a, c in v.items()} for k, v in curves.items()})
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for name, curve in curves.items():
-            ax.plot(list(curve), list(curve.values()), "o-", label=name)
-        ax.set_xlabel("age of the memory entry (training steps since it was written)")
-        ax.set_ylabel("cosine(stored key, key from current weights)")
-        ax.set_title("Memory staleness: stored vs freshly computed keys")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=110)
-        plt.close(fig)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("staleness", help="plot stored-vs-fresh key similarity by age for training runs",
-                       description="Read the staleness records of `longmem train --staleness-every N` runs (e.g. one "
-                                   "--method memtrm and one --method longmem) and report similarity by memory age.")
-    p.add_argument("--run", nargs="+", required=True, help="training output folders")
-    p.add_argument("--plot", help="write a PNG plot here")
-    p.add_argument("--json", help="write the curves here")
-    p.set_defaults(func=_run_staleness)

@@ -59,3 +59,28 @@ class KVCache:
         n = len(self.keys)
         self.keys, self.values, self.raw_keys = [None] * n, [None] * n, [None] * n
         self._length = [0] * n
+
+
+class WindowCache:
+    """Both networks' KV caches for one local window: what ``LongMem.forward(..., cache=)`` extends.
+
+    ``memory_kv()`` gives the window's block-m keys (pre-rotary) and values, (B, Hkv, S, Dh) each: what
+    moves into the memory when the window slides.
+    """
+
+    def __init__(self, backbone_layers: int, sidenet_layers: int, capacity: int | None = None, memory_layer: int | None = None):
+        self.backbone = KVCache(backbone_layers, capacity)
+        self.sidenet = KVCache(sidenet_layers, capacity)
+        self.memory_layer = memory_layer
+
+    def __len__(self) -> int:
+        """S: tokens in the window."""
+        return len(self.backbone)
+
+    def memory_kv(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        m = self.memory_layer
+        return self.backbone.raw_keys[m], self.backbone.values[m]
+
+    def reset(self) -> None:
+        self.backbone.reset()
+        self.sidenet.reset()

@@ -15,12 +15,11 @@ Glossary: B rows (prompts, each with its own memory row), W window tokens, S tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 
-from longmem.cache import KVCache
 from longmem.errors import LongMemError
 
 
@@ -45,19 +44,12 @@ class SamplingConfig:
             raise LongMemError(f"top_k must be >= 0, got {self.top_k}")
 
 
-@dataclass
-class Window:
-    """The decoding state of B rows: window tokens, both networks' caches, and the memory."""
-
-    tokens: torch.Tensor  # (B, S)
-    backbone_cache: KVCache
-    sidenet_cache: KVCache
-    memory: object = None  # MemoryBank or None (then the slid-out tokens are forgotten)
-    moved: int = field(default=0)  # tokens moved out of the window so far
-
-
 class Decoder:
-    """Feeds tokens through a LongMem model incrementally. ``feed`` returns the last token's logits."""
+    """Feeds tokens through a LongMem model incrementally. ``feed`` returns the last token's logits.
+
+    Only the model's public API is used: ``forward(..., cache=)`` with the cache of ``new_cache()``,
+    ``write_memory``-free slides (the cache already holds the keys that move into memory).
+    """
 
     def __init__(self, model, batch_size: int, memory=None, window: int | None = None, keep: int | None = None):
         self.model = model
@@ -69,56 +61,58 @@ class Decoder:
         if self.W > limit:
             raise LongMemError(f"window {self.W} exceeds the backbone's context {limit}")
         if memory is not None:
-            model._check_memory(memory, batch_size)  # once, not per token
-        device = model.device
-        self.state = Window(
-            tokens=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
-            backbone_cache=KVCache(model.backbone.num_layers, capacity=self.W),
-            sidenet_cache=KVCache(model.sidenet.num_layers, capacity=self.W),
-            memory=memory,
-        )
+            model.check_memory(memory, batch_size)
+        self.memory = memory  # MemoryBank or None (then the slid-out tokens are forgotten)
+        self.cache = model.new_cache()
+        self.tokens = torch.zeros(batch_size, 0, dtype=torch.long, device=model.device)  # (B, S) the window
+        self.moved = 0  # tokens moved out of the window so far
+
+    @property
+    def tokens_seen(self) -> int:
+        """Every token fed so far: those moved out of the window plus those in it."""
+        return self.moved + self.tokens.shape[1]
 
     @torch.no_grad()
     def feed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
         """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one.
 
-        ``check=False`` skips validating ``ids`` (for tokens the model itself just produced).
+        ``check=False`` skips validating ``ids`` up front (for tokens the model itself just produced);
+        ``forward`` still checks each piece.
         """
         if check:
-            for piece in ids.split(self.W, dim=1):  # each piece fits the window
-                self.model._check_inputs(piece, None, None)
+            for piece in ids.split(self.W, dim=1):  # each piece fits the window; nothing is fed if one is bad
+                self.model.check_inputs(piece)
         logits = None
         while ids.shape[1]:
-            room = self.W - self.state.tokens.shape[1]
+            room = self.W - self.tokens.shape[1]
             if room == 0:
                 self._slide()
-                room = self.W - self.state.tokens.shape[1]
+                room = self.W - self.tokens.shape[1]
             logits = self._forward(ids[:, :room])
             ids = ids[:, room:]
         return logits
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
-        m, st = self.model, self.state
-        start = st.tokens.shape[1]
-        positions = torch.arange(start, start + ids.shape[1], device=ids.device)
-        bb = m.backbone(ids, m.memory_layer, positions, cache=st.backbone_cache)
-        rope = m.backbone.rotary(bb.hidden_states[0], positions.view(1, -1))
-        logits = m.sidenet(m.backbone, bb.hidden_states, rope, m.retriever(st.memory, bb.keys), cache=st.sidenet_cache)
-        st.tokens = torch.cat([st.tokens, ids], dim=1)
-        return logits[:, -1].float()
+        out = self.model(ids, memory=self.memory, update_memory=False, cache=self.cache)
+        self.tokens = torch.cat([self.tokens, ids], dim=1)
+        return out.logits[:, -1].float()
+
+    def flush(self) -> None:
+        """Write the window's tokens into the memory too (e.g. at the end of a chat); the window stays."""
+        keys, values = self.cache.memory_kv()
+        if self.memory is not None and keys is not None:
+            self.memory.add(keys, values)
 
     def _slide(self) -> None:
         """Move the oldest W - keep tokens into memory and restart the window with the rest."""
-        st, m = self.state, self.model
         move = self.W - self.keep
-        if st.memory is not None:
-            c, layer = st.backbone_cache, m.memory_layer
-            st.memory.add(c.raw_keys[layer][:, :, :move], c.values[layer][:, :, :move])  # chunk by chunk
-        kept = st.tokens[:, move:]
-        st.tokens = st.tokens[:, :0]
-        st.backbone_cache.reset()
-        st.sidenet_cache.reset()
-        st.moved += move
+        if self.memory is not None:
+            keys, values = self.cache.memory_kv()
+            self.memory.add(keys[:, :, :move], values[:, :, :move])  # chunk by chunk
+        kept = self.tokens[:, move:]
+        self.tokens = self.tokens[:, :0]
+        self.cache.reset()
+        self.moved += move
         if kept.shape[1]:
             self._forward(kept)  # re-encode the kept tokens as a fresh window (positions from 0)
 

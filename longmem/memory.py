@@ -27,9 +27,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from longmem.config import BACKENDS, METRICS
 from longmem.errors import LongMemError
+from longmem.io import atomic_write, sha256_bytes
 
 FORMAT_VERSION = 1
 INDEXES = ("flat", "ivf")
@@ -404,8 +407,6 @@ class MemoryBank:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the memory to one safetensors file (JSON header in its metadata). Atomic."""
-        from safetensors.torch import save_file
-
         tensors = {}
         for b, r in enumerate(self.rows):
             if r.count:
@@ -418,25 +419,14 @@ class MemoryBank:
             if r.pending_k is not None:
                 tensors[f"row{b}.pending_keys"] = r.pending_k.contiguous().cpu()
                 tensors[f"row{b}.pending_values"] = r.pending_v.contiguous().cpu()
-        path = os.fspath(path)
-        tmp = f"{path}.tmp-{os.getpid()}"
         header = self.header()
         header["checksum_scope"] = "tensors+header"
         header["sha256"] = _checksum(tensors, header)
-        try:
-            save_file(tensors, tmp, metadata={"longmem": json.dumps(header)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"longmem": json.dumps(header)}), fsync=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu", expect: dict | None = None) -> "MemoryBank":
         """Read a memory written by ``save``. ``expect``: info fields that must match (e.g. the model's)."""
-        from safetensors import SafetensorError, safe_open
-
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise LongMemError(f"no memory file at {path}")
@@ -488,16 +478,15 @@ class MemoryBank:
 def _checksum(tensors: dict, header: dict | None = None) -> str:
     """sha256 over the tensors' names, shapes, dtypes and bytes, in name order, then the header (as canonical
     JSON, without its own sha256) so that sources, sizes and settings are covered too."""
-    import hashlib
+    def parts():
+        if header is not None:
+            yield json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode()
+        for name in sorted(tensors):
+            t = tensors[name].contiguous()
+            yield f"{name}:{tuple(t.shape)}:{t.dtype};".encode()
+            yield t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
-    h = hashlib.sha256()
-    if header is not None:
-        h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return sha256_bytes(*parts())
 
 
 def _mismatch_message(path: str, mismatched: dict) -> str:

@@ -17,24 +17,27 @@ only then is the segment's block-m key/value written to the memory (write after 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from longmem.backbone import Backbone, load_causal_lm
+from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
+from longmem.generation import generate
+from longmem.io import CHECKPOINT_VERSION, atomic_write, file_sha256, read_checkpoint_meta, write_checkpoint_meta
 from longmem.memory import MemoryBank
 from longmem.sidenet import SideNet
 
-CHECKPOINT_VERSION = 1
-CONFIG_FILE = "longmem.json"
 WEIGHTS_FILE = "sidenet.safetensors"
+IGNORE = -100  # label of a position that is not scored (HF convention)
 
 
 @dataclass
@@ -101,13 +104,36 @@ class MemoryLM(nn.Module):
         return MemoryBank.load(path, device=device or self.device, expect=self.memory_info())
 
     @torch.no_grad()
+    def write_memory(self, input_ids: torch.Tensor, memory: MemoryBank, rows=None) -> None:
+        """Write tokens into a memory without scoring them, one local window at a time, oldest first.
+
+        LongMem's memory holds the frozen backbone's block-m keys/values, which do not depend on the
+        SideNet: only the backbone runs, up to block m.
+
+        Args:
+            input_ids: (R, n) token ids, any n; R = 1 writes the same tokens to every row of ``rows``.
+            memory: the bank to write to.
+            rows: which memory rows (default: all of them).
+        """
+        R = memory.batch_size if rows is None else len(rows)
+        if input_ids.dim() != 2 or input_ids.shape[0] not in (1, R):
+            raise LongMemError(f"write_memory takes (1 or {R}, tokens) ids for {R} memory row(s), got shape {tuple(input_ids.shape)}")
+        T = self.segment_length
+        for start in range(0, input_ids.shape[1], T):
+            seg = input_ids[:, start:start + T].to(self.device)
+            self.check_inputs(seg)
+            kv = self.backbone(seg, self.memory_layer, upto=self.memory_layer)
+            memory.add(kv.keys.expand(R, -1, -1, -1), kv.values.expand(R, -1, -1, -1), rows=rows)  # (R, Hkv, t, Dh)
+
+    @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's own logits for a segment (the paper's baseline), (B, T, V)."""
-        self._check_inputs(input_ids, None, None)
+        self.check_inputs(input_ids, None, None)
         bb = self.backbone(input_ids, self.memory_layer)
         return self.backbone.logits(bb.hidden_states[-1])
 
-    def _check_inputs(self, input_ids, labels, memory) -> None:
+    def check_inputs(self, input_ids, labels=None, memory=None) -> None:
+        """Raise a LongMemError that says what is wrong with a segment (shape, ids, length), its labels or its memory."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int, torch.int16):
             got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise LongMemError(f"input_ids must be an integer tensor of shape (batch, tokens), got {got}")
@@ -125,9 +151,9 @@ class MemoryLM(nn.Module):
             got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise LongMemError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {got}")
         if memory is not None:
-            self._check_memory(memory, B)
+            self.check_memory(memory, B)
 
-    def _check_memory(self, memory, B: int) -> None:
+    def check_memory(self, memory, B: int) -> None:
         """The memory has B rows and was built by this model (same backbone fingerprint and layer)."""
         if not isinstance(memory, MemoryBank):
             raise LongMemError(f"memory must be a longmem.MemoryBank (see model.new_memory), got {type(memory).__name__}")
@@ -173,10 +199,14 @@ class LongMem(MemoryLM):
     def trainable_parameters(self):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
+    def new_cache(self) -> WindowCache:
+        """An empty KV cache for one local window (incremental decoding with ``forward(..., cache=)``)."""
+        return WindowCache(self.backbone.num_layers, self.sidenet.num_layers, self.segment_length, self.memory_layer)
+
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True) -> LongMemOutput:
+                update_memory: bool = True, cache: WindowCache | None = None) -> LongMemOutput:
         """One segment of B streams.
 
         Args:
@@ -184,17 +214,21 @@ class LongMem(MemoryLM):
             memory: the rows' memory bank (B rows), or None for the SideNet without memory.
             labels: (B, T) as in HF causal LMs: shifted inside, -100 ignored.
             update_memory: write this segment's block-m keys/values to ``memory`` after reading it.
+            cache: the window's earlier tokens (``new_cache``), extended in place; the new tokens take
+                the positions after them (incremental decoding).
         Returns:
             LongMemOutput with logits (B, T, V) and loss (when labels are given).
         """
-        self._check_inputs(input_ids, labels, memory)
-        bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
-        rope = self.backbone.rotary(bb.hidden_states[0], positions)
-        logits = self.sidenet(self.backbone, bb.hidden_states, rope, self.retriever(memory, bb.keys))
+        self.check_inputs(input_ids, labels, memory)
+        start = len(cache) if cache is not None else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        bb = self.backbone(input_ids, self.memory_layer, positions, cache=None if cache is None else cache.backbone)  # frozen
+        rope = self.backbone.rotary(bb.hidden_states[0], positions.view(1, -1))
+        logits = self.sidenet(self.backbone, bb.hidden_states, rope, self.retriever(memory, bb.keys),
+                              cache=None if cache is None else cache.sidenet)
         if memory is not None and update_memory:
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
-        return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
+        return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))
 
     def retriever(self, memory: MemoryBank | None, keys: torch.Tensor):
         """The memory layer's ``retrieve(q_raw)``: None without memory; the search by ``config.retrieval_query``.
@@ -215,8 +249,6 @@ class LongMem(MemoryLM):
 
     def generate(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, **kwargs) -> torch.Tensor:
         """Greedy or sampled continuation with memory and a KV cache; see ``longmem.generation.generate``."""
-        from longmem.generation import generate
-
         return generate(self, input_ids, memory=memory, **kwargs)
 
     # -- persistence -------------------------------------------------------------------------------
@@ -227,8 +259,6 @@ class LongMem(MemoryLM):
         ``save_backbone=True`` also writes the backbone (and ``tokenizer``) into ``path/backbone`` so
         the folder is self-contained and relocatable.
         """
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if save_backbone:
@@ -247,16 +277,13 @@ class LongMem(MemoryLM):
             "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
-        _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
         write_checkpoint_meta(path, meta)
 
     @classmethod
     def from_pretrained(cls, path, backbone=None, **config_overrides) -> "LongMem":
         """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
         path = Path(path)
         meta = read_checkpoint_meta(path)
         if meta.get("method", "longmem") != "longmem":
@@ -303,74 +330,9 @@ def resolve_config(config: LongMemConfig, L: int, context: int | None = None) ->
     return config
 
 
-def load_model(path, backbone=None) -> MemoryLM:
-    """Any checkpoint folder written by this library: LongMem or one of the baselines."""
-    path = Path(path)
-    method = read_checkpoint_meta(path).get("method", "longmem")
-    if method == "longmem":
-        return LongMem.from_pretrained(path, backbone=backbone)
-    from longmem.baselines import BASELINES
-
-    if method not in BASELINES:
-        raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
-    return BASELINES[method].from_pretrained(path)
-
-
-def _meta_sha256(meta: dict) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "sha256"}, sort_keys=True).encode()).hexdigest()
-
-
-def write_checkpoint_meta(path: Path, meta: dict) -> None:
-    """Write ``longmem.json`` atomically with a sha256 over its own content (config, method, weights' checksum)."""
-    meta = {**meta, "sha256": _meta_sha256(meta)}
-    _atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
-
-
-def read_checkpoint_meta(path: Path) -> dict:
-    if not (path / CONFIG_FILE).is_file():
-        raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); create one with `longmem train` or save_pretrained")
-    try:
-        meta = json.loads((path / CONFIG_FILE).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LongMemError(f"{path / CONFIG_FILE} is not valid JSON ({e}); the checkpoint is damaged") from None
-    if not isinstance(meta, dict) or meta.get("format") != "longmem-checkpoint":
-        raise LongMemError(f"{path / CONFIG_FILE} is not a LongMem checkpoint (its \"format\" is not \"longmem-checkpoint\")")
-    version = meta.get("version")
-    if version != CHECKPOINT_VERSION:
-        newer = isinstance(version, int) and version > CHECKPOINT_VERSION
-        fix = ("it was written by a newer longmem: upgrade longmem to load it" if newer else
-               "no converter exists: load it with the longmem release that wrote it, or retrain with `longmem train`")
-        raise LongMemError(f"{path / CONFIG_FILE} has checkpoint format version {version!r}, this longmem reads version {CHECKPOINT_VERSION}; {fix}")
-    if "sha256" in meta and meta["sha256"] != _meta_sha256(meta):  # files written before this checksum have none
-        raise LongMemError(f"{path / CONFIG_FILE} is damaged (checksum mismatch): its settings were altered after it was written; "
-                           f"restore it or retrain")
-    return meta
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """HF convention: position t predicts labels[t + 1]; -100 is ignored."""
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, HF convention: position t predicts labels[t + 1]; IGNORE (-100) is skipped.
+    The one loss of the library: LongMem, the baselines, pretraining and training all use it."""
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE
     )
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic(target: Path, write) -> None:
-    tmp = f"{target}.tmp-{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
@@ -111,8 +112,6 @@ class MemoryStore:
         bank.save(self.path(name))
 
     def header(self, name: str) -> dict:
-        from safetensors import safe_open
-
         path = self.path(name)
         if not path.is_file():
             raise LongMemError(f"no memory named {name!r} in {self.dir}")
@@ -180,17 +179,6 @@ def read_pieces(path: Path, size: int = READ_BYTES):
         yield carry
 
 
-@torch.no_grad()
-def write_tokens(model, bank: MemoryBank, ids: np.ndarray, row: int = 0) -> None:
-    """Write token ids (1-D, any length) into a memory row, one segment at a time, through the backbone up
-    to block m (the blocks after m are not needed)."""
-    T = model.segment_length
-    for s in range(0, len(ids), T):
-        x = torch.as_tensor(np.asarray(ids[s:s + T], dtype=np.int64)).view(1, -1).to(model.device)
-        kv = model.backbone(x, model.memory_layer, upto=model.memory_layer)
-        bank.add(kv.keys, kv.values, rows=[row])
-
-
 def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, progress=None) -> int:
     """Write one file into a memory row, segment by segment, through the backbone up to block m.
 
@@ -204,7 +192,7 @@ def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, pr
         ids = np.asarray(tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids, dtype=np.int64)
         buffer = np.concatenate([buffer, ids])
         while len(buffer) >= T:
-            write_tokens(model, bank, buffer[:T], row)
+            model.write_memory(torch.as_tensor(buffer[:T]).view(1, -1), bank, rows=[row])
             buffer = buffer[T:]
             total += T
             if progress is not None:
@@ -212,7 +200,7 @@ def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, pr
         if progress is not None:
             progress.set_postfix(tokens=total)
     if len(buffer):
-        write_tokens(model, bank, buffer, row)
+        model.write_memory(torch.as_tensor(buffer).view(1, -1), bank, rows=[row])
         total += len(buffer)
         if progress is not None:
             progress.update(len(buffer))

@@ -6,10 +6,10 @@ Names (`longmem eval names`'s probe on the code test + validation splits) and co
 """
 import json
 from longmem import LongMem
-from longmem.pretrain import load_tokenizer
-from longmem.recall import identifier_recall, COUNTS
-from longmem.evaluate import perplexity_table
-from longmem.streams import encode_documents
+from longmem.loading import load_tokenizer
+from longmem.eval.recall import identifier_recall, COUNTS
+from longmem.eval.perplexity import perplexity_table
+from longmem.data.streams import encode_documents
 tok = load_tokenizer("models/longmem-tiny/backbone")
 texts = [json.loads(l)["text"] for f in ("data/code/test.jsonl", "data/code/validation.jsonl") for l in open(f)]
 docs = encode_documents(["data/code/test.jsonl"], tok)

@@ -28,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from longmem.pretrain import load_tokenizer
+    from longmem.loading import load_tokenizer
 
     results = {}
     for folder in a.model:

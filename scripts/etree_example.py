@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.demo import load_model_and_tokenizer
+from longmem.loading import load_model_and_tokenizer
 from longmem.store import ingest_file
 
 NAME = "_raise_serialization_error"

@@ -71,7 +71,9 @@ def pretrain_rate(cfg, tokenizer, steps: int) -> float:
     """Tokens per second of the real training step (random tokens), after warm-up."""
     import torch
 
-    from longmem.pretrain import build_model, lm_loss, resolve_device
+    from longmem.training.pretrain import build_model, lm_loss
+
+    from longmem.loading import resolve_device
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
@@ -100,7 +102,8 @@ def pretrain_rate(cfg, tokenizer, steps: int) -> float:
 
 
 def pretrain_backbone(a, data: Path, work: Path, out: Path) -> Path:
-    from longmem.pretrain import PretrainConfig, export_backbone, load_tokenizer, pretrain
+    from longmem.training.pretrain import PretrainConfig, export_backbone, pretrain
+    from longmem.loading import load_tokenizer
 
     # pretraining: code with short-range copies (a copy follows its source within one 1,024-token window)
     n_pre = recall_corpus([data / "code/train.jsonl"], data / "recall/pre.jsonl", 3000, 3, 200, 600, seed=0)

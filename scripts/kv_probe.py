@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longmem.demo import load_model_and_tokenizer
+from longmem.loading import load_model_and_tokenizer
 
 
 def probe(features: torch.Tensor, target: torch.Tensor, classes: int, steps: int, seed: int) -> float:

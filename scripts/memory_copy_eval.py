@@ -33,8 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from make_recall_corpus import made_up_line  # noqa: E402
 
-from longmem.demo import load_model_and_tokenizer  # noqa: E402
-from longmem.evaluate import stream_nll  # noqa: E402
+from longmem.eval.demo import load_model_and_tokenizer  # noqa: E402
+from longmem.eval.perplexity import stream_nll  # noqa: E402
 
 
 def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, int, str]]]:

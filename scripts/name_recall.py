@@ -2,7 +2,7 @@
 before a character name; greedy continuations with and without memory.
 Run: .venv/bin/python scripts/name_recall.py [OUT.json (default results/generation_names.json) [MODEL_DIR]]"""
 import json, re, sys, torch
-from longmem.demo import load_model_and_tokenizer
+from longmem.loading import load_model_and_tokenizer
 from longmem.store import ingest_file
 from pathlib import Path
 OUT = sys.argv[1] if len(sys.argv) > 1 else "results/generation_names.json"

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from longmem import LongMem
-from longmem.model import WEIGHTS_FILE, read_checkpoint_meta, write_checkpoint_meta
+from longmem.model import WEIGHTS_FILE
+from longmem.io import read_checkpoint_meta, write_checkpoint_meta
 
 
 def main() -> None:

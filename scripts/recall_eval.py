@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longmem.demo import load_model_and_tokenizer
+from longmem.loading import load_model_and_tokenizer
 from longmem.store import ingest_file
 
 

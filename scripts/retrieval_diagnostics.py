@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longmem.demo import load_model_and_tokenizer
+from longmem.loading import load_model_and_tokenizer
 
 
 def main() -> None:

@@ -82,7 +82,7 @@ def write_corpus(root, n_docs=3, words=400, seed=0):
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """A tiny corpus, a tokenizer trained on it and a tiny Llama backbone saved with that tokenizer."""
-    from longmem.data import train_tokenizer
+    from longmem.data.corpora import train_tokenizer
 
     root = tmp_path_factory.mktemp("assets")
     corpus = write_corpus(root / "train")

@@ -44,7 +44,7 @@ import torch
 from conftest import make_llama
 from longmem import LongMem, LongMemError, MemoryBank, load_model
 from longmem.cli import build_parser, main
-from longmem.eval_cli import verify_result, write_result
+from longmem.io import verify_result, write_result
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HUGE = str(10**12)

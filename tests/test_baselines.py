@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from longmem import LongMem, load_model
-from longmem.baselines import CoupledMemoryLM, FinetunedLM, staleness
+from longmem.baselines import CoupledMemoryLM, FinetunedLM
+from longmem.eval.staleness import staleness
 from longmem.cli import main
 from longmem.config import LongMemConfig
-from longmem.eval_cli import verify_result
-from longmem.evaluate import stream_nll
+from longmem.io import verify_result
+from longmem.eval.perplexity import stream_nll
 
 from test_train import train_args
 

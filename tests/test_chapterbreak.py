@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig, LongMemError
-from longmem.chapterbreak import build_examples, encode, find_chapters, load_chapterbreak, read_book
+from longmem.eval.chapterbreak import build_examples, find_chapters, load_chapterbreak, read_book
+from longmem.eval.scoring import encode
 from longmem.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -139,7 +140,8 @@ def test_read_book_picks_a_document_from_jsonl(tmp_path):
 
 def test_a_baseline_with_its_own_memory_is_scored_through_its_own_forward(tiny_assets):
     from longmem.baselines import CoupledMemoryLM
-    from longmem.chapterbreak import evaluate_chapterbreak, fill_memory
+    from longmem.eval.chapterbreak import evaluate_chapterbreak
+    from longmem.eval.scoring import fill_memory
 
     cfg = LongMemConfig(chunk_size=2, memory_size=128, topk_chunks=4, segment_length=16)
     model = CoupledMemoryLM.from_backbone(tiny_assets["backbone"], cfg).eval()

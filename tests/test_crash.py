@@ -41,7 +41,7 @@ from torch.testing import assert_close
 from longmem import LongMem
 from longmem.cli import main
 from longmem.store import MemoryStore
-from longmem.train import find_checkpoint
+from longmem.training.train import find_checkpoint
 
 KILLS = int(os.environ.get("LONGMEM_KILLS", "5"))
 SEED = int(os.environ.get("LONGMEM_KILL_SEED", "0"))
@@ -197,7 +197,7 @@ def text_file(path: Path, index: int, words: int = 3000) -> Path:
 
 
 def test_memory_add_survives_random_kills_and_keeps_old_or_new_content(tiny_checkpoint, tmp_path, capsys):
-    from longmem.pretrain import load_tokenizer
+    from longmem.loading import load_tokenizer
     from longmem.store import ingest_file
 
     home = tmp_path / "home"

@@ -14,7 +14,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from longmem import data as D  # noqa: E402
+from longmem.data import corpora as D  # noqa: E402
 from longmem.cli import main  # noqa: E402
 from longmem.errors import LongMemError  # noqa: E402
 

@@ -11,8 +11,8 @@ import longmem
 from conftest import code_document
 from longmem import LongMem, LongMemConfig, LongMemError
 from longmem.cli import main
-from longmem.eval_cli import RESULT_FORMAT, SEAL, verify_result
-from longmem.streams import encode_documents
+from longmem.io import RESULT_FORMAT, SEAL, verify_result
+from longmem.data.streams import encode_documents
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DOCS = FIXTURES / "ppl_docs.jsonl"
@@ -119,7 +119,7 @@ def test_results_carry_version_and_checksum_and_any_change_is_refused(checkpoint
 
 
 def test_ppl_bad_inputs_are_one_line_errors(checkpoints, cli, tiny_assets, tmp_path, capsys):
-    from longmem.data import train_tokenizer
+    from longmem.data.corpora import train_tokenizer
     from conftest import make_gpt2
 
     other = tmp_path / "other"

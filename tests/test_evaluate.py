@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 from longmem import LongMem, LongMemConfig
-from longmem.evaluate import stream_nll
+from longmem.eval.perplexity import stream_nll
 
 from conftest import VOCAB, make_llama
 

@@ -10,7 +10,8 @@ import torch
 from longmem import LongMem, LongMemError
 from longmem.cli import main
 from longmem.memory import FORMAT_VERSION, MemoryBank
-from longmem.model import CHECKPOINT_VERSION, CONFIG_FILE, load_model
+from longmem.io import CHECKPOINT_VERSION, CONFIG_FILE
+from longmem.loading import load_model
 from longmem.store import MemoryStore
 
 

@@ -49,7 +49,7 @@ def test_incremental_decoding_equals_full_recompute_across_slides(model, with_me
     ref = reference_logits(model, stream, W, keep, with_memory)
     assert_close(got, ref.float(), rtol=1e-4, atol=1e-4)
     if with_memory:
-        assert mem.num_tokens(0) + mem.num_pending(0) == dec.state.moved > 0
+        assert mem.num_tokens(0) + mem.num_pending(0) == dec.moved > 0
 
 
 def test_prompt_prefill_in_blocks_equals_token_by_token(model):

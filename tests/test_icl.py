@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig, LongMemError
-from longmem.chapterbreak import encode, score_continuations
+from longmem.eval.scoring import encode, score_continuations
 from longmem.cli import main
-from longmem.icl import TASKS, get_task, load_examples, local_context, predict_greedy, predict_likelihood
+from longmem.eval.icl import TASKS, get_task, load_examples, local_context, predict_greedy, predict_likelihood
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig
-from longmem.chapterbreak import encode, fill_memory
+from longmem.eval.scoring import encode, fill_memory
 from longmem.cli import main
-from longmem.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_prompt, greedy_generate
+from longmem.eval.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_prompt, greedy_generate
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,11 @@ import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
-from longmem import pretrain as P  # noqa: E402
+from longmem.training import pretrain as P  # noqa: E402
 from longmem.cli import main  # noqa: E402
-from longmem.data import train_tokenizer  # noqa: E402
+from longmem.data.corpora import train_tokenizer  # noqa: E402
 from longmem.errors import LongMemError  # noqa: E402
+from longmem.loading import load_tokenizer  # noqa: E402
 
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2",
         "--intermediate", "64", "--seq-len", "32", "--batch-size", "4", "--warmup", "2",
@@ -202,7 +203,7 @@ def test_sample_batch_weights_choose_streams_in_proportion():
 
 
 def test_token_stream_batches_pieces_of_many_documents_without_changing_ids(corpus, tmp_path):
-    tok = P.load_tokenizer(str(corpus / "tok"))
+    tok = load_tokenizer(str(corpus / "tok"))
     docs = [{"text": "def f(x):\n    return x\n" * (i + 1)} for i in range(40)] + [{"text": ""}]
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps(d) + "\n" for d in docs))

@@ -6,7 +6,7 @@ import torch
 
 from conftest import code_document
 from longmem import LongMem
-from longmem.recall import defined_names, identifier_recall, probe_sites
+from longmem.eval.recall import defined_names, identifier_recall, probe_sites
 
 HEAD = "import os\n\nclass ZorbleCache:\n    pass\n\ndef frobnicate_all(x):\n    self.widget_count = 1\n    len = 3\n"
 FILLER = "".join(f"value_{i} = {i}\n" for i in range(200))
@@ -30,7 +30,7 @@ def test_probes_use_names_only_memory_holds():
 
 @pytest.fixture(scope="module")
 def model_and_tok(tiny_checkpoint):
-    from longmem.pretrain import load_tokenizer
+    from longmem.loading import load_tokenizer
 
     return LongMem.from_pretrained(tiny_checkpoint, memory_size=8192).eval(), load_tokenizer(str(tiny_checkpoint / "backbone"))
 

@@ -57,7 +57,7 @@ def test_memory_reloaded_in_a_new_process_gives_the_same_generation(tiny_checkpo
     assert run("memory", "add", "m", str(book), "--model", str(tiny_checkpoint), "--no-progress", home=home) == 0
     model = LongMem.from_pretrained(tiny_checkpoint).eval()
     bank = MemoryStore(home).load("m", model)
-    from longmem.pretrain import load_tokenizer
+    from longmem.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_checkpoint / "backbone"))
     prompt = "alpha beta gamma"
@@ -143,7 +143,7 @@ def test_memories_are_isolated(tiny_checkpoint, tiny_assets, tmp_path):
     model = LongMem.from_pretrained(tiny_checkpoint)
     store = MemoryStore(home)
     alone = model.new_memory(1)
-    from longmem.pretrain import load_tokenizer
+    from longmem.loading import load_tokenizer
     from longmem.store import ingest_file
 
     ingest_file(model, load_tokenizer(str(tiny_checkpoint / "backbone")), alone, a)

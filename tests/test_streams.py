@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from longmem import LongMemError
-from longmem.streams import IGNORE, DocumentStreams
+from longmem.data.streams import IGNORE, DocumentStreams
 
 
 def docs(lengths):

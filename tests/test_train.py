@@ -108,7 +108,7 @@ def test_bad_training_inputs_are_one_line_errors(tiny_assets, tmp_path, capsys):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch, capsys):
-    import longmem.train as tr
+    import longmem.training.train as tr
 
     real, calls = tr.next_token_loss, {"n": 0}
 

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from longmem.data.corpora import iter_documents, text_pieces
 from longmem.errors import LongMemError
 
 IGNORE = -100
@@ -38,10 +40,6 @@ def encode_documents(paths, tokenizer, min_tokens: int = 2, progress: bool = Fal
     Up to ``batch`` pieces, from as many documents as it takes, are encoded in one ``encode_batch`` call so the
     tokenizer's threads are busy even when every document is one piece; the ids are those of encoding each piece
     alone."""
-    from tqdm import tqdm
-
-    from longmem.data import iter_documents, text_pieces
-
     backend = tokenizer.backend_tokenizer
     docs: list[np.ndarray] = []
     pending: list[tuple[int, str]] = []  # (document number, piece)

@@ -11,7 +11,6 @@ segments it has read, so it is rebuilt by replaying them through the backbone.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -23,9 +22,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer
 
+from longmem.baselines import BASELINES
+from longmem.config import LongMemConfig
+from longmem.data.streams import IGNORE, DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
-from longmem.streams import IGNORE, DocumentStreams, encode_documents, num_segments
+from longmem.eval.perplexity import stream_nll
+from longmem.eval.staleness import staleness
+from longmem.io import file_sha256
+from longmem.loading import load_tokenizer
+from longmem.model import LongMem
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
 
@@ -87,12 +95,8 @@ class TrainConfig:
 
 def resolve_tokenizer(ref: str):
     """A tokenizer from a local folder or a hub id (the backbone's, usually)."""
-    from longmem.pretrain import load_tokenizer
-
     if Path(ref).is_dir():
         return load_tokenizer(ref)
-    from transformers import AutoTokenizer
-
     try:
         return AutoTokenizer.from_pretrained(ref)
     except (OSError, ValueError) as e:
@@ -160,8 +164,6 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> No
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer)
     torch.save(trainer_state, tmp / "trainer.pt")
-    from longmem.model import file_sha256
-
     with open(tmp / "COMPLETE", "w") as f:  # written last: its presence marks a whole checkpoint
         f.write(json.dumps({"format": "longmem-train-checkpoint", "version": 1,
                             "trainer_sha256": file_sha256(tmp / "trainer.pt")}) + "\n")
@@ -176,8 +178,6 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> No
 
 def load_trainer_state(ckpt: Path) -> dict:
     """OUT/checkpoint/trainer.pt after checking it against the checksum in COMPLETE (written by this library)."""
-    from longmem.model import file_sha256
-
     marker = (ckpt / "COMPLETE").read_text().strip()
     if marker != "ok":  # checkpoints from before the checksum say just "ok"
         try:
@@ -202,11 +202,6 @@ def find_checkpoint(out: Path) -> Path | None:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run memory-augmented adaptation; returns the final metrics. Writes OUT/{longmem.json,
     sidenet.safetensors, metrics.jsonl, loss.png, checkpoint/}."""
-    from tqdm import tqdm
-
-    from longmem.config import LongMemConfig
-    from longmem.evaluate import stream_nll
-    from longmem.model import LongMem
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
     out = Path(cfg.out)
@@ -230,8 +225,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     elif cfg.method == "longmem":
         model = LongMem.from_backbone(cfg.backbone, lm_cfg)
     else:
-        from longmem.baselines import BASELINES
-
         cls = BASELINES[cfg.method]
         model = cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers)
     model.to(device).train()
@@ -365,8 +358,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}")
         bar.update(1)
         if cfg.staleness_every and step % cfg.staleness_every == 0 and rank == 0 and cfg.method != "finetune":
-            from longmem.baselines import staleness
-
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                 log({"step": step, "staleness": staleness(model, memory, streams.replay_segments(0)[-32:])})
         if cfg.eval_every and step % cfg.eval_every == 0:
@@ -443,67 +434,3 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, png)
-
-
-# -- CLI -------------------------------------------------------------------------------------------
-
-
-def _run(args: argparse.Namespace) -> int:
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
-    result = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: v for k, v in result.items() if k != "gate"}))
-    return 0
-
-
-def add_parser(sub) -> None:
-    d = TrainConfig(data=["x"])
-    p = sub.add_parser("train", help="memory-augmented adaptation: train a SideNet on a frozen backbone",
-                       description="Train LongMem's SideNet on a frozen backbone (paper s3.4). Each batch row streams one "
-                                   "document segment by segment with its own memory. Works under torchrun (DDP).")
-    p.add_argument("--backbone", default=d.backbone, help="HF model folder or hub id (default: the shipped longmem-tiny backbone)")
-    p.add_argument("--data", nargs="+", required=True, help="training documents: text files, folders, .jsonl, hf:NAME")
-    p.add_argument("--val-data", dest="val_data", nargs="+", help="validation documents (loss with and without memory)")
-    p.add_argument("--out", default=d.out, help="output folder (loadable with LongMem.from_pretrained)")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the backbone's)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
-    for name, typ, help_ in (
-        ("max-steps", int, "optimizer steps"), ("max-minutes", float, "stop (and checkpoint) after this wall time"),
-        ("batch-size", int, "document streams per process"), ("grad-accum", int, "micro-batches per step"),
-        ("segment-length", int, "local window T (default min(1024, backbone context))"),
-        ("memory-size", int, "memory tokens per stream (FIFO)"), ("chunk-size", int, "tokens per memory chunk"),
-        ("topk-chunks", int, "chunks retrieved per query"), ("memory-layer", int, "backbone block m to cache (odd)"),
-        ("lr", float, "peak learning rate"), ("eps", float, "AdamW epsilon"), ("weight-decay", float, "AdamW weight decay"),
-        ("warmup-steps", int, "linear warmup steps"), ("grad-clip", float, "gradient norm clip"),
-        ("eval-every", int, "validate every N steps (0: only at the end)"), ("eval-docs", int, "validation documents"),
-        ("eval-segments", int, "segments per validation document"), ("save-every", int, "checkpoint every N steps"),
-        ("seed", int, "random seed"),
-    ):
-        dest = name.replace("-", "_")
-        default = getattr(d, dest)
-        p.add_argument(f"--{name}", dest=dest, type=typ, default=None, help=f"{help_} (default: {default})")
-    p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
-    p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,
-                   help="longmem (default): SideNet on a frozen backbone; memtrm: coupled memory in the trained "
-                        "backbone (Memorizing-Transformer style); finetune: the backbone fine-tuned, no memory")
-    p.add_argument("--train-layers", dest="train_layers", choices=["all", "upper"], default=None,
-                   help="baselines: train all backbone blocks (default) or the upper half")
-    p.add_argument("--retrieval-metric", dest="retrieval_metric", choices=["ip", "cosine"], default=None,
-                   help="chunk search score: ip = inner product with the chunk-mean key (the paper, default); cosine = "
-                        "with the unit-length chunk-mean key (a few large-norm keys cannot win every search)")
-    p.add_argument("--retrieval-query", dest="retrieval_query", choices=["query", "key"], default=None,
-                   help="what searches the memory: query = the memory layer's query projection (the paper, default); "
-                        "key = the backbone's own block-m key of each token, the space the stored keys are in")
-    p.add_argument("--retrieval-next", dest="retrieval_next", action=argparse.BooleanOptionalAction, default=None,
-                   help="also attend to the chunk stored right after each retrieved one (not in the paper; K doubles): "
-                        "with key search the token to copy is often the first of the next chunk; --no-retrieval-next "
-                        "turns it off for a model --init-from one that has it (the shipped default does)")
-    p.add_argument("--init-from", dest="init_from", default=None,
-                   help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
-                        "the backbone's blocks; its memory settings are used")
-    p.add_argument("--staleness-every", dest="staleness_every", type=int, default=None,
-                   help="every N steps, record how far stored keys drifted from what the current weights compute")
-    p.set_defaults(func=_run)

@@ -30,9 +30,10 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from longmem.chapterbreak import MODES, encode, fill_memory, score_continuations, split_context, window_logits
 from longmem.errors import LongMemError
+from longmem.eval.scoring import MODES, encode, fill_memory, score_continuations, split_context, window_logits
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.")
@@ -85,8 +86,6 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
                      memory_kwargs: dict | None = None, candidates: int = 10, max_new_tokens: int = 8,
                      progress: bool = False, warn=None) -> dict:
     """Accuracy by distance for each mode and rule; see the module docstring."""
-    from tqdm import tqdm
-
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if not distances or min(distances) < 1:
         raise LongMemError(f"--distances must be positive token counts, got {distances}")

@@ -24,51 +24,26 @@ file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import sys
 from pathlib import Path
 
-from longmem.errors import LongMemError
+from tqdm import tqdm
 
-MODES = ("longmem", "no_memory", "backbone")
-RESULT_FORMAT = 1  # layout of a sealed result file (see the module docstring); bump when it changes
-SEAL = ("longmem_version", "format_version", "sha256")  # the keys write_result adds to a report
-# document-length splits in tokens (the paper's PG-22 splits, and the shorter documents)
-LENGTH_SPLITS = (("<5K", 0, 5_000), ("5K-10K", 5_000, 10_000), ("10K-100K", 10_000, 100_000),
-                 ("100K-500K", 100_000, 500_000), ("500K-1M", 500_000, 1_000_000), (">1M", 1_000_000, None))
+from longmem.data.corpora import iter_documents
+from longmem.errors import LongMemError
+from longmem.eval.chapterbreak import build_examples, evaluate_chapterbreak, load_chapterbreak, read_book
+from longmem.eval.icl import evaluate_icl, get_task, load_examples
+from longmem.eval.passkey import evaluate_passkey
+from longmem.eval.perplexity import BUCKETS, bucket_name, format_ppl, run_ppl
+from longmem.eval.plots import plot_bars, plot_lines
+from longmem.eval.recall import COUNTS, identifier_recall
+from longmem.eval.scoring import MODES
+from longmem.io import check_output, write_json, write_result
+from longmem.loading import load_model_and_tokenizer, resolve_device
 
 
 def warn(msg: str) -> None:
     print(f"longmem eval: warning: {msg}", file=sys.stderr)
-
-
-# --------------------------------------------------------------------------- shared plumbing
-
-
-def resolve_device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise LongMemError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise LongMemError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise LongMemError(f"unsupported device {name!r}; use cpu or cuda")
-    return device
-
-
-def load_model(path, device):
-    """A LongMem checkpoint (default: the shipped one) and its tokenizer, on ``device``, in eval mode."""
-    from longmem.demo import load_model_and_tokenizer
-
-    model, tokenizer = load_model_and_tokenizer(path)
-    return model.to(device).eval(), tokenizer
 
 
 def memory_args(args) -> dict:
@@ -91,302 +66,10 @@ def checked(model, memory_kwargs: dict) -> dict:
     return memory_kwargs
 
 
-def check_output(path, flag: str = "--json") -> None:
-    """Refuse an output path that cannot be written, before the evaluation spends any time."""
-    if path is None:
-        return
-    path = Path(path)
-    if path.is_dir():
-        raise LongMemError(f"{flag} {path} is a folder; give a file name")
-    above = next((q for q in path.parents if q.exists()), None)
-    if above is not None and not above.is_dir():
-        raise LongMemError(f"{flag} {path}: {above} is a file, not a folder")
-
-
-def write_json(path, obj) -> None:
-    """``obj`` as JSON in ``path``, atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _digest(body: dict) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def write_result(path, report: dict) -> dict:
-    """Write an evaluation report with its version and checksum (module docstring); returns what was written."""
-    from longmem import __version__
-
-    body = {k: v for k, v in report.items() if k not in SEAL}
-    body = json.loads(json.dumps({**body, "longmem_version": __version__, "format_version": RESULT_FORMAT}))  # as read back
-    body["sha256"] = _digest(body)
-    write_json(path, body)
-    return body
-
-
-def verify_result(path) -> dict:
-    """The report written to ``path`` by ``write_result`` (without the ``SEAL`` keys), once its checksum
-    shows the file whole and unaltered.
-
-    Raises:
-        LongMemError: the file is missing, truncated, not JSON, unsealed, of an unknown format or altered.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise LongMemError(f"{path} is not a file; give a result file written by `longmem eval ... --json`")
-    try:
-        body = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise LongMemError(f"{path} is truncated or not JSON ({e}); rerun the evaluation") from None
-    if not isinstance(body, dict) or not isinstance(body.get("sha256"), str):
-        raise LongMemError(f"{path} carries no checksum; it was not written by `longmem eval ... --json` (or by an older longmem): rerun the evaluation")
-    if body.get("format_version") != RESULT_FORMAT:
-        raise LongMemError(f"{path} has result format version {body.get('format_version')!r}, this longmem reads version "
-                           f"{RESULT_FORMAT}; use the longmem that wrote it ({body.get('longmem_version', '?')})")
-    want = body.pop("sha256")
-    if _digest(body) != want:
-        raise LongMemError(f"{path} is damaged or was edited: its contents do not match the checksum written with it; rerun the evaluation")
-    return {k: v for k, v in body.items() if k not in SEAL}
-
-
-def _plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel: str, title: str, hline=None,
-                dashed: str | None = None):
-    """One line per entry of ``lines`` over the categories ``xs`` (None values skipped); labels holding
-    ``dashed`` are drawn dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, ys in lines.items():
-        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
-        if pts:
-            style = "--" if dashed and dashed in label else "-"
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, linestyle=style)
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle=":", label="chance")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[str, list] | None, ylabel: str, title: str,
-               hline=None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    width = 0.8 / max(1, len(series))
-    x = np.arange(len(groups))
-    for i, (name, ys) in enumerate(series.items()):
-        ax.bar(x + i * width - 0.4 + width / 2, ys, width, yerr=(errors or {}).get(name), label=name, capsize=3)
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle=":", label="chance")
-    if len(groups) > 5:  # long rows of labels would overlap
-        ax.set_xticks(x, groups, rotation=35, ha="right")
-    else:
-        ax.set_xticks(x, groups)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # --------------------------------------------------------------------------- ppl
 
 
-class _PlainLM:
-    """A plain HF causal LM dressed for ``stream_nll``'s backbone mode: each window on its own."""
-
-    training = False
-
-    def __init__(self, hf, segment_length: int):
-        self.hf, self.segment_length = hf, segment_length
-
-    @property
-    def device(self):
-        return next(self.hf.parameters()).device
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def backbone_logits(self, ids):
-        import torch
-
-        with torch.no_grad():
-            return self.hf(input_ids=ids).logits
-
-
-def _load_baseline(path: str, device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(path).is_dir():
-        raise LongMemError(f"baseline {path} is not a folder; give a HF causal LM saved with save_pretrained (with its tokenizer)")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        hf = AutoModelForCausalLM.from_pretrained(path)
-    except Exception as e:  # any HF loading failure is the same to the user
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise LongMemError(f"cannot load baseline {path} as a causal LM with a tokenizer ({type(e).__name__}: {first})") from None
-    return hf.to(device).eval(), tok
-
-
-def _same_tokens(tok_a, tok_b, docs_a: list, data) -> bool:
-    """Whether tokenizer b gives exactly tokenizer a's ids: the same vocabulary, the same ids for every document."""
-    import numpy as np
-
-    from longmem.streams import encode_documents
-
-    if tok_a.get_vocab() != tok_b.get_vocab():
-        return False
-    docs_b = encode_documents(data, tok_b)
-    return len(docs_b) == len(docs_a) and all(np.array_equal(a, b) for a, b in zip(docs_a, docs_b))
-
-
-def _merge(stats: list):
-    from longmem.evaluate import NLL
-
-    out = NLL(stats[0].segment_length)
-    for s in stats:
-        out.total += s.total
-        out.tokens += s.tokens
-        out.beyond += s.beyond
-        out.beyond_tokens += s.beyond_tokens
-        for name, (nll, n) in s.buckets.items():
-            out.buckets[name][0] += nll
-            out.buckets[name][1] += n
-    return out
-
-
-def _by_length(docs) -> dict[str, list]:
-    groups = {}
-    for name, lo, hi in LENGTH_SPLITS:
-        sel = [d for d in docs if len(d) >= lo and (hi is None or len(d) < hi)]
-        if sel:
-            groups[name] = sel
-    return groups
-
-
-def _score(model, groups: dict, mode: str, batch_size: int, memory_kwargs: dict | None, progress: bool, desc: str,
-           segment_length: int | None = None) -> dict:
-    from longmem.evaluate import stream_nll
-
-    stats = {name: stream_nll(model, docs, mode, segment_length=segment_length, batch_size=batch_size,
-                              memory_kwargs=memory_kwargs, progress=progress, desc=f"{desc} {name}")
-             for name, docs in groups.items()}
-    summary = _merge(list(stats.values())).summary()
-    summary["by_length"] = {}
-    for name, s in stats.items():
-        one = s.summary()
-        summary["by_length"][name] = {"ppl": one["ppl"], "ppl_beyond_window": one["ppl_beyond_window"],
-                                      "tokens": one["tokens"], "documents": len(groups[name])}
-    return summary
-
-
-def run_ppl(model_paths: list, data: list, *, baselines=(), max_tokens: int | None = None, batch_size: int = 1,
-            memory_kwargs: dict | None = None, device=None, progress: bool = False) -> dict:
-    """Perplexity of every model in the three modes (and of each baseline) on ``data``; see the module docstring."""
-    import numpy as np
-
-    from longmem.streams import encode_documents
-
-    model_paths = list(model_paths) or [None]
-    names = [Path(p).name if p else "longmem-tiny" for p in model_paths]
-    if len(set(names)) < len(names):
-        names = [str(p) for p in model_paths]
-    report, meta = {}, {"data": [str(d) for d in data], "max_tokens": max_tokens, "models": {}}
-    for bpath in baselines:  # before any model is scored
-        if not Path(bpath).is_dir():
-            raise LongMemError(f"baseline {bpath} is not a folder; give a HF causal LM saved with save_pretrained (with its tokenizer)")
-    loaded_baselines = {}
-    for path, name in zip(model_paths, names):
-        model, tok = load_model(path, device)
-        kw = checked(model, dict(memory_kwargs or {}))
-        T = model.segment_length
-        full = encode_documents(data, tok, progress=progress)
-        docs = [d[:max_tokens] if max_tokens else d for d in full]
-        short = sum(len(d) <= T for d in docs)
-        docs = [d for d in docs if len(d) > T]
-        if not docs:
-            raise LongMemError(f"no document in {', '.join(map(str, data))} is longer than one local window ({T} tokens) of {name}; give longer documents")
-        if short:
-            warn(f"{name}: skipped {short} document(s) of at most {T} tokens (one local window: nothing beyond it for the memory to help)")
-        groups = _by_length(docs)
-        prefix = "" if len(model_paths) == 1 else f"{name}/"
-        for mode in MODES:
-            report[prefix + mode] = _score(model, groups, mode, batch_size, kw, progress, f"{name} {mode}")
-        for bpath in baselines:
-            if bpath not in loaded_baselines:
-                loaded_baselines[bpath] = _load_baseline(bpath, device)
-            hf, btok = loaded_baselines[bpath]
-            limit = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
-            if limit is not None and limit < T:
-                raise LongMemError(f"baseline {bpath} reads at most {limit} tokens, less than the local window ({T}) of {name}")
-            if not _same_tokens(tok, btok, full, data):
-                raise LongMemError(f"baseline {bpath} has another tokenizer than {name}; perplexities over different tokens are "
-                                   "not comparable: give a baseline that uses the same tokenizer")
-            bname = f"baseline:{Path(bpath).name}"
-            report[prefix + bname] = _score(_PlainLM(hf, T), groups, "backbone", batch_size, None, progress, f"{name} {bname}", T)
-        meta["models"][name] = {"path": str(path) if path else "(shipped default)", "segment_length": T,
-                                "memory_size": kw.get("memory_size", model.config.memory_size),
-                                "chunk_size": kw.get("chunk_size", model.config.chunk_size),
-                                "topk_chunks": kw.get("topk_chunks", model.config.topk_chunks),
-                                "documents": len(docs), "skipped_documents": short,
-                                "document_tokens": int(np.sum([len(d) for d in docs]))}
-    report["meta"] = meta
-    return report
-
-
-def format_ppl(report: dict) -> str:
-    from longmem.evaluate import BUCKETS, bucket_name
-
-    buckets = [bucket_name(*b) for b in BUCKETS]
-    rows = [k for k in report if k != "meta"]
-    w = max(12, max(len(k) for k in rows) + 2)
-    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
-    lines = [f"{'':<{w}}{'ppl':>10}{'beyond T':>10}" + "".join(f"{'win ' + b:>11}" for b in buckets) + f"{'tokens':>10}"]
-    for k in rows:
-        s = report[k]
-        lines.append(f"{k:<{w}}{fmt(s['ppl']):>10}{fmt(s['ppl_beyond_window']):>10}"
-                     + "".join(f"{fmt(s['ppl_by_position'][b]):>11}" for b in buckets) + f"{s['tokens']:>10}")
-    splits = [name for name, _, _ in LENGTH_SPLITS if any(name in report[k]["by_length"] for k in rows)]
-    if splits:
-        lines += ["", "by document length (tokens): ppl (documents)",
-                  f"{'':<{w}}" + "".join(f"{s:>16}" for s in splits)]
-        for k in rows:
-            bl = report[k]["by_length"]
-            cells = [f"{fmt(bl[s]['ppl'])} ({bl[s]['documents']})" if s in bl else "-" for s in splits]
-            lines.append(f"{k:<{w}}" + "".join(f"{c:>16}" for c in cells))
-    return "\n".join(lines)
-
-
 def _run_ppl(args) -> int:
-    from longmem.evaluate import BUCKETS, bucket_name
-
     if args.max_tokens is not None and args.max_tokens < 2:
         raise LongMemError(f"--max-tokens must be at least 2, got {args.max_tokens}")
     if args.batch_size < 1:
@@ -395,14 +78,14 @@ def _run_ppl(args) -> int:
     check_output(args.plot, "--plot")
     report = run_ppl(args.model or [], args.data, baselines=args.baseline or [], max_tokens=args.max_tokens,
                      batch_size=args.batch_size, memory_kwargs=memory_args(args), device=resolve_device(args.device),
-                     progress=args.progress)
+                     progress=args.progress, warn=warn)
     print(format_ppl(report))
     if args.json:
         write_result(args.json, report)
     if args.plot:
         buckets = [bucket_name(*b) for b in BUCKETS]
         lines = {k: [v["ppl_by_position"][b] for b in buckets] for k, v in report.items() if k != "meta"}
-        _plot_lines(args.plot, buckets, lines, "position in document (local windows)", "token perplexity",
+        plot_lines(args.plot, buckets, lines, "position in document (local windows)", "token perplexity",
                     "Perplexity by position")
     return 0
 
@@ -411,15 +94,13 @@ def _run_ppl(args) -> int:
 
 
 def _run_chapterbreak(args) -> int:
-    from longmem.chapterbreak import evaluate_chapterbreak, load_chapterbreak
-
     at_least_one(args, "max_examples", "max_context_tokens")
     check_output(args.json)
     check_output(args.plot, "--plot")
     examples = load_chapterbreak(args.data, args.split)
     if args.max_examples:
         examples = examples[: args.max_examples]
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
     report = evaluate_chapterbreak(model, tok, examples, memory_kwargs=checked(model, memory_args(args)),
                                    max_candidate_tokens=args.max_candidate_tokens, max_context_tokens=args.max_context_tokens,
                                    progress=args.progress)
@@ -434,15 +115,13 @@ def _run_chapterbreak(args) -> int:
     if args.json:
         write_result(args.json, report)
     if args.plot:
-        _plot_bars(args.plot, list(MODES), {"sum log-prob": [report[m]["accuracy_sum"] for m in MODES],
+        plot_bars(args.plot, list(MODES), {"sum log-prob": [report[m]["accuracy_sum"] for m in MODES],
                                             "mean log-prob": [report[m]["accuracy_mean"] for m in MODES]},
                    None, "accuracy", f"ChapterBreak ({args.split})", hline=report["longmem"]["chance"])
     return 0
 
 
 def _run_build(args) -> int:
-    from longmem.chapterbreak import build_examples, read_book
-
     if args.split not in ("ao3", "pg19"):
         raise LongMemError(f"unknown split {args.split!r}; choose ao3 or pg19")
     at_least_one(args, "negatives", "context_chars", "candidate_words", "max_examples")
@@ -463,8 +142,6 @@ def _run_build(args) -> int:
 
 
 def _run_icl(args) -> int:
-    from longmem.icl import evaluate_icl, get_task, load_examples
-
     task = get_task(args.task)
     at_least_one(args, "max_test")
     check_output(args.json)
@@ -473,7 +150,7 @@ def _run_icl(args) -> int:
     pool = load_examples(args.train, task)
     if args.max_test:
         test = test[: args.max_test]
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
     report = evaluate_icl(model, tok, task, test, pool, k=args.k, memory_demos=args.memory_demos, seeds=args.seeds,
                           seed=args.seed, memory_kwargs=checked(model, memory_args(args)), progress=args.progress, warn=warn)
     report["meta"] = {"data": str(args.data), "train": str(args.train), "model": str(args.model or "(shipped default)")}
@@ -487,7 +164,7 @@ def _run_icl(args) -> int:
     if args.json:
         write_result(args.json, report)
     if args.plot:
-        _plot_bars(args.plot, list(MODES),
+        plot_bars(args.plot, list(MODES),
                    {"greedy": [report[m]["accuracy_greedy"]["mean"] for m in MODES],
                     "likelihood": [report[m]["accuracy_likelihood"]["mean"] for m in MODES]},
                    {"greedy": [report[m]["accuracy_greedy"]["std"] for m in MODES],
@@ -500,11 +177,9 @@ def _run_icl(args) -> int:
 
 
 def _run_passkey(args) -> int:
-    from longmem.passkey import evaluate_passkey
-
     check_output(args.json)
     check_output(args.plot, "--plot")
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
     report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed,
                               memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, progress=args.progress, warn=warn)
@@ -524,7 +199,7 @@ def _run_passkey(args) -> int:
         for m in MODES:
             lines[f"{m} greedy"] = [report[m]["by_distance"][x]["accuracy_greedy"] for x in xs]
             lines[f"{m} choice"] = [report[m]["by_distance"][x]["accuracy_choice"] for x in xs]
-        _plot_lines(args.plot, xs, lines, "distance of the key (tokens)", "accuracy", "Pass-key retrieval",
+        plot_lines(args.plot, xs, lines, "distance of the key (tokens)", "accuracy", "Pass-key retrieval",
                     hline=report["chance_choice"], dashed="choice")
     return 0
 
@@ -533,11 +208,6 @@ def _run_passkey(args) -> int:
 
 
 def _run_names(args) -> int:
-    from tqdm import tqdm
-
-    from longmem.data import iter_documents
-    from longmem.recall import COUNTS, identifier_recall
-
     if not 0 < args.memory_frac < 1:
         raise LongMemError(f"--memory-frac must be between 0 and 1 (the share of each document put in memory), got {args.memory_frac}")
     at_least_one(args, "context_chars", "min_chars", "new_tokens")
@@ -546,7 +216,7 @@ def _run_names(args) -> int:
     docs = [d for path in args.data for d in iter_documents(path)]
     if not docs:
         raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
     memory_kwargs = checked(model, memory_args(args))
     per_doc = {}
     for doc in tqdm(docs, desc="eval names", unit="doc", disable=not args.progress):
@@ -570,7 +240,7 @@ def _run_names(args) -> int:
         series = {label: [r[key] / max(1, r["probes"]) for r in rows]
                   for label, key in (("with memory", "right_memory"), ("without memory", "right_no_memory"))}
         labels = [f"{Path(g).name[-18:]} ({r['probes']})" for g, r in zip(groups, rows)]
-        _plot_bars(args.plot, labels, series, None, "share of names completed exactly (names probed)",
+        plot_bars(args.plot, labels, series, None, "share of names completed exactly (names probed)",
                    "Names defined far back, completed from memory")
     return 0
 

@@ -18,20 +18,23 @@ Token streams: each document is encoded in newline-cut pieces (``encode_batch``)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from longmem.data import EOT, iter_documents, text_pieces
+from longmem.data.corpora import EOT
+from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
 
 # fields that define the network: a checkpoint resumes only into the same ones
@@ -113,8 +116,6 @@ class PretrainConfig:
 
 
 def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     if not Path(path).is_dir():
         raise LongMemError(f"tokenizer folder {path} does not exist; train one with "
                            "`longmem tokenizer --data ... --out DIR`")
@@ -133,8 +134,6 @@ def token_stream(path: str, tokenizer, batch: int = 256) -> np.ndarray:
 
     Pieces of many documents go to the tokenizer together, so its threads share the work even when each
     document is a single piece (a code file)."""
-    from longmem.streams import encode_documents
-
     eos = np.asarray([tokenizer.eos_token_id], dtype=np.int32)
     docs = encode_documents(path, tokenizer, min_tokens=0, batch=batch, allow_empty=True)
     return np.concatenate([part for d in docs for part in (d, eos)]) if docs else np.zeros(0, dtype=np.int32)
@@ -173,8 +172,6 @@ def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
 
 
 def build_model(cfg: PretrainConfig, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     eos = tokenizer.eos_token_id
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
@@ -197,8 +194,6 @@ def resolve_device(name: str) -> torch.device:
 
 def load_init(model, folder: str) -> None:
     """Continue pretraining from the weights of a model folder (``export-backbone`` output) of the same shape."""
-    from safetensors.torch import load_file
-
     path = Path(folder) / "model.safetensors"
     if not path.is_file():
         raise LongMemError(f"--init-from {folder}: no model.safetensors there; give a folder written by export-backbone")
@@ -305,8 +300,6 @@ def plot_losses(records: list[dict], path: Path) -> None:
 
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     """Train (or resume) the backbone described by ``cfg``; return the last metrics record."""
-    from tqdm.auto import tqdm
-
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint" / "state.pt"
@@ -490,8 +483,6 @@ def export_backbone(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict
 def perplexity(model_dir: str, paths: list[str], seq_len: int = 512,
                max_tokens: int | None = None, precision: str = "fp32") -> dict[str, dict]:
     """Per-token loss and perplexity of the causal LM in ``model_dir`` on each of ``paths``."""
-    from transformers import AutoModelForCausalLM
-
     if seq_len < 1:
         raise LongMemError(f"--seq-len must be at least 1, got {seq_len}")
     if not Path(model_dir).is_dir():
@@ -510,113 +501,3 @@ def perplexity(model_dir: str, paths: list[str], seq_len: int = 512,
                            max_tokens, precision=precision)
         results[_name(p)] = {"loss": round(loss, 4), "ppl": round(math.exp(loss), 2), "tokens": n}
     return results
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _run_pretrain(args: argparse.Namespace) -> int:
-    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
-    final = pretrain(cfg, progress=args.progress)
-    print(json.dumps(final))
-    print(f"model + tokenizer -> {cfg.out}")
-    return 0
-
-
-def _run_export(args: argparse.Namespace) -> int:
-    info = export_backbone(args.run, args.out)
-    print(f"step {info['step']} ({info['tokens']:,} tokens, {info['seconds'] / 60:.1f} min) "
-          f"-> {args.out}")
-    return 0
-
-
-def _run_perplexity(args: argparse.Namespace) -> int:
-    from longmem.eval_cli import check_output, write_result
-
-    check_output(args.json)
-    results = perplexity(args.model, args.data, args.seq_len, args.max_tokens, args.precision)
-    for name, r in results.items():
-        print(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']} tokens)")
-    if args.json:
-        write_result(args.json, results)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
-    return 0
-
-
-def add_parser(sub) -> None:
-    d = PretrainConfig.__dataclass_fields__
-    p = sub.add_parser(
-        "pretrain", help="train a small Llama-style backbone from scratch (CPU or GPU)",
-        description="Train a LlamaForCausalLM (RoPE, RMSNorm, GQA, SwiGLU, tied embeddings) on "
-        "random windows of the training documents; save it with its tokenizer in OUT "
-        "(safetensors), with OUT/metrics.jsonl, OUT/loss.png and a resumable OUT/checkpoint/.",
-    )
-    p.add_argument("--data", nargs="+", required=True,
-                   help="training sets (text files, folders, .jsonl, hf:NAME[:SPLIT]); each "
-                   "batch row samples one set uniformly (or by --weights)")
-    p.add_argument("--val-data", nargs="*", default=None,
-                   help="validation sets (default: validation.jsonl next to each train.jsonl)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer folder (longmem tokenizer)")
-    p.add_argument("--out", required=True, help="output folder")
-    g = p.add_argument_group("model shape")
-    for name, help_ in (("layers", "decoder layers"), ("hidden", "hidden size"),
-                        ("heads", "attention heads"), ("kv_heads", "key/value heads (GQA)"),
-                        ("intermediate", "MLP (SwiGLU) size"), ("seq_len", "training window"),
-                        ("max_position", "max_position_embeddings")):
-        g.add_argument(f"--{name.replace('_', '-')}", type=int, default=d[name].default,
-                       help=f"{help_} (default: {d[name].default})")
-    g.add_argument("--rope-theta", type=float, default=d["rope_theta"].default,
-                   help=f"RoPE base (default: {d['rope_theta'].default})")
-    o = p.add_argument_group("optimisation")
-    for name, typ, help_ in (
-        ("batch_size", int, "sequences per step"), ("lr", float, "peak learning rate"),
-        ("min_lr_ratio", float, "final lr as a fraction of --lr"),
-        ("warmup", int, "linear warmup steps"), ("weight_decay", float, "AdamW weight decay"),
-        ("grad_clip", float, "gradient-norm clip"), ("max_steps", int, "training steps "
-         "(the cosine schedule ends here)"), ("seed", int, "seed of init and sampling"),
-        ("eval_every", int, "steps between validation losses"),
-        ("eval_tokens", int, "tokens per validation set"),
-        ("save_every", int, "steps between checkpoints"), ("log_every", int, "steps between "
-         "metrics records"),
-    ):
-        o.add_argument(f"--{name.replace('_', '-')}", type=typ, default=d[name].default,
-                       help=f"{help_} (default: {d[name].default})")
-    o.add_argument("--max-minutes", type=float, default=None,
-                   help="wall-time budget of this run; stops cleanly, checkpoints and saves")
-    o.add_argument("--precision", choices=["bf16", "fp32"], default="bf16",
-                   help="bf16 autocast (default; ~2x faster on CPUs with avx512_bf16) or fp32")
-    o.add_argument("--device", default="auto",
-                   help="auto (default: cuda when torch sees a GPU, else cpu), cpu, cuda or cuda:N")
-    o.add_argument("--weights", type=float, nargs="+", default=None,
-                   help="sampling weight of each --data set, in order (default: each set equally often)")
-    o.add_argument("--init-from", default=None,
-                   help="continue from the weights of this model folder (same shape; e.g. a shipped backbone) "
-                        "with a fresh optimizer and schedule")
-    o.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoint/ exactly where it stopped")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    p.set_defaults(func=_run_pretrain)
-
-    e = sub.add_parser(
-        "export-backbone", help="write a pretrain run's latest weights as a clean model folder",
-        description="Copy the weights of RUN/checkpoint/state.pt (final once the run ended) with "
-        "config and tokenizer into OUT (safetensors; no optimizer state), plus the run's "
-        "metrics and loss curve. Works on a run that is still going (last checkpoint).",
-    )
-    e.add_argument("--run", required=True, help="the --out folder of `longmem pretrain`")
-    e.add_argument("--out", required=True, help="destination model folder")
-    e.set_defaults(func=_run_export)
-
-    q = sub.add_parser(
-        "perplexity", help="loss and perplexity of a causal LM folder on documents",
-        description="Mean next-token loss over non-overlapping windows of each data set "
-        "(documents joined with <|endoftext|>), and its exponential (perplexity).",
-    )
-    q.add_argument("--model", required=True, help="model + tokenizer folder")
-    q.add_argument("--data", nargs="+", required=True, help="evaluation sets")
-    q.add_argument("--seq-len", type=int, default=512, help="window length (default: 512)")
-    q.add_argument("--max-tokens", type=int, default=None,
-                   help="at most this many tokens per set (default: all)")
-    q.add_argument("--precision", choices=["bf16", "fp32"], default="fp32",
-                   help="fp32 (default) or bf16 autocast")
-    q.add_argument("--json", default=None, help="also write the results to this JSON file")
-    q.set_defaults(func=_run_perplexity)

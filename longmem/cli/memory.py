@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
+from longmem.cli.eval import checked, memory_args
 from longmem.errors import LongMemError
-from longmem.eval_cli import checked, memory_args, resolve_device
+from longmem.generation import Decoder, SamplingConfig, sample_next
+from longmem.loading import load_model_and_tokenizer, resolve_device
 from longmem.store import MemoryStore, check_name, check_text_file, ingest_file
 
 # a bound against typos, not a limit of the method (memory keeps the context): about an hour of CPU decoding
@@ -23,8 +25,6 @@ def _store(args) -> MemoryStore:
 
 
 def _load(args):
-    from longmem.demo import load_model_and_tokenizer
-
     device = resolve_device(args.device) if getattr(args, "device", None) else None  # before the slow part
     model, tok = load_model_and_tokenizer(args.model)
     if device is not None:
@@ -36,8 +36,6 @@ def _load(args):
 
 
 def _memory_add(args) -> int:
-    from tqdm import tqdm
-
     store = _store(args)
     check_name(args.name)
     files = [Path(f) for f in args.files]
@@ -109,8 +107,6 @@ def _memory_remove(args) -> int:
 
 def _sampling(args) -> dict:
     """The sampling flags as ``generate`` keyword arguments, checked (before any model is loaded)."""
-    from longmem.generation import SamplingConfig
-
     if not 0 <= args.max_new_tokens <= MAX_NEW_TOKENS:
         raise LongMemError(f"--max-new-tokens must be between 0 and {MAX_NEW_TOKENS:,}, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -167,8 +163,6 @@ def _read_prompt(path: str) -> str:
 
 
 def _chat(args) -> int:
-    from longmem.generation import Decoder, SamplingConfig, sample_next
-
     cfg = SamplingConfig(**{**_sampling(args), "stop_strings": ("\n",)})
     store = _store(args)
     check_name(args.memory)
@@ -206,11 +200,8 @@ def _chat(args) -> int:
             print(f"{args.bot_prefix}{tok.decode(reply).strip()}")
             sys.stdout.flush()
         if args.remember:
-            st = dec.state
-            c, m = st.backbone_cache, model.memory_layer
-            if c.raw_keys[m] is not None:  # what is still in the window goes to memory too
-                memory.add(c.raw_keys[m], c.values[m])
-            memory.rows[0].sources.append({"file": "chat", "tokens": st.moved + st.tokens.shape[1],
+            dec.flush()  # what is still in the window goes to memory too
+            memory.rows[0].sources.append({"file": "chat", "tokens": dec.tokens_seen,
                                            "added": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
             store.save(args.memory, memory)
             print(f"saved the conversation to memory {args.memory!r} ({memory.num_tokens(0)} tokens)")

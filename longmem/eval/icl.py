@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from longmem.chapterbreak import MODES, encode, fill_memory, score_continuations
 from longmem.errors import LongMemError
+from longmem.eval.scoring import MODES, encode, fill_memory, score_continuations
 
 SENTIMENT = "Review: {x} Sentiment: {y}. "
 
@@ -222,8 +223,6 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
     ``memory_kwargs``: memory overrides; chunk size defaults to 2 (the paper's ICL setting) and the
     memory size to the model's, enlarged to hold all N demonstrations.
     """
-    from tqdm import tqdm
-
     warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr))
     if k < 0 or memory_demos < 0 or seeds < 1:
         raise LongMemError(f"--k and --memory-demos must be >= 0 and --seeds >= 1, got {k}, {memory_demos}, {seeds}")

@@ -20,7 +20,7 @@ import re
 import numpy as np
 import torch
 
-from longmem.store import write_tokens
+
 
 DEFINES = re.compile(r"^[ \t]*(?:def|class)[ \t]+([A-Za-z_]\w*)|^[ \t]*(?:self\.)?([A-Za-z_]\w*)[ \t]*=[^=]", re.M)
 COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls"}
@@ -62,7 +62,7 @@ def identifier_recall(model, tokenizer, text: str, memory_frac: float = 0.5, con
     enc = tokenizer.backend_tokenizer
     cut = text.rfind("\n", 0, int(len(text) * memory_frac)) + 1
     memory = model.new_memory(1, **(memory_kwargs or {}))
-    write_tokens(model, memory, np.asarray(enc.encode(text[:cut], add_special_tokens=False).ids))
+    model.write_memory(torch.as_tensor(enc.encode(text[:cut], add_special_tokens=False).ids, dtype=torch.long).view(1, -1), memory)
     rows = []
     for name, pos in probe_sites(text, cut, defined_names(text[:cut], min_chars), context_chars):
         start = pos - context_chars

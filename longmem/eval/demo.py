@@ -8,7 +8,6 @@ earlier in the document, but only further back than T tokens.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import time
@@ -16,16 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
+from longmem.data.corpora import code_splits
+from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
+from longmem.eval.perplexity import stream_nll
+from longmem.eval.recall import identifier_recall
+from longmem.io import CONFIG_FILE, check_output, read_checkpoint_meta, write_result
+from longmem.loading import load_model, load_tokenizer
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
 
 
 def load_model_and_tokenizer(path: str | os.PathLike | None):
     """A LongMem checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer."""
-    from longmem.model import CONFIG_FILE, load_model, read_checkpoint_meta
-    from longmem.pretrain import load_tokenizer
-
     path = Path(path or DEFAULT_MODEL)
     if not (path / CONFIG_FILE).is_file():
         if path == DEFAULT_MODEL:
@@ -40,8 +42,6 @@ def load_model_and_tokenizer(path: str | os.PathLike | None):
 
 def default_document() -> tuple[str, str]:
     """The longest test-split file of the code corpus (this interpreter's standard library)."""
-    from longmem.data import code_splits
-
     test = code_splits()["test"]
     if not test:
         raise LongMemError("this Python's standard library has no test-split file; pass --data FILE")
@@ -79,11 +79,6 @@ def memory_example(tokenizer, ids: np.ndarray, with_mem: dict, without: dict, T:
 
 
 def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None, progress=True) -> dict:
-    from longmem.eval_cli import check_output, write_result
-    from longmem.evaluate import stream_nll
-    from longmem.recall import identifier_recall
-    from longmem.streams import encode_documents
-
     t0 = time.time()
     if max_tokens < 2:
         raise LongMemError(f"--max-tokens must be at least 2, got {max_tokens}")
@@ -156,23 +151,3 @@ def format_identifiers(idr: dict | None) -> list[str]:
         lines += [f"  e.g. {row['name']}: ...{row['prompt_tail'][-60:]!r}",
                   f"    with memory {cut(row['memory'])!r}, without {cut(row['no_memory'])!r}"]
     return lines
-
-
-def _run(args) -> int:
-    report = run_demo(args.model, args.data, args.max_tokens, args.json, progress=not args.no_progress)
-    print(format_report(report))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="show LongMem's memory at work on a held-out long document",
-                       description="Stream a held-out long document through the shipped default model and print perplexity "
-                                   "with memory, without memory (same weights) and with the frozen backbone alone; then "
-                                   "put its first half in a memory and see whether the model completes names defined "
-                                   "there when they are used in the second half (greedy, with and without memory).")
-    p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
-    p.add_argument("--data", help="document to read (default: the longest test-split file of the stdlib code corpus)")
-    p.add_argument("--max-tokens", type=int, default=16384, help="read at most this many tokens (default: 16384)")
-    p.add_argument("--json", help="also write the figures to this JSON file")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_run)

@@ -12,15 +12,17 @@ import importlib
 import os
 import sys
 
+from longmem.errors import LongMemError
+
 # module -> registers one or more subcommands via add_parser(subparsers)
 _COMMAND_MODULES = [
-    "longmem.data",
-    "longmem.pretrain",
-    "longmem.train",
-    "longmem.demo",
-    "longmem.memory_cli",
-    "longmem.baselines",
-    "longmem.eval_cli",
+    "longmem.cli.data",
+    "longmem.cli.pretrain",
+    "longmem.cli.train",
+    "longmem.cli.demo",
+    "longmem.cli.memory",
+    "longmem.cli.staleness",
+    "longmem.cli.eval",
 ]
 
 
@@ -43,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from longmem.errors import LongMemError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
@@ -73,7 +73,3 @@ def _quiet_libraries() -> None:
     except ImportError:
         pass
 
-
-if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.exit(main())

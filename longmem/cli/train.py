@@ -1,0 +1,70 @@
+"""``longmem train``: memory-augmented adaptation (and the baselines), under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from longmem.training.train import TrainConfig, train
+
+
+def _run(args: argparse.Namespace) -> int:
+    fields = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    result = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "gate"}))
+    return 0
+
+
+def add_parser(sub) -> None:
+    d = TrainConfig(data=["x"])
+    p = sub.add_parser("train", help="memory-augmented adaptation: train a SideNet on a frozen backbone",
+                       description="Train LongMem's SideNet on a frozen backbone (paper s3.4). Each batch row streams one "
+                                   "document segment by segment with its own memory. Works under torchrun (DDP).")
+    p.add_argument("--backbone", default=d.backbone, help="HF model folder or hub id (default: the shipped longmem-tiny backbone)")
+    p.add_argument("--data", nargs="+", required=True, help="training documents: text files, folders, .jsonl, hf:NAME")
+    p.add_argument("--val-data", dest="val_data", nargs="+", help="validation documents (loss with and without memory)")
+    p.add_argument("--out", default=d.out, help="output folder (loadable with LongMem.from_pretrained)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the backbone's)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
+    for name, typ, help_ in (
+        ("max-steps", int, "optimizer steps"), ("max-minutes", float, "stop (and checkpoint) after this wall time"),
+        ("batch-size", int, "document streams per process"), ("grad-accum", int, "micro-batches per step"),
+        ("segment-length", int, "local window T (default min(1024, backbone context))"),
+        ("memory-size", int, "memory tokens per stream (FIFO)"), ("chunk-size", int, "tokens per memory chunk"),
+        ("topk-chunks", int, "chunks retrieved per query"), ("memory-layer", int, "backbone block m to cache (odd)"),
+        ("lr", float, "peak learning rate"), ("eps", float, "AdamW epsilon"), ("weight-decay", float, "AdamW weight decay"),
+        ("warmup-steps", int, "linear warmup steps"), ("grad-clip", float, "gradient norm clip"),
+        ("eval-every", int, "validate every N steps (0: only at the end)"), ("eval-docs", int, "validation documents"),
+        ("eval-segments", int, "segments per validation document"), ("save-every", int, "checkpoint every N steps"),
+        ("seed", int, "random seed"),
+    ):
+        dest = name.replace("-", "_")
+        default = getattr(d, dest)
+        p.add_argument(f"--{name}", dest=dest, type=typ, default=None, help=f"{help_} (default: {default})")
+    p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,
+                   help="longmem (default): SideNet on a frozen backbone; memtrm: coupled memory in the trained "
+                        "backbone (Memorizing-Transformer style); finetune: the backbone fine-tuned, no memory")
+    p.add_argument("--train-layers", dest="train_layers", choices=["all", "upper"], default=None,
+                   help="baselines: train all backbone blocks (default) or the upper half")
+    p.add_argument("--retrieval-metric", dest="retrieval_metric", choices=["ip", "cosine"], default=None,
+                   help="chunk search score: ip = inner product with the chunk-mean key (the paper, default); cosine = "
+                        "with the unit-length chunk-mean key (a few large-norm keys cannot win every search)")
+    p.add_argument("--retrieval-query", dest="retrieval_query", choices=["query", "key"], default=None,
+                   help="what searches the memory: query = the memory layer's query projection (the paper, default); "
+                        "key = the backbone's own block-m key of each token, the space the stored keys are in")
+    p.add_argument("--retrieval-next", dest="retrieval_next", action=argparse.BooleanOptionalAction, default=None,
+                   help="also attend to the chunk stored right after each retrieved one (not in the paper; K doubles): "
+                        "with key search the token to copy is often the first of the next chunk; --no-retrieval-next "
+                        "turns it off for a model --init-from one that has it (the shipped default does)")
+    p.add_argument("--init-from", dest="init_from", default=None,
+                   help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
+                        "the backbone's blocks; its memory settings are used")
+    p.add_argument("--staleness-every", dest="staleness_every", type=int, default=None,
+                   help="every N steps, record how far stored keys drifted from what the current weights compute")
+    p.set_defaults(func=_run)

@@ -1,0 +1,286 @@
+"""Long-context perplexity: documents streamed in segments, memory reset per document (paper s4.1).
+
+Three modes on exactly the same predicted tokens:
+    longmem     the SideNet reading the memory of the document's past segments
+    no_memory   the same weights without retrieval (the SideNet alone on the local window)
+    backbone    the frozen backbone alone on the local window (the paper's baseline)
+
+Positions are counted within each document; "beyond the first window" means tokens at position
+>= T, the only ones for which a memory can hold anything.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from longmem.data.streams import IGNORE, DocumentStreams, encode_documents
+from longmem.errors import LongMemError
+from longmem.eval.scoring import MODES
+from longmem.loading import load_model_and_tokenizer
+
+# document-length splits in tokens (the paper's PG-22 splits, and the shorter documents)
+LENGTH_SPLITS = (("<5K", 0, 5_000), ("5K-10K", 5_000, 10_000), ("10K-100K", 10_000, 100_000),
+                 ("100K-500K", 100_000, 500_000), ("500K-1M", 500_000, 1_000_000), (">1M", 1_000_000, None))
+BUCKETS = ((0, 1), (1, 4), (4, 16), (16, None))  # in local windows, as position // T
+
+
+def bucket_name(lo, hi) -> str:
+    return f"{lo}-{hi}" if hi is not None else f"{lo}+"
+
+
+@dataclass
+class NLL:
+    """Summed negative log-likelihood (nats) and token counts, overall and by position."""
+
+    segment_length: int
+    total: float = 0.0
+    tokens: int = 0
+    beyond: float = 0.0
+    beyond_tokens: int = 0
+    buckets: dict = field(default_factory=lambda: {bucket_name(*b): [0.0, 0] for b in BUCKETS})
+    keep: bool = False  # also keep every (document, position, nll), in streaming order
+    per_token: list = field(default_factory=list)
+
+    def add(self, nll: torch.Tensor, positions: torch.Tensor, docs: torch.Tensor | None = None) -> None:
+        """nll, positions: (n,) for the predicted tokens (position = index of the token in its document)."""
+        nll, positions = nll.double().cpu(), positions.cpu()
+        if self.keep:
+            self.per_token.append((docs.cpu() if docs is not None else torch.zeros_like(positions), positions, nll))
+        self.total += float(nll.sum())
+        self.tokens += nll.numel()
+        far = positions >= self.segment_length
+        self.beyond += float(nll[far].sum())
+        self.beyond_tokens += int(far.sum())
+        window = positions // self.segment_length
+        for lo, hi in BUCKETS:
+            sel = (window >= lo) & (window < hi if hi is not None else True)
+            b = self.buckets[bucket_name(lo, hi)]
+            b[0] += float(nll[sel].sum())
+            b[1] += int(sel.sum())
+
+    def token_table(self) -> dict[tuple[int, int], float]:
+        """{(document, position): nll} for every predicted token (needs keep=True)."""
+        table = {}
+        for docs, pos, nll in self.per_token:
+            table.update(zip(zip(docs.tolist(), pos.tolist()), nll.tolist()))
+        return table
+
+    def summary(self) -> dict:
+        ppl = lambda s, n: math.exp(s / n) if n else None  # noqa: E731
+        return {
+            "ppl": ppl(self.total, self.tokens),
+            "ppl_beyond_window": ppl(self.beyond, self.beyond_tokens),
+            "loss": self.total / self.tokens if self.tokens else None,
+            "tokens": self.tokens,
+            "tokens_beyond_window": self.beyond_tokens,
+            "ppl_by_position": {name: ppl(s, n) for name, (s, n) in self.buckets.items()},
+            "tokens_by_position": {name: n for name, (s, n) in self.buckets.items()},
+        }
+
+
+@torch.no_grad()
+def stream_nll(model, docs: list[np.ndarray], mode: str, segment_length: int | None = None, batch_size: int = 1,
+               memory_kwargs: dict | None = None, autocast: torch.dtype | None = None, progress: bool = False,
+               desc: str | None = None, keep_tokens: bool = False) -> NLL:
+    """Stream every document once in the given mode and sum the next-token NLL."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    T = segment_length or model.segment_length
+    batch_size = max(1, min(batch_size, len(docs)))  # rows beyond the documents would only sit idle (and an enormous count hang)
+    was_training = model.training
+    model.eval()
+    streams = DocumentStreams(docs, batch_size=batch_size, segment_length=T, loop=False)
+    kw = {"dtype": autocast, **(memory_kwargs or {})} if autocast is not None else (memory_kwargs or {})
+    memory = model.new_memory(batch_size, **kw) if mode == "longmem" else None
+    stats = NLL(T, keep=keep_tokens)
+    total = sum(max(0, -(-(len(d) - 1) // T)) for d in streams.docs)
+    device = model.device
+    bar = tqdm(total=total, desc=desc or mode, unit="seg", disable=not progress, leave=False)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        for batch in streams:
+            ids, targets = batch.input_ids.to(device), batch.targets.to(device)
+            if memory is not None and batch.reset:
+                memory.reset(batch.reset)
+            if mode == "backbone":
+                logits = model.backbone_logits(ids)
+            else:
+                logits = model(ids, memory=memory).logits
+            nll = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none")
+            positions = batch.segment_index.view(-1, 1).to(device) * T + torch.arange(1, T + 1, device=device)
+            valid = targets.flatten() != IGNORE
+            doc_ids = batch.doc_index.view(-1, 1).expand(-1, T).to(device).flatten()
+            stats.add(nll[valid], positions.flatten()[valid], doc_ids[valid])
+            bar.update(int((batch.doc_index >= 0).sum()))
+    bar.close()
+    model.train(was_training)
+    return stats
+
+
+def perplexity_table(model, docs, modes=MODES, **kwargs) -> dict:
+    """{mode: summary} for each mode on the same documents."""
+    return {mode: stream_nll(model, docs, mode, desc=f"ppl {mode}", **kwargs).summary() for mode in modes}
+
+
+class _PlainLM:
+    """A plain HF causal LM dressed for ``stream_nll``'s backbone mode: each window on its own."""
+
+    training = False
+
+    def __init__(self, hf, segment_length: int):
+        self.hf, self.segment_length = hf, segment_length
+
+    @property
+    def device(self):
+        return next(self.hf.parameters()).device
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self
+
+    def backbone_logits(self, ids):
+        with torch.no_grad():
+            return self.hf(input_ids=ids).logits
+
+
+def _load_baseline(path: str, device):
+    if not Path(path).is_dir():
+        raise LongMemError(f"baseline {path} is not a folder; give a HF causal LM saved with save_pretrained (with its tokenizer)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        hf = AutoModelForCausalLM.from_pretrained(path)
+    except Exception as e:  # any HF loading failure is the same to the user
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise LongMemError(f"cannot load baseline {path} as a causal LM with a tokenizer ({type(e).__name__}: {first})") from None
+    return hf.to(device).eval(), tok
+
+
+def _same_tokens(tok_a, tok_b, docs_a: list, data) -> bool:
+    """Whether tokenizer b gives exactly tokenizer a's ids: the same vocabulary, the same ids for every document."""
+    if tok_a.get_vocab() != tok_b.get_vocab():
+        return False
+    docs_b = encode_documents(data, tok_b)
+    return len(docs_b) == len(docs_a) and all(np.array_equal(a, b) for a, b in zip(docs_a, docs_b))
+
+
+def _merge(stats: list):
+    out = NLL(stats[0].segment_length)
+    for s in stats:
+        out.total += s.total
+        out.tokens += s.tokens
+        out.beyond += s.beyond
+        out.beyond_tokens += s.beyond_tokens
+        for name, (nll, n) in s.buckets.items():
+            out.buckets[name][0] += nll
+            out.buckets[name][1] += n
+    return out
+
+
+def _by_length(docs) -> dict[str, list]:
+    groups = {}
+    for name, lo, hi in LENGTH_SPLITS:
+        sel = [d for d in docs if len(d) >= lo and (hi is None or len(d) < hi)]
+        if sel:
+            groups[name] = sel
+    return groups
+
+
+def _score(model, groups: dict, mode: str, batch_size: int, memory_kwargs: dict | None, progress: bool, desc: str,
+           segment_length: int | None = None) -> dict:
+    stats = {name: stream_nll(model, docs, mode, segment_length=segment_length, batch_size=batch_size,
+                              memory_kwargs=memory_kwargs, progress=progress, desc=f"{desc} {name}")
+             for name, docs in groups.items()}
+    summary = _merge(list(stats.values())).summary()
+    summary["by_length"] = {}
+    for name, s in stats.items():
+        one = s.summary()
+        summary["by_length"][name] = {"ppl": one["ppl"], "ppl_beyond_window": one["ppl_beyond_window"],
+                                      "tokens": one["tokens"], "documents": len(groups[name])}
+    return summary
+
+
+def run_ppl(model_paths: list, data: list, *, baselines=(), max_tokens: int | None = None, batch_size: int = 1,
+            memory_kwargs: dict | None = None, device=None, progress: bool = False, warn=None) -> dict:
+    """Perplexity of every model in the three modes (and of each baseline) on ``data``.
+
+    One model: ``{"longmem": S, "no_memory": S, "backbone": S, "baseline:NAME": S, "meta": {...}}``; several:
+    the same summaries under ``"<model name>/<mode>"`` keys. Each S is ``NLL.summary()`` plus ``by_length``:
+    ``{split: {"ppl", "ppl_beyond_window", "tokens", "documents"}}`` for the non-empty ``LENGTH_SPLITS``.
+    ``warn(message)`` is told about skipped documents."""
+    model_paths = list(model_paths) or [None]
+    names = [Path(p).name if p else "longmem-tiny" for p in model_paths]
+    if len(set(names)) < len(names):
+        names = [str(p) for p in model_paths]
+    report, meta = {}, {"data": [str(d) for d in data], "max_tokens": max_tokens, "models": {}}
+    for bpath in baselines:  # before any model is scored
+        if not Path(bpath).is_dir():
+            raise LongMemError(f"baseline {bpath} is not a folder; give a HF causal LM saved with save_pretrained (with its tokenizer)")
+    loaded_baselines = {}
+    for path, name in zip(model_paths, names):
+        model, tok = load_model_and_tokenizer(path, device)
+        kw = dict(memory_kwargs or {})
+        if kw:
+            model.config.replace(**kw)  # LongMemConfig validates the sizes
+        T = model.segment_length
+        full = encode_documents(data, tok, progress=progress)
+        docs = [d[:max_tokens] if max_tokens else d for d in full]
+        short = sum(len(d) <= T for d in docs)
+        docs = [d for d in docs if len(d) > T]
+        if not docs:
+            raise LongMemError(f"no document in {', '.join(map(str, data))} is longer than one local window ({T} tokens) of {name}; give longer documents")
+        if short and warn is not None:
+            warn(f"{name}: skipped {short} document(s) of at most {T} tokens (one local window: nothing beyond it for the memory to help)")
+        groups = _by_length(docs)
+        prefix = "" if len(model_paths) == 1 else f"{name}/"
+        for mode in MODES:
+            report[prefix + mode] = _score(model, groups, mode, batch_size, kw, progress, f"{name} {mode}")
+        for bpath in baselines:
+            if bpath not in loaded_baselines:
+                loaded_baselines[bpath] = _load_baseline(bpath, device)
+            hf, btok = loaded_baselines[bpath]
+            limit = getattr(hf.config, "max_position_embeddings", None) or getattr(hf.config, "n_positions", None)
+            if limit is not None and limit < T:
+                raise LongMemError(f"baseline {bpath} reads at most {limit} tokens, less than the local window ({T}) of {name}")
+            if not _same_tokens(tok, btok, full, data):
+                raise LongMemError(f"baseline {bpath} has another tokenizer than {name}; perplexities over different tokens are "
+                                   "not comparable: give a baseline that uses the same tokenizer")
+            bname = f"baseline:{Path(bpath).name}"
+            report[prefix + bname] = _score(_PlainLM(hf, T), groups, "backbone", batch_size, None, progress, f"{name} {bname}", T)
+        meta["models"][name] = {"path": str(path) if path else "(shipped default)", "segment_length": T,
+                                "memory_size": kw.get("memory_size", model.config.memory_size),
+                                "chunk_size": kw.get("chunk_size", model.config.chunk_size),
+                                "topk_chunks": kw.get("topk_chunks", model.config.topk_chunks),
+                                "documents": len(docs), "skipped_documents": short,
+                                "document_tokens": int(np.sum([len(d) for d in docs]))}
+    report["meta"] = meta
+    return report
+
+
+def format_ppl(report: dict) -> str:
+    buckets = [bucket_name(*b) for b in BUCKETS]
+    rows = [k for k in report if k != "meta"]
+    w = max(12, max(len(k) for k in rows) + 2)
+    fmt = lambda v: f"{v:.3f}" if v is not None else "-"  # noqa: E731
+    lines = [f"{'':<{w}}{'ppl':>10}{'beyond T':>10}" + "".join(f"{'win ' + b:>11}" for b in buckets) + f"{'tokens':>10}"]
+    for k in rows:
+        s = report[k]
+        lines.append(f"{k:<{w}}{fmt(s['ppl']):>10}{fmt(s['ppl_beyond_window']):>10}"
+                     + "".join(f"{fmt(s['ppl_by_position'][b]):>11}" for b in buckets) + f"{s['tokens']:>10}")
+    splits = [name for name, _, _ in LENGTH_SPLITS if any(name in report[k]["by_length"] for k in rows)]
+    if splits:
+        lines += ["", "by document length (tokens): ppl (documents)",
+                  f"{'':<{w}}" + "".join(f"{s:>16}" for s in splits)]
+        for k in rows:
+            bl = report[k]["by_length"]
+            cells = [f"{fmt(bl[s]['ppl'])} ({bl[s]['documents']})" if s in bl else "-" for s in splits]
+            lines.append(f"{k:<{w}}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)

@@ -1,0 +1,58 @@
+"""The evaluations' plots: lines over categories and grouped bars, written as PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel: str, title: str, hline=None,
+                dashed: str | None = None):
+    """One line per entry of ``lines`` over the categories ``xs`` (None values skipped); labels holding
+    ``dashed`` are drawn dashed."""
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, ys in lines.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            style = "--" if dashed and dashed in label else "-"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label, linestyle=style)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[str, list] | None, ylabel: str, title: str,
+               hline=None):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(groups))
+    for i, (name, ys) in enumerate(series.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, ys, width, yerr=(errors or {}).get(name), label=name, capsize=3)
+    if hline is not None:
+        ax.axhline(hline, color="grey", linestyle=":", label="chance")
+    if len(groups) > 5:  # long rows of labels would overlap
+        ax.set_xticks(x, groups, rotation=35, ha="right")
+    else:
+        ax.set_xticks(x, groups)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

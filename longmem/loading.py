@@ -1,0 +1,91 @@
+"""The one loader: a checkpoint folder (LongMem or a baseline) with its tokenizer, and the shipped default.
+
+The shipped default model travels inside the package (``longmem/models/longmem-tiny``), so it is found
+the same way in a checkout, an editable install and a ``pip install .``: ``DEFAULT_MODEL``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from longmem.baselines import BASELINES
+from longmem.errors import LongMemError
+from longmem.io import CONFIG_FILE, read_checkpoint_meta
+from longmem.model import LongMem, MemoryLM
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "longmem-tiny"
+
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """``None`` or ``auto``: the first GPU when torch sees one, else the CPU. A named device is checked."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LongMemError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LongMemError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise LongMemError(f"unsupported device {name!r}; use cpu or cuda")
+    return device
+
+
+def load_model(path, backbone=None) -> MemoryLM:
+    """Any checkpoint folder written by this library: LongMem or one of the baselines."""
+    path = Path(path)
+    method = read_checkpoint_meta(path).get("method", "longmem")
+    if method == "longmem":
+        return LongMem.from_pretrained(path, backbone=backbone)
+    if method not in BASELINES:
+        raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
+    return BASELINES[method].from_pretrained(path)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """A tokenizer saved with ``save_pretrained`` in a local folder."""
+    if not Path(path).is_dir():
+        raise LongMemError(f"tokenizer folder {path} does not exist; train one with "
+                           "`longmem tokenizer --data ... --out DIR`")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise LongMemError(f"could not load a tokenizer from {path} ({type(e).__name__}); it "
+                           "must be a folder written by save_pretrained") from None
+    if tok.eos_token_id is None:
+        raise LongMemError(f"tokenizer {path} has no eos token; it needs one (longmem's own tokenizers use <|endoftext|>)")
+    return tok
+
+
+def resolve_tokenizer(ref: str):
+    """A tokenizer from a local folder or a hub id (the backbone's, usually)."""
+    if Path(ref).is_dir():
+        return load_tokenizer(ref)
+    try:
+        return AutoTokenizer.from_pretrained(ref)
+    except (OSError, ValueError) as e:
+        raise LongMemError(
+            f"cannot load backbone or tokenizer {ref!r}: not a local folder, and the hub is unreachable or has no "
+            f"such model ({type(e).__name__}); pass a folder saved with save_pretrained"
+        ) from None
+
+
+def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None):
+    """A checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer; on ``device``
+    (when given) and in eval mode."""
+    path = Path(path or DEFAULT_MODEL)
+    if not (path / CONFIG_FILE).is_file():
+        if path == DEFAULT_MODEL:
+            raise LongMemError(f"the shipped default model is missing from {path}; reinstall longmem")
+        raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
+    meta = read_checkpoint_meta(path)
+    model = load_model(path)
+    if device is not None:
+        model = model.to(device)
+    ref = meta["backbone"]["path"]
+    tok_dir = path / ref if (path / ref).is_dir() else Path(ref)
+    return model.eval(), load_tokenizer(str(tok_dir))
