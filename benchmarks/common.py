@@ -26,10 +26,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -89,6 +86,9 @@ def parse(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
 
 
 def setup(args) -> torch.device:
+    """Called first by every benchmark's main: environment, threads, seed, device check."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     threads = args.threads or os.cpu_count()
     args.load_at_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     if args.load_at_start is not None and args.load_at_start >= 0.5 * (os.cpu_count() or 1):

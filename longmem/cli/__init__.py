@@ -1,6 +1,6 @@
 """The ``longmem`` command line.
 
-Each subcommand lives next to the code it drives and registers itself through an
+Each command group is one module of this package (``longmem.cli.data``, ``.train``, ``.eval``, ...) with an
 ``add_parser(subparsers)`` function; this module only assembles them and turns every
 ``LongMemError`` (and the few other foreseeable failures) into one line on stderr.
 """
@@ -8,22 +8,15 @@ Each subcommand lives next to the code it drives and registers itself through an
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
+from longmem.cli import data, demo, memory, pretrain, staleness, train
+from longmem.cli import eval as evaluate
 from longmem.errors import LongMemError
 
-# module -> registers one or more subcommands via add_parser(subparsers)
-_COMMAND_MODULES = [
-    "longmem.cli.data",
-    "longmem.cli.pretrain",
-    "longmem.cli.train",
-    "longmem.cli.demo",
-    "longmem.cli.memory",
-    "longmem.cli.staleness",
-    "longmem.cli.eval",
-]
+# each registers one or more subcommands via add_parser(subparsers), in this order in --help
+COMMANDS = (data, pretrain, train, demo, memory, staleness, evaluate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,13 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # a command module not written yet
-            if e.name == name:
-                continue
-            raise
+    for module in COMMANDS:
         module.add_parser(sub)
     return parser
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
 
 from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
@@ -36,7 +35,7 @@ from longmem.eval.icl import evaluate_icl, get_task, load_examples
 from longmem.eval.passkey import evaluate_passkey
 from longmem.eval.perplexity import BUCKETS, bucket_name, format_ppl, run_ppl
 from longmem.eval.plots import plot_bars, plot_lines
-from longmem.eval.recall import COUNTS, identifier_recall
+from longmem.eval.recall import names_report
 from longmem.eval.scoring import MODES
 from longmem.io import check_output, write_json, write_result
 from longmem.loading import load_model_and_tokenizer, resolve_device
@@ -217,15 +216,11 @@ def _run_names(args) -> int:
     if not docs:
         raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
-    memory_kwargs = checked(model, memory_args(args))
-    per_doc = {}
-    for doc in tqdm(docs, desc="eval names", unit="doc", disable=not args.progress):
-        per_doc[doc.id] = identifier_recall(model, tok, doc.text, args.memory_frac, args.context_chars, args.min_chars,
-                                            args.new_tokens, memory_kwargs)
-    total = {k: sum(r[k] for r in per_doc.values()) for k in COUNTS}
-    report = {"all": total, "documents": per_doc,
-              "meta": {"model": str(args.model or "(shipped default)"), "memory_frac": args.memory_frac,
-                       "context_chars": args.context_chars, "min_chars": args.min_chars, "new_tokens": args.new_tokens}}
+    report = names_report(model, tok, docs, memory_frac=args.memory_frac, context_chars=args.context_chars,
+                          min_chars=args.min_chars, new_tokens=args.new_tokens,
+                          memory_kwargs=checked(model, memory_args(args)), progress=args.progress)
+    report["meta"] = {"model": str(args.model or "(shipped default)"), **report["meta"]}
+    per_doc, total = report["documents"], report["all"]
     print(f"names defined in the first {args.memory_frac:.0%} of each document (in memory), completed at their first use "
           f"after it from their first token (greedy, {args.context_chars} characters of prompt)")
     print(f"{'document':<44}{'names':>7}{'with memory':>13}{'without':>9}{'only with':>11}{'only without':>14}")

@@ -107,7 +107,7 @@ def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None,
     report = {**results, "document": name, "segment_length": T, "memory_size": model.config.memory_size,
               "example": example, "identifiers": identifiers, "seconds": round(time.time() - t0, 1)}
     if json_out:
-        write_result(json_out, report)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
+        write_result(json_out, report)  # with longmem_version, format_version and sha256 (see longmem.io)
     return report
 
 

@@ -17,8 +17,8 @@ import copy
 import keyword
 import re
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
 
 
@@ -85,3 +85,16 @@ def identifier_recall(model, tokenizer, text: str, memory_frac: float = 0.5, con
             "right_memory": sum(r["right_memory"] for r in rows), "right_no_memory": sum(r["right_no_memory"] for r in rows),
             "only_with_memory": sum(r["right_memory"] and not r["right_no_memory"] for r in rows),
             "only_without_memory": sum(r["right_no_memory"] and not r["right_memory"] for r in rows), "rows": rows}
+
+
+def names_report(model, tokenizer, docs, *, memory_frac: float = 0.5, context_chars: int = 600, min_chars: int = 6,
+                 new_tokens: int = 8, memory_kwargs: dict | None = None, progress: bool = False) -> dict:
+    """``identifier_recall`` on every document: ``{"all": COUNTS summed, "documents": {id: result}, "meta": {...}}``."""
+    per_doc = {}
+    for doc in tqdm(docs, desc="eval names", unit="doc", disable=not progress):
+        per_doc[doc.id] = identifier_recall(model, tokenizer, doc.text, memory_frac, context_chars, min_chars, new_tokens,
+                                            memory_kwargs)
+    total = {k: sum(r[k] for r in per_doc.values()) for k in COUNTS}
+    return {"all": total, "documents": per_doc,
+            "meta": {"memory_frac": memory_frac, "context_chars": context_chars, "min_chars": min_chars,
+                     "new_tokens": new_tokens}}
