@@ -332,7 +332,8 @@ class MemoryBank:
                 that matches the query may end its chunk, and what follows it is then in the next one).
         Returns:
             Retrieved keys/values (B, H, T, K, Dh) with K = k_c * csz (2 k_c * csz with ``next_chunks``; each
-            retrieved chunk's successor after the k_c retrieved ones), and a validity mask.
+            retrieved chunk's successor after the k_c retrieved ones, masked out where it is one of them or
+            does not exist), and a validity mask.
         """
         B, H, T, Dh = queries.shape
         if B != self.batch_size or H % self.num_heads or Dh != self.head_dim:
@@ -344,7 +345,10 @@ class MemoryBank:
         q = queries.reshape(B, self.num_heads, G * T, Dh)  # query head h -> kv head h // G
         slots, _ = self.search_chunks(q, kc)  # (B, Hkv, G*T, kc)
         if next_chunks:
-            slots, kc = torch.cat([slots, self.next_slots(slots)], dim=-1), 2 * kc
+            succ = self.next_slots(slots)
+            # a successor that is itself retrieved is not taken twice (it would get double softmax weight)
+            succ = succ.masked_fill((succ.unsqueeze(-1) == slots.unsqueeze(-2)).any(-1), -1)
+            slots, kc = torch.cat([slots, succ], dim=-1), 2 * kc
         found = slots >= 0
         if self.keys is None:
             shape = (B, H, T, kc * csz, Dh)

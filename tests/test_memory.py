@@ -123,12 +123,29 @@ def test_next_chunks_returns_the_chunk_written_after_each_retrieved_one(steps):
                     hits = [n for n in range(N) if torch.equal(keys[h, n], m.keys[row, h, slot])]
                     assert len(hits) == 1
                     got = both.keys[row, h, t, 12 + 4 * j: 16 + 4 * j]
+                    retrieved = {int(c) for c in plain.chunks[row, h, t] if c >= 0}
                     if hits[0] == N - 1:  # the newest chunk has no successor: masked
+                        assert not both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].any()
+                    elif torch.equal(both.chunks[row, h, t, 3 + j], torch.tensor(-1)) and any(
+                            torch.equal(keys[h, hits[0] + 1], m.keys[row, h, r]) for r in retrieved):
+                        # the successor is itself among the retrieved chunks: taken once, not twice
                         assert not both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].any()
                     else:
                         assert both.mask[row, h, t, 12 + 4 * j: 16 + 4 * j].all()
                         assert torch.equal(got, keys[h, hits[0] + 1])
                         assert torch.equal(both.values[row, h, t, 12 + 4 * j: 16 + 4 * j], values[h, hits[0] + 1])
+
+
+def test_a_successor_that_is_also_retrieved_is_not_counted_twice():
+    """Two stored chunks and k_c = 2: both are retrieved, and the first one's successor is the second."""
+    m = bank(B=1, M=32, csz=4, kc=2)
+    m.add(*stream(B=1, T=8, seed=0))  # exactly 2 chunks
+    got = m.search(torch.randn(1, 2, 3, 8), next_chunks=True)
+    for h in range(2):
+        for t in range(3):
+            valid = got.keys[0, h, t][got.mask[0, h, t]]  # (tokens, Dh)
+            assert valid.shape[0] == 8  # 2 chunks x 4 tokens, each once
+            assert torch.unique(valid, dim=0).shape[0] == 8
 
 
 def test_missing_results_are_masked():

@@ -308,7 +308,9 @@ def test_next_chunk_retrieval_adds_each_retrieved_chunks_successor_and_is_saved(
 
     def spy(q, **kw):
         seen["kw"], seen["r"] = kw, search(q, **kw)
-        seen["successors"] = mem.next_slots(seen["r"].chunks[..., : cfg.topk_chunks])  # before this segment's write
+        found = seen["r"].chunks[..., : cfg.topk_chunks]
+        succ = mem.next_slots(found)  # before this segment's write
+        seen["successors"] = succ.masked_fill((succ.unsqueeze(-1) == found.unsqueeze(-2)).any(-1), -1)  # each chunk once
         return seen["r"]
 
     mem.search = spy
