@@ -1,4 +1,4 @@
-"""LongMem hyper-parameters (paper section 3 / LONGMEM.md section 2).
+"""LongMem hyper-parameters (paper section 3).
 
 | paper symbol | field            | paper value |
 |--------------|------------------|-------------|

@@ -1,4 +1,4 @@
-"""The memory bank: per-row, FIFO, chunked cache of block-m keys and values (LONGMEM.md section 4).
+"""The memory bank: per-row, FIFO, chunked cache of block-m keys and values (paper, "Memory Retrieval and Fusion").
 
 Glossary:
     B    rows: each row is one document stream / user / conversation, with a memory of its own

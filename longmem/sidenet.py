@@ -8,7 +8,7 @@ L backbone layers, L_s = L // 2 SideNet layers, j = (m - 1) / 2 the memory-augme
     logits  = lm_head(norm(x_{L_s}))                         (LM head frozen, norm trainable)
 
 Block_i is a copy of backbone block 2i+1. The last residual uses the raw output of the last
-backbone block Hb[L] (the official code used the final-normed state; LONGMEM.md section 3), which
+backbone block Hb[L] (the official code used the final-normed state), which
 for an odd L also covers block L-1.
 """
 

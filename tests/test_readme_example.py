@@ -51,3 +51,18 @@ def test_the_readme_recall_example_prints_what_the_readme_shows(tmp_path):
     name = "_raise_serialization_error"
     assert name in (tmp_path / "etree-first-half.py").read_text()
     assert name not in (tmp_path / "prompt.py").read_text()
+
+
+def test_the_readme_library_example_runs_and_incremental_decoding_matches(tmp_path, monkeypatch):
+    """The README's python block on the shipped default: write_memory, a scored window, then the same window
+    decoded incrementally with a cache must give the same last logits."""
+    import torch
+
+    block = next(b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                 if "load_model_and_tokenizer" in b)
+    (tmp_path / "book.txt").write_text(Path(xml.etree.ElementTree.__file__).read_text()[:12000])
+    monkeypatch.chdir(tmp_path)
+    env: dict = {}
+    exec(compile(block, "README.md", "exec"), env)
+    assert env["ids"].shape[1] > 256 and torch.isfinite(env["out"].loss)
+    torch.testing.assert_close(env["step"].logits[:, -1], env["out"].logits[:, -1], rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""``longmem eval``: the paper's evaluations (LONGMEM.md s6) on LongMem checkpoints.
+"""``longmem eval``: the paper's evaluations (s4) on LongMem checkpoints.
 
     longmem eval ppl                 long-context perplexity (PG-22 style length splits)
     longmem eval chapterbreak        ChapterBreak suffix identification (longmem.chapterbreak)

@@ -1,4 +1,4 @@
-"""Document streams: each batch row reads one document at a time, segment by segment (LONGMEM.md s5).
+"""Document streams: each batch row reads one document at a time, segment by segment (paper s3.4).
 
 A row's memory must hold *its* document's past, so the loader never mixes documents inside a row:
 row b serves segment s of its current document at step s, then moves to its next document, and

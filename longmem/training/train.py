@@ -1,4 +1,4 @@
-"""Memory-augmented adaptation (paper s3.4 / LONGMEM.md s5): train the SideNet, never the backbone.
+"""Memory-augmented adaptation (paper s3.4): train the SideNet, never the backbone.
 
 The loop is written out in ``train`` (no framework). Each batch row streams one document; the row's
 memory is reset when its document changes. Under ``torchrun`` every rank owns its rows and memories
