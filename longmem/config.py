@@ -30,15 +30,15 @@ class LongMemConfig:
     segment_length: int | None = None  # local window T used by training/evaluation streams
     retrieval_backend: str = "auto"  # faiss on CPU, torch (matmul + top-k) on GPU tensors
     # chunk search score: "ip" = inner product with the chunk-mean key (the paper); "cosine" = with the unit-length
-    # chunk-mean key, so a few large-norm keys cannot win every search (RESULTS.md: retrieval diagnostics)
+    # chunk-mean key, so a few large-norm keys cannot win every search (RESULTS.md, "Why key retrieval")
     retrieval_metric: str = "ip"
     # what searches the memory: "query" = the memory layer's query projection (the paper); "key" = the backbone's own
     # block-m key of each token, the space the stored keys live in, so a repeated context finds where it was seen
-    # (RESULTS.md: retrieval diagnostics); the retrieved tokens are attended to with the query either way
+    # (RESULTS.md, "Why key retrieval"); the retrieved tokens are attended to with the query either way
     retrieval_query: str = "query"
     # also attend to the chunk stored right after each retrieved one (not in the paper): with key search the chunk
     # found holds the token seen before, and the one to copy is its successor, in the next chunk 1 time in csz
-    # (RESULTS.md: "The SideNet can learn to copy from memory itself"). K doubles.
+    # (RESULTS.md, "Why recall is hard for this model"). K doubles; a successor that is itself retrieved is taken once.
     retrieval_next: bool = False
 
     def __post_init__(self):
