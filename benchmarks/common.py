@@ -33,6 +33,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
+from longmem.io import atomic_write  # noqa: E402
+
 # The shipped default model's shape (models/longmem-tiny): used when no --model is given in full mode.
 DEFAULT_SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
@@ -404,9 +406,7 @@ def finish(args, name: str, config: dict, results: list[dict], targets: list[dic
         print(table(targets, ["name", "value", "op", "threshold", "met", "note"], title="targets"))
     out = Path(args.json) if args.json else default_json(name, args.quick)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2, default=_json_default) + "\n"))
     print(f"\nwrote {out}")
     return payload
 

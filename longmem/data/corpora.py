@@ -44,6 +44,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from longmem.errors import LongMemError
+from longmem.io import atomic_write
 
 EOT = "<|endoftext|>"  # the one special token: document separator, bos, eos and pad
 MAX_VOCAB = 2**31 - 1  # token ids are stored as int32
@@ -314,10 +315,12 @@ def code_splits(root: str | os.PathLike | None = None,
 
 
 def _atomic_write_text(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        write(f)
-    os.replace(tmp, path)
+    """``write(f)`` fills a text file that replaces ``path`` in one step (``longmem.io.atomic_write``)."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+
+    atomic_write(path, fill)
 
 
 def write_corpus(out: str | os.PathLike, corpus: str, splits: dict[str, list[Document]],
