@@ -21,6 +21,7 @@ from longmem.data.corpora import (
     train_tokenizer,
     write_corpus,
 )
+from longmem.data.pycode import PACKAGES, write_package_code
 from longmem.data.recall import write_dense_corpus, write_recall_corpus
 
 # --------------------------------------------------------------------------- CLI
@@ -55,6 +56,13 @@ def _run_recall(args: argparse.Namespace) -> int:
         n, chars = write_recall_corpus(args.inputs, Path(args.out), args.piece_chars, args.passages,
                                        args.passage_chars, args.min_back, args.seed, args.every, args.random_lines)
     print(f"{n} documents, {chars:,} characters -> {args.out}")
+    return 0
+
+
+def _run_pycode(args: argparse.Namespace) -> int:
+    m = write_package_code(Path(args.out), args.packages, args.min_bytes)
+    print(f"{m['documents']} files, {m['characters']:,} characters ({m['duplicates_dropped']} duplicates dropped) "
+          f"-> {args.out}")
     return 0
 
 
@@ -112,6 +120,17 @@ def add_parser(sub) -> None:
     r.add_argument("--dense-lines", type=int, default=25, help="made-up lines per copy-dense document (default: 25)")
     r.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     r.set_defaults(func=_run_recall)
+
+    c = corpora.add_parser(
+        "pycode", help="a large Python corpus from installed packages (for pretraining on a GPU)",
+        description="Collect the .py files of at least --min-bytes bytes of the named installed packages (one "
+        "document per file; exact duplicates and files equal to a standard-library file dropped) into the JSONL "
+        "file --out, with manifest.json (package versions) beside it.",
+    )
+    c.add_argument("--out", required=True, help="output JSONL file")
+    c.add_argument("--packages", nargs="+", default=list(PACKAGES), help=f"packages (default: {' '.join(PACKAGES)})")
+    c.add_argument("--min-bytes", type=int, default=8192, help="smallest .py file kept (default: 8192)")
+    c.set_defaults(func=_run_pycode)
 
     t = sub.add_parser(
         "tokenizer", help="train a byte-level BPE tokenizer (HF format)",
