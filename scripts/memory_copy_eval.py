@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from longmem.eval.memory_copy import memory_copy_eval
-from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer
+from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer, resolve_device
 
 
 def main() -> None:
@@ -26,10 +26,11 @@ def main() -> None:
     p.add_argument("--context", type=int, default=32, help="tokens before the repeat in the generation prompt")
     p.add_argument("--next-chunks", action="store_true",
                    help="also attend to the chunk after each retrieved one (LongMemConfig.retrieval_next)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model, resolve_device(a.device))
     if a.next_chunks:
         model.config = model.config.replace(retrieval_next=True)
     texts = [json.loads(line)["text"] for path in a.data for line in open(path)]
