@@ -179,11 +179,7 @@ def pretrain_rate(cfg: PretrainConfig, tokenizer, steps: int) -> float:
     t = time.time()
     for _ in range(steps):
         step()
-    rate = steps * cfg.batch_size * cfg.seq_len / (time.time() - t)
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rate
+    return steps * cfg.batch_size * cfg.seq_len / (time.time() - t)
 
 
 def pretrain_backbone(a, p: dict, data: Path, work: Path, out: Path, summary: dict) -> Path:
@@ -205,6 +201,8 @@ def pretrain_backbone(a, p: dict, data: Path, work: Path, out: Path, summary: di
                 max_position=2048, **p["shape"])
     probe = PretrainConfig(**{**base, "max_steps": 10})
     rate = pretrain_rate(probe, tokenizer, steps=p["rate_steps"])
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the probe's model and optimizer
     tokens_per_step = probe.batch_size * probe.seq_len
     steps = max(20, int(a.pretrain_s * rate / tokens_per_step))
     if a.smoke:
