@@ -1,108 +1,20 @@
 """Can the model copy text that only its memory holds? (RESULTS.md, "Recall of made-up lines")
 
-For pieces of held-out documents: --lines lines of made-up names (``vokaru_ti = pelzo(nimaxe, 4172)``, text no
-model can guess) are inserted at line starts in the first part of the piece, and the same lines are repeated at the
-end, each at least --min-back characters (several local windows) after its first occurrence, so that only the memory
-holds it. Every piece is streamed segment by segment as in evaluation (`longmem eval ppl`), with a fresh memory and
-without any memory. Reported:
-
-    loss            mean next-token loss on the repeated lines after their first --cue tokens
-    retrieved       (with memory) share of the memory layer's heads whose retrieved chunks hold the token to copy
-                    (the one after the original of the current token)
-    attention       (with memory) the memory attention weight on that token, best head, mean over tokens
-    greedy exact    the last --context tokens before a repeat plus its first --cue tokens as the prompt, whole
-                    piece before it in memory (as `longmem memory add` writes it): how often greedy generation
-                    reproduces the rest of the line exactly
-    greedy name     same prompts, only repeats whose cue ends inside the line's first name: how often the
-                    generation completes that name exactly (the rest of it, then " =")
-    greedy first 4  same prompts: how often the first 4 generated tokens are right
-    --cue-name      the cue of every repeat is its first name and " =" (``vokaru_ti =``) instead of --cue tokens:
-                    greedy exact is then how often what the name was set to comes back whole (the README example)
+A command-line front to ``longmem.eval.memory_copy.memory_copy_eval`` (its docstring defines every measure).
 
     .venv/bin/python scripts/memory_copy_eval.py --model runs/memcopy --json results/memory_copy.json
 """
 import argparse
 import json
-import random
-import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_recall_corpus import made_up_line  # noqa: E402
-
-from longmem.eval.demo import load_model_and_tokenizer  # noqa: E402
-from longmem.eval.perplexity import stream_nll  # noqa: E402
-
-
-def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, int, str]]]:
-    """The piece with made-up lines inserted early and repeated at the end.
-
-    Returns the text and [(offset of the original, offset of the repeat, line)]."""
-    limit = len(text) - min_back
-    invented = []
-    for _ in range(lines):
-        line = made_up_line(rng)
-        a = text.rfind("\n", 0, rng.randrange(0, limit)) + 1
-        text = text[:a] + line + "\n" + text[a:]
-        invented = [(o + len(line) + 1 if o >= a else o, l) for o, l in invented] + [(a, line)]
-    repeats = []
-    for orig, line in invented:
-        text += "\n\n"
-        repeats.append((orig, len(text), line))
-        text += line
-    return text + "\n", repeats
-
-
-def token_span(offsets, start: int, length: int) -> list[int]:
-    return [i for i, (s, t) in enumerate(offsets) if s >= start and t <= start + length]
-
-
-@torch.no_grad()
-def mechanism(model, ids: list[int], pairs: dict[int, int]) -> tuple[list[float], list[float]]:
-    """Stream one piece with memory; for each repeated token t whose original is j (``pairs``), whether the chunk of
-    j + 1 is retrieved (share of heads) and the memory attention weight on j + 1 (best head)."""
-    T, csz = model.segment_length, model.config.chunk_size
-    seen, retriever = {}, model.retriever
-
-    def spying(memory, keys):  # the model's own retrieval, its query kept for the attention weights
-        retrieve = retriever(memory, keys)
-
-        def spy(q_raw):
-            seen["q"], seen["r"] = q_raw, retrieve(q_raw)
-            return seen["r"]
-
-        return spy
-
-    model.retriever = spying
-    memory, hit, weight = model.new_memory(1), [], []
-    try:
-        for st in range(0, len(ids) - len(ids) % csz, T):
-            seen.clear()
-            model(torch.tensor([ids[st:st + T]]), memory=memory)
-            if "r" not in seen:
-                continue
-            q, r = seen["q"][0].float(), seen["r"]
-            for t in range(st, min(st + T, len(ids))):
-                if t not in pairs or pairs[t] + 1 >= st:
-                    continue
-                target = pairs[t] + 1
-                chunks = r.chunks[0, :, t - st]  # (H, k_c)
-                hit.append((chunks == target // csz).any(-1).float().mean().item())
-                scores = torch.einsum("hd,hkd->hk", q[:, t - st], r.keys[0, :, t - st].float()) * model.backbone.scale
-                probs = scores.masked_fill(~r.mask[0, :, t - st], float("-inf")).softmax(-1)
-                where = (chunks.clamp_min(0)[:, :, None] * csz + torch.arange(csz)).flatten(1) == target
-                weight.append((probs * where).sum(-1).max().item())
-    finally:
-        model.retriever = retriever
-    return hit, weight
+from longmem.eval.memory_copy import memory_copy_eval
+from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer, resolve_device
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="LongMem folder (default: the shipped models/longmem-tiny)")
+    p.add_argument("--model", default=None, help="LongMem folder (default: the shipped longmem-tiny)")
     p.add_argument("--data", nargs="+", default=["data/code/test.jsonl", "data/books/test.jsonl"])
     p.add_argument("--piece-chars", type=int, default=8000)
     p.add_argument("--pieces", type=int, default=6, help="pieces per document")
@@ -114,81 +26,17 @@ def main() -> None:
     p.add_argument("--context", type=int, default=32, help="tokens before the repeat in the generation prompt")
     p.add_argument("--next-chunks", action="store_true",
                    help="also attend to the chunk after each retrieved one (LongMemConfig.retrieval_next)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model, resolve_device(a.device))
     if a.next_chunks:
         model.config = model.config.replace(retrieval_next=True)
-    model.eval()
-    rng = random.Random(a.seed)
-    enc = tok.backend_tokenizer
-
-    pieces = []  # (ids, [(first token of repeat, last token + 1, cue tokens)], {repeat token: original token})
-    for path in a.data:
-        for line in open(path):
-            text = json.loads(line)["text"]
-            for k in range(a.pieces):
-                start = rng.randrange(0, max(1, len(text) - a.piece_chars))
-                piece, repeats = build_piece(text[start:start + a.piece_chars], rng, a.lines, a.min_back)
-                e = enc.encode(piece, add_special_tokens=False)
-                spans, pairs = [], {}
-                for orig, off, line_text in repeats:
-                    toks, first = token_span(e.offsets, off, len(line_text)), token_span(e.offsets, orig, len(line_text))
-                    cue = a.cue
-                    if a.cue_name:  # the tokens up to and including " =" (a token never spans " = ")
-                        cue = len(token_span(e.offsets, off, line_text.index(" = ") + 2))
-                    spans.append((toks[0], toks[-1] + 1, cue))
-                    if [e.ids[i] for i in toks] == [e.ids[i] for i in first]:  # same tokens: position by position
-                        pairs.update(zip(toks[cue - 1:-1], first[cue - 1:-1]))
-                pieces.append((e.ids, spans, pairs))
-
-    docs = [np.array(ids, dtype=np.int64) for ids, _, _ in pieces]
-    result = {"model": a.model or "models/longmem-tiny", "config": model.config.to_dict(), "pieces": len(pieces),
-              "lines": sum(len(s) for _, s, _ in pieces)}
-    for mode in ("longmem", "no_memory"):
-        table = stream_nll(model, docs, mode, keep_tokens=True, progress=True, desc=mode).token_table()
-        # position p in the table is the loss of predicting token p of the document
-        losses = [table[(d, t)] for d, (_, spans, _) in enumerate(pieces) for s, e, c in spans for t in range(s + c, e)]
-        result[f"loss_{mode}"] = float(np.mean(losses))
-    hit, weight = [], []
-    for ids, _, pairs in pieces:
-        h, w = mechanism(model, ids, pairs)
-        hit += h
-        weight += w
-    result.update(retrieved=float(np.mean(hit)), attention=float(np.mean(weight)), tokens_paired=len(hit))
-
-    exact, first4, name = {"memory": 0, "no_memory": 0}, {"memory": 0, "no_memory": 0}, {"memory": 0, "no_memory": 0}
-    named, samples = 0, []
-    T = model.segment_length
-    for ids, spans, _ in pieces:
-        for s, e, c in spans:
-            cut = s + c
-            prompt = ids[max(0, cut - a.context - c):cut]
-            truth = ids[cut:e]
-            memory = model.new_memory(1)
-            before = ids[: max(0, cut - len(prompt))]
-            for i in range(0, len(before) - len(before) % model.config.chunk_size, T):
-                seg = before[i:i + T]
-                with torch.no_grad():
-                    model(torch.tensor([seg]), memory=memory)
-            got, rest = {}, tok.decode(truth)
-            in_name = rest.find(" = ") > 0  # the cue ends inside the first name: its rest, then " ="
-            named += in_name
-            for mode, mem in (("memory", memory), ("no_memory", None)):
-                out = model.generate(torch.tensor([prompt]), memory=mem, max_new_tokens=len(truth))[0, len(prompt):]
-                got[mode] = out.tolist()
-                exact[mode] += got[mode] == truth
-                first4[mode] += got[mode][:4] == truth[:4]
-                if in_name:
-                    name[mode] += tok.decode(got[mode]).startswith(rest[: rest.index(" = ") + 3])
-            if len(samples) < 12:
-                samples.append({"prompt": tok.decode(prompt), "truth": tok.decode(truth),
-                                **{k: tok.decode(v) for k, v in got.items()}})
-    n = result["lines"]
-    result.update({f"greedy_exact_{k}": v / n for k, v in exact.items()},
-                  **{f"greedy_first4_{k}": v / n for k, v in first4.items()},
-                  **{f"greedy_name_{k}": v / max(named, 1) for k, v in name.items()}, names_cued=named, samples=samples)
+    texts = [json.loads(line)["text"] for path in a.data for line in open(path)]
+    result = {"model": a.model or str(DEFAULT_MODEL),
+              **memory_copy_eval(model, tok, texts, a.piece_chars, a.pieces, a.lines, a.min_back, a.cue, a.cue_name,
+                                 a.context, a.seed, progress=True)}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -1,19 +1,17 @@
-"""The copy-training corpora and the copy evaluation (scripts/make_recall_corpus.py, scripts/memory_copy_eval.py).
+"""The copy-training corpora and the copy evaluation (longmem.data.recall, `longmem data recall`,
+longmem.eval.memory_copy).
 
-What these scripts promise is what the RESULTS.md figures rest on: every made-up line appears exactly twice, the
+What these promise is what the RESULTS.md figures rest on: every made-up line appears exactly twice, the
 repeat lies far enough back that only the memory holds the original, and the evaluation scores the right tokens.
 """
 
 import json
 import random
 import re
-import sys
-from pathlib import Path
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-sys.path.insert(0, str(SCRIPTS))
-
-import make_recall_corpus as mrc  # noqa: E402
+from longmem.cli import main
+from longmem.data import recall as mrc
+from longmem.eval import memory_copy as mce
 
 MADE_UP = re.compile(r"^[a-z_]+ = [a-z_]+\([a-z_]+, \d+\)$")
 CODE = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))  # ~14K characters
@@ -45,7 +43,7 @@ def test_no_random_lines_leaves_the_old_corpus_unchanged(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "a", "text": CODE}) + "\n")
     out = tmp_path / "out.jsonl"
-    mrc.write_corpus([src], out, 6000, 2, 300, 1500, seed=0)
+    mrc.write_recall_corpus([src], out, 6000, 2, 300, 1500, seed=0)
     rows = [json.loads(line) for line in open(out)]
     assert [r["id"] for r in rows] == ["a#0", "a#1", "a#2"]
     assert not any(MADE_UP.match(line) for r in rows for line in r["text"].split("\n"))
@@ -56,7 +54,7 @@ def test_dense_documents(tmp_path):
     src = tmp_path / "in.jsonl"
     src.write_text(json.dumps({"id": "a", "text": CODE}) + "\n")
     out = tmp_path / "dense.jsonl"
-    n, chars = mrc.write_dense([src], out, documents=3, lines=25, seed=0)
+    n, chars = mrc.write_dense_corpus([src], out, documents=3, lines=25, seed=0)
     rows = [json.loads(line)["text"] for line in open(out)]
     assert n == 3 and chars == sum(map(len, rows))
     for text in rows:
@@ -72,8 +70,6 @@ def test_dense_documents(tmp_path):
 
 
 def test_memory_copy_eval_pieces_point_at_both_occurrences():
-    import memory_copy_eval as mce
-
     rng = random.Random(1)
     text, repeats = mce.build_piece(CODE[:8000], rng, lines=3, min_back=3000)
     assert len(repeats) == 3
@@ -81,3 +77,25 @@ def test_memory_copy_eval_pieces_point_at_both_occurrences():
         assert text[orig:orig + len(line)] == line and text[rep:rep + len(line)] == line
         assert text[orig - 1] == "\n" and text[orig + len(line)] == "\n"
         assert rep - orig >= 3000
+
+
+def test_cli_writes_the_same_corpus_as_the_library(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": CODE}) + "\n")
+    lib, cli = tmp_path / "lib.jsonl", tmp_path / "cli.jsonl"
+    n, chars = mrc.write_recall_corpus([src], lib, 6000, 2, 300, 1500, seed=4, random_lines=3)
+    assert main(["data", "recall", str(src), "--out", str(cli), "--piece-chars", "6000", "--passages", "2",
+                 "--passage-chars", "300", "--min-back", "1500", "--random-lines", "3", "--seed", "4"]) == 0
+    assert cli.read_text() == lib.read_text()
+    assert capsys.readouterr().out == f"{n} documents, {chars:,} characters -> {cli}\n"
+    dense = tmp_path / "dense.jsonl"
+    assert main(["data", "recall", str(src), "--out", str(dense), "--dense", "2", "--dense-lines", "5"]) == 0
+    assert len(dense.read_text().splitlines()) == 2
+
+
+def test_cli_dense_without_long_documents_is_one_line(tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"id": "a", "text": "short"}) + "\n")
+    assert main(["data", "recall", str(src), "--out", str(tmp_path / "o.jsonl"), "--dense", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longmem data: error: no document longer than 4,000 characters") and err.count("\n") == 1
