@@ -66,11 +66,11 @@ class _TrainedBackbone(MemoryLM):
         self._check_inputs(input_ids, labels, memory)
         core = None
         if self.uses_memory and memory is not None:
-            scale, gate = self.backbone.scale, self.gate
+            gate = self.gate
 
-            def core(q, k, v, q_raw, k_raw):  # joint attention inside block m, over the model's own memory
+            def core(q, k, v, q_raw, k_raw, **local):  # joint attention inside block m, over the model's own memory
                 mem = memory.search(q_raw.detach())
-                return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, scale=scale)
+                return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, **local)
 
         out = self.backbone(input_ids, self.memory_layer, memory_core=core)
         logits = self.backbone.logits(out.hidden_states[-1])

@@ -102,8 +102,7 @@ class Decoder:
         start = st.tokens.shape[1]
         positions = torch.arange(start, start + ids.shape[1], device=ids.device)
         bb = m.backbone(ids, m.memory_layer, positions, cache=st.backbone_cache)
-        rope = m.backbone.rotary(bb.hidden_states[0], positions.view(1, -1))
-        logits = m.sidenet(m.backbone, bb.hidden_states, rope, m.retriever(st.memory, bb.keys), cache=st.sidenet_cache)
+        logits = m.sidenet(m.backbone, bb.hidden_states, bb.layer_inputs, m.retriever(st.memory, bb.keys), cache=st.sidenet_cache)
         st.tokens = torch.cat([st.tokens, ids], dim=1)
         return logits[:, -1].float()
 

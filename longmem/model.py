@@ -189,9 +189,7 @@ class LongMem(MemoryLM):
         """
         self._check_inputs(input_ids, labels, memory)
         bb = self.backbone(input_ids, self.memory_layer)  # frozen, no grad
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device).view(1, -1)
-        rope = self.backbone.rotary(bb.hidden_states[0], positions)
-        logits = self.sidenet(self.backbone, bb.hidden_states, rope, self.retriever(memory, bb.keys))
+        logits = self.sidenet(self.backbone, bb.hidden_states, bb.layer_inputs, self.retriever(memory, bb.keys))
         if memory is not None and update_memory:
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
         return LongMemOutput(logits=logits, loss=None if labels is None else causal_lm_loss(logits, labels))
