@@ -192,6 +192,13 @@ def _pre_rotary(layer, x, inputs: LayerInputs):
     raise LongMemError(f"{type(layer).__name__} never called the attention function; {_UNSUPPORTED_HINT}")
 
 
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -267,7 +274,7 @@ class Backbone(nn.Module):
         if config is None or not hasattr(model, "base_model"):
             raise LongMemError(f"{type(model).__name__} is not an HF model")
         check_config(config)
-        if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        if getattr(model, "get_output_embeddings", lambda: None)() is None or not _is_causal_lm(model):
             raise LongMemError(
                 f"{type(model).__name__} is not a causal LM (it has no LM head); "
                 f"load it with AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)"
