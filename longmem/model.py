@@ -60,8 +60,7 @@ class MemoryLM(nn.Module):
         """T, the local window used when streaming documents."""
         if self.config.segment_length is not None:
             return self.config.segment_length
-        limits = [1024, self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else [])
-        return min(limits)
+        return min(1024, self.backbone.max_positions)  # sliding-window layers apply their own window inside
 
     @property
     def device(self) -> torch.device:
@@ -118,7 +117,7 @@ class MemoryLM(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:
             raise LongMemError(f"token ids must lie in [0, {vocab}) for this model, got values in [{lo}, {hi}]; was the text encoded with this model's tokenizer?")
-        limit = min([self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else []))
+        limit = self.backbone.max_positions
         if T > limit:
             raise LongMemError(f"segment of {T} tokens is longer than the backbone's context ({limit}); split the stream into segments of at most {limit} tokens")
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):

@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     model.to(device).train()
     T = model.segment_length
     bb = model.backbone
-    context = min([bb.max_positions] + ([bb.sliding_window] if bb.sliding_window else []))
+    context = bb.max_positions  # sliding-window layers apply their own window inside attention
     if T > context:
         raise LongMemError(f"--segment-length {T} is longer than the backbone's context ({context}); give at most {context}")
     if len(tokenizer) > model.backbone.vocab_size:
