@@ -59,7 +59,7 @@ _KNOWN_KWARGS = {"scaling", "dropout", "sliding_window", "softcap", "position_id
 _LOGIT_SOFTCAP = "final_logit_softcapping"  # gemma2/3: tanh(z / c) * c
 _LOGIT_DIVIDE = "logits_scaling"  # granite: z / s
 _LOGIT_MULTIPLY = "logit_scale"  # cohere: z * s
-_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm")
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm", "layer_norm")
 _UNSUPPORTED_HINT = "LongMem needs a decoder-only causal LM whose attention modules call transformers' attention-function registry"
 
 
@@ -215,6 +215,7 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
 
     ``dtype`` (e.g. torch.bfloat16) loads the weights in that type; an instance is converted in place.
     """
+    dtype = parse_dtype(dtype)
     if isinstance(model_or_path, nn.Module):
         return model_or_path.to(dtype) if dtype is not None else model_or_path
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -232,6 +233,19 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise LongMemError(f"cannot load backbone weights from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """``"bf16"``, ``"fp32"``, ``"fp16"`` (or their torch names, or a torch.dtype) -> torch.dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise LongMemError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[str(dtype).lower()]
 
 
 def check_config(config) -> None:
@@ -301,7 +315,13 @@ class Backbone(nn.Module):
         self.hidden_size = model.get_input_embeddings().embedding_dim
         self.max_positions = int(getattr(self.text_config, "max_position_embeddings", None) or 2048)
         self._fingerprint = None
-        layout = self._probe()
+        try:
+            layout = self._probe()
+        except LongMemError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a family this adapter does not model: one line, not a traceback
+            raise LongMemError(f"backbone type {config.model_type!r} failed LongMem's probe pass ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); {_UNSUPPORTED_HINT}") from None
         self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
         self.scale = layout.scales[0]
         windows = [w for w in layout.windows if w]

@@ -55,8 +55,8 @@ class _TrainedBackbone(MemoryLM):
         self._reference = Backbone(_frozen_copy(hf_model))  # the untouched backbone, for backbone_logits
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, train_layers: str = "all"):
-        return cls(load_causal_lm(model_or_path), config or LongMemConfig(), train_layers)
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, train_layers: str = "all", dtype=None):
+        return cls(load_causal_lm(model_or_path, dtype), config or LongMemConfig(), train_layers)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]  # the reference copy is frozen

@@ -21,8 +21,9 @@ from longmem.errors import LongMemError
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
 
 
-def load_model_and_tokenizer(path: str | os.PathLike | None):
-    """A LongMem checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer."""
+def load_model_and_tokenizer(path: str | os.PathLike | None, dtype=None):
+    """A LongMem checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer.
+    ``dtype`` ("bf16", "fp32", ...): convert the model after loading."""
     from longmem.model import CONFIG_FILE, load_model, read_checkpoint_meta
     from longmem.pretrain import load_tokenizer
 
@@ -32,7 +33,7 @@ def load_model_and_tokenizer(path: str | os.PathLike | None):
             raise LongMemError(f"the shipped default model is missing from {path}; reinstall from a full clone of the repository")
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
     meta = read_checkpoint_meta(path)
-    model = load_model(path)
+    model = load_model(path, dtype=dtype)
     ref = meta["backbone"]["path"]
     tok_dir = path / ref if (path / ref).is_dir() else Path(ref)
     return model, load_tokenizer(str(tok_dir))

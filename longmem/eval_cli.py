@@ -63,11 +63,11 @@ def resolve_device(name: str | None):
     return device
 
 
-def load_model(path, device):
+def load_model(path, device, dtype=None):
     """A LongMem checkpoint (default: the shipped one) and its tokenizer, on ``device``, in eval mode."""
     from longmem.demo import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(path)
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype)
     return model.to(device).eval(), tokenizer
 
 
@@ -419,7 +419,7 @@ def _run_chapterbreak(args) -> int:
     examples = load_chapterbreak(args.data, args.split)
     if args.max_examples:
         examples = examples[: args.max_examples]
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_chapterbreak(model, tok, examples, memory_kwargs=checked(model, memory_args(args)),
                                    max_candidate_tokens=args.max_candidate_tokens, max_context_tokens=args.max_context_tokens,
                                    progress=args.progress)
@@ -473,7 +473,7 @@ def _run_icl(args) -> int:
     pool = load_examples(args.train, task)
     if args.max_test:
         test = test[: args.max_test]
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_icl(model, tok, task, test, pool, k=args.k, memory_demos=args.memory_demos, seeds=args.seeds,
                           seed=args.seed, memory_kwargs=checked(model, memory_args(args)), progress=args.progress, warn=warn)
     report["meta"] = {"data": str(args.data), "train": str(args.train), "model": str(args.model or "(shipped default)")}
@@ -504,7 +504,7 @@ def _run_passkey(args) -> int:
 
     check_output(args.json)
     check_output(args.plot, "--plot")
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed,
                               memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, progress=args.progress, warn=warn)
@@ -546,7 +546,7 @@ def _run_names(args) -> int:
     docs = [d for path in args.data for d in iter_documents(path)]
     if not docs:
         raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
-    model, tok = load_model(args.model, resolve_device(args.device))
+    model, tok = load_model(args.model, resolve_device(args.device), args.dtype)
     memory_kwargs = checked(model, memory_args(args))
     per_doc = {}
     for doc in tqdm(docs, desc="eval names", unit="doc", disable=not args.progress):
@@ -586,6 +586,8 @@ def _model_flags(p, several: bool = False) -> None:
     else:
         p.add_argument("--model", metavar="DIR", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored; "
+                                                                    "bf16 halves the memory of a real backbone)")
 
 
 def _memory_flags(p, chunk_default: str = "the model's") -> None:

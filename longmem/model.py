@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longmem.backbone import Backbone, load_causal_lm
+from longmem.backbone import Backbone, load_causal_lm, parse_dtype
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
@@ -159,10 +159,15 @@ class LongMem(MemoryLM):
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
-        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, dtype=None, **overrides) -> "LongMem":
+        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it.
+
+        ``dtype`` (torch.bfloat16 or "bf16", ...): load the backbone in that type (an instance is converted in
+        place); the SideNet copies it. bf16 halves the memory of a real backbone; for training prefer fp32
+        weights with bf16 autocast (``longmem train --precision bf16``), which keeps the optimizer in fp32.
+        """
         config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
-        return cls(Backbone(load_causal_lm(model_or_path)), config)
+        return cls(Backbone(load_causal_lm(model_or_path, dtype)), config)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -249,8 +254,12 @@ class LongMem(MemoryLM):
         write_checkpoint_meta(path, meta)
 
     @classmethod
-    def from_pretrained(cls, path, backbone=None, **config_overrides) -> "LongMem":
-        """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one."""
+    def from_pretrained(cls, path, backbone=None, dtype=None, **config_overrides) -> "LongMem":
+        """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one.
+
+        ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded in its stored type
+        first, so that its fingerprint (kept by memories) is checked on the weights the SideNet was trained on.
+        """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -281,7 +290,7 @@ class LongMem(MemoryLM):
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model
+        return model.to(parse_dtype(dtype)) if dtype is not None else model
 
 
 def resolve_config(config: LongMemConfig, L: int, context: int | None = None) -> LongMemConfig:
@@ -300,17 +309,18 @@ def resolve_config(config: LongMemConfig, L: int, context: int | None = None) ->
     return config
 
 
-def load_model(path, backbone=None) -> MemoryLM:
-    """Any checkpoint folder written by this library: LongMem or one of the baselines."""
+def load_model(path, backbone=None, dtype=None) -> MemoryLM:
+    """Any checkpoint folder written by this library: LongMem or one of the baselines (``dtype``: convert after loading)."""
     path = Path(path)
     method = read_checkpoint_meta(path).get("method", "longmem")
     if method == "longmem":
-        return LongMem.from_pretrained(path, backbone=backbone)
+        return LongMem.from_pretrained(path, backbone=backbone, dtype=dtype)
     from longmem.baselines import BASELINES
 
     if method not in BASELINES:
         raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
-    return BASELINES[method].from_pretrained(path)
+    model = BASELINES[method].from_pretrained(path)
+    return model.to(parse_dtype(dtype)) if dtype is not None else model
 
 
 def _meta_sha256(meta: dict) -> str:

@@ -53,6 +53,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast; weights stay fp32)
+    dtype: str = "fp32"  # the weights' type (backbone and SideNet): bf16 halves a real backbone's memory
     eval_every: int = 100
     eval_docs: int = 4  # validation documents per evaluation
     eval_segments: int = 8  # segments read per validation document (the first ones)
@@ -72,6 +73,8 @@ class TrainConfig:
             raise LongMemError(f"max_steps, batch_size and grad_accum must be positive (got {self.max_steps}, {self.batch_size}, {self.grad_accum})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise LongMemError(f"dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if not self.data:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
         if self.init_from is not None and self.method != "longmem":
@@ -222,18 +225,18 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                            retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
                            retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
     if cfg.method == "longmem" and ckpt:
-        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
+        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone, dtype=cfg.dtype)
     elif cfg.method == "longmem" and cfg.init_from:
         overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
                      if getattr(cfg, k) is not None}
-        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
+        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, dtype=cfg.dtype, **overrides)
     elif cfg.method == "longmem":
-        model = LongMem.from_backbone(cfg.backbone, lm_cfg)
+        model = LongMem.from_backbone(cfg.backbone, lm_cfg, dtype=cfg.dtype)
     else:
         from longmem.baselines import BASELINES
 
         cls = BASELINES[cfg.method]
-        model = cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers)
+        model = cls.from_pretrained(ckpt).to(parse_dtype(cfg.dtype)) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers, cfg.dtype)
     model.to(device).train()
     T = model.segment_length
     bb = model.backbone
@@ -485,6 +488,9 @@ def add_parser(sub) -> None:
         p.add_argument(f"--{name}", dest=dest, type=typ, default=None, help=f"{help_} (default: {default})")
     p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="weights' type of backbone and SideNet (default: fp32; bf16 halves a real backbone's memory, "
+                        "but the optimizer then updates bf16 weights: prefer --precision bf16 for training)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,
                    help="longmem (default): SideNet on a frozen backbone; memtrm: coupled memory in the trained "
