@@ -19,13 +19,14 @@ import copy
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, ROOT, bench, parse, parser, setup  # noqa: E402
+from common import RESULTS, ROOT, parse, parser, setup  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -191,6 +192,20 @@ def old_model(new: LongMem) -> LongMem:
     return LongMem(_OldBackbone(new.backbone), new.config, sidenet=_OldSideNet(new.sidenet))
 
 
+def interleaved(fn_new, fn_old, args) -> tuple[list[float], list[float]]:
+    """Warm-up, then new, old, new, old, ...: on a shared machine the load drifts, and pairs see the same load."""
+    for _ in range(args.warmup):
+        fn_new()
+        fn_old()
+    t_new, t_old = [], []
+    for _ in range(args.repeats):
+        for fn, acc in ((fn_new, t_new), (fn_old, t_old)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return t_new, t_old
+
+
 # -- (a) new vs old --------------------------------------------------------------------------------------
 
 
@@ -241,11 +256,15 @@ def compare(args) -> list[dict]:
 
         for what, make, tokens in (("forward", forward, B * T), ("adaptation_step", step, B * T), ("generation", generate, B * gen)):
             with torch.set_grad_enabled(what == "adaptation_step"):
-                t_new = bench(make(new, mem_new), args)["median_s"]  # same weights, same memory content
-                t_old = bench(make(old, mem_old), args)["median_s"]
-            rows.append({"shape": name, "what": what, "new_ms": round(1e3 * t_new, 2), "old_ms": round(1e3 * t_old, 2),
-                         "ratio_old_over_new": round(t_old / t_new, 3), "tokens": tokens, "max_logit_diff": agree})
-            print(f"{name:6s} {what:16s} new {1e3 * t_new:8.1f} ms  old {1e3 * t_old:8.1f} ms  old/new {t_old / t_new:.3f}", flush=True)
+                t_new, t_old = interleaved(make(new, mem_new), make(old, mem_old), args)  # same weights and memory
+            ratios = [o / n for n, o in zip(t_new, t_old)]
+            rows.append({"shape": name, "what": what, "new_ms": round(1e3 * statistics.median(t_new), 2),
+                         "old_ms": round(1e3 * statistics.median(t_old), 2),
+                         "ratio_old_over_new": round(statistics.median(ratios), 3),
+                         "ratios": [round(r, 3) for r in ratios], "tokens": tokens, "max_logit_diff": agree})
+            r = rows[-1]
+            print(f"{name:6s} {what:16s} new {r['new_ms']:8.1f} ms  old {r['old_ms']:8.1f} ms  old/new {r['ratio_old_over_new']:.3f} "
+                  f"(pairs: {', '.join(f'{x:.2f}' for x in ratios)})", flush=True)
     return rows
 
 
@@ -316,7 +335,7 @@ def main(argv=None) -> int:
         name, dt, T, repeats = sys.argv[2:6]
         print(json.dumps(real_one(name, dt, int(T), int(repeats))))
         return 0
-    p = parser("families", __doc__, full_repeats=3)
+    p = parser("families", __doc__, full_repeats=5)
     p.add_argument("--part", choices=["compare", "real", "all"], default="all")
     args = parse(p, argv)
     setup(args)
@@ -333,6 +352,12 @@ def main(argv=None) -> int:
         result["real"] = real(args)
     path = Path(args.json or (RESULTS / ("quick" if args.quick else "") / "families.json"))
     path.parent.mkdir(parents=True, exist_ok=True)
+    if args.part != "all" and path.is_file():  # one part rerun: keep the other part's figures (with their own date)
+        before = json.loads(path.read_text())
+        for part in {"compare", "real"} - {args.part}:
+            if part in before:
+                result[part], result[f"{part}_measured"] = before[part], before.get(f"{part}_measured", before.get("date_utc"))
+    result[f"{args.part}_measured" if args.part != "all" else "date_utc"] = result["date_utc"]
     path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
     return 0

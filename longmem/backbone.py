@@ -51,9 +51,6 @@ ATTN_NAME = "longmem"  # the name under which LongMem's attention function is re
 # own attention settings for ``causal_attention``: scale, window (sliding window), softcap.
 AttentionCore = Callable[..., torch.Tensor]
 
-# keyword arguments of the attention-function call that LongMem knows how to honour or may ignore
-_KNOWN_KWARGS = {"scaling", "dropout", "sliding_window", "softcap", "position_ids", "is_causal", "cache_position",
-                 "use_cache", "output_attentions", "head_mask", "layer_idx", "cache", "past_key_values", "s_aux"}
 # the final logits' post-processing of causal-LM heads, by config attribute (transformers applies it in
 # ``ForCausalLM.forward``, which LongMem does not call)
 _LOGIT_SOFTCAP = "final_logit_softcapping"  # gemma2/3: tanh(z / c) * c
@@ -359,16 +356,24 @@ class Backbone(nn.Module):
             return core
 
         ids = torch.tensor([[1, 2, 3]], device=self.device) % self.vocab_size
-        with torch.no_grad():
-            out = self._run(ids, None, recorder, raw_layers=(), upto=None)
-            layers = [s["layer"] for s in seen]
-            if layers != list(range(self.num_layers)):
-                raise LongMemError(f"backbone type {self.model_type!r}: the attention function was called for layers {layers[:8]}, "
-                                   f"not once per layer; {_UNSUPPORTED_HINT}")
-            if any(s["H"] % s["Hkv"] or (s["H"], s["Hkv"], s["Dh"]) != (seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"]) for s in seen):
-                raise LongMemError(f"backbone type {self.model_type!r} changes its head layout from layer to layer; the memory needs one")
-            mine = self.logits(out.hidden_states[-1]).float()
-            ref = self.model(ids).logits.float()
+        training = self.model.training
+        self.model.eval()  # no dropout in the comparison (a backbone that trains is put back below)
+        try:
+            with torch.no_grad():
+                return self._probe_pass(ids, recorder, seen)
+        finally:
+            self.model.train(training)
+
+    def _probe_pass(self, ids, recorder, seen) -> _Layout:
+        out = self._run(ids, None, recorder, raw_layers=(), upto=None)
+        layers = [s["layer"] for s in seen]
+        if layers != list(range(self.num_layers)):
+            raise LongMemError(f"backbone type {self.model_type!r}: the attention function was called for layers {layers[:8]}, "
+                               f"not once per layer; {_UNSUPPORTED_HINT}")
+        if any(s["H"] % s["Hkv"] or (s["H"], s["Hkv"], s["Dh"]) != (seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"]) for s in seen):
+            raise LongMemError(f"backbone type {self.model_type!r} changes its head layout from layer to layer; the memory needs one")
+        mine = self.logits(out.hidden_states[-1]).float()
+        ref = self.model(ids).logits.float()  # the HF model itself (the attention function's eager fallback)
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
         diff = float((mine - ref).abs().max())
         if not diff <= tol * max(1.0, float(ref.abs().max())):
@@ -481,8 +486,11 @@ class Backbone(nn.Module):
         positions = positions.view(1, -1).expand(B, -1)
         run = _Pass(self.blocks, core_for, set(raw_layers), upto)
         run_token, call_token = _PASS.set(run), _CALL.set(None)
+        # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
+        # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)
+        unused_mask = torch.zeros(1, 1, 1, 1, device=input_ids.device).expand(B, 1, T, T)
         try:
-            self.base(input_ids=input_ids, position_ids=positions, use_cache=False)
+            self.base(input_ids=input_ids, attention_mask=unused_mask, position_ids=positions, use_cache=False)
         except _Stop:
             pass
         finally:

@@ -246,7 +246,8 @@ class LongMem(MemoryLM):
             "version": CHECKPOINT_VERSION,
             "method": self.method,
             "config": self.config.to_dict(),
-            "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
+            "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint(),
+                         "dtype": str(self.backbone.dtype).removeprefix("torch.")},  # the type the fingerprint was taken in
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
         _atomic(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
@@ -257,8 +258,9 @@ class LongMem(MemoryLM):
     def from_pretrained(cls, path, backbone=None, dtype=None, **config_overrides) -> "LongMem":
         """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one.
 
-        ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded in its stored type
-        first, so that its fingerprint (kept by memories) is checked on the weights the SideNet was trained on.
+        ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded first in the type
+        it was trained in (recorded in the checkpoint; fp32 for older ones), so that its fingerprint (kept by
+        memories) is checked on the weights the SideNet was trained on.
         """
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -270,7 +272,8 @@ class LongMem(MemoryLM):
         if backbone is None:
             ref = meta["backbone"]["path"]
             backbone = path / ref if (path / ref).is_dir() else ref
-        bb = Backbone(load_causal_lm(backbone))
+        stored = meta["backbone"].get("dtype", "float32")  # checkpoints before this field: fp32
+        bb = Backbone(load_causal_lm(backbone, None if isinstance(backbone, nn.Module) else stored))
         want = meta["backbone"]["fingerprint"]
         if bb.fingerprint() != want:
             raise LongMemError(

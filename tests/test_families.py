@@ -193,3 +193,63 @@ def test_8_batch_rows_are_isolated(family):
     both = model(torch.cat([q, ids(B=1, seed=11)]), memory=mem2).logits
     model.sidenet.gate.zero_()
     assert_close(both[:1], alone, rtol=1e-5, atol=1e-5)
+
+
+# -- what the adapter refuses, in one line --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type, says", [
+    ("t5", "encoder-decoder"),  # an encoder-decoder
+    ("mamba", "not attention in every layer"),  # a state-space model
+    ("bloom", "does not use transformers' attention registry"),  # ALiBi inside its own attention: no hook
+    ("gpt_oss", "attention sinks"),
+])
+def test_unsupported_families_fail_with_one_line(model_type, says):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from longmem import LongMemError
+
+    torch.manual_seed(0)
+    if model_type == "t5":
+        hf = AutoModelForSeq2SeqLM.from_config(AutoConfig.for_model("t5", d_model=32, d_ff=64, num_layers=2, num_heads=2,
+                                                                    d_kv=16, vocab_size=VOCAB))
+    else:
+        hf = AutoModelForCausalLM.from_config(tiny_config(model_type))
+    with pytest.raises(LongMemError, match=says) as e:
+        LongMem.from_backbone(hf)
+    assert "\n" not in str(e.value)
+
+
+def test_bf16_backbone_loads_at_half_the_bytes_and_runs(tmp_path):
+    hf = make_model("qwen3")
+    fp32 = sum(p.numel() * p.element_size() for p in hf.parameters())
+    hf.save_pretrained(tmp_path / "bb")
+    model = LongMem.from_backbone(tmp_path / "bb", CFG, dtype=torch.bfloat16).eval()
+    assert {p.dtype for n, p in model.named_parameters() if n != "sidenet.gate"} == {torch.bfloat16}  # (the gate: fp32)
+    assert sum(p.numel() * p.element_size() for p in model.backbone.model.parameters()) == fp32 // 2
+    mem = model.new_memory(2)
+    with torch.no_grad():
+        model(ids(), memory=mem)
+        logits = model(ids(seed=1), memory=mem).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all() and mem.keys.dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "m")  # a checkpoint loads converted, after its fingerprint is checked in fp32
+    back = LongMem.from_pretrained(tmp_path / "m", dtype="bf16")
+    assert back.dtype == torch.bfloat16
+
+
+def test_sliding_window_and_softcap_match_a_naive_restatement():
+    """causal_attention with a window and a soft-cap, with a KV cache (queries are the last T of S keys)."""
+    from longmem.attention import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    for window, cap in ((4, None), (None, 3.0), (4, 3.0)):
+        got = causal_attention(q, k, v, scale=0.3, window=window, softcap=cap)
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        s = q @ kk.transpose(-1, -2) * 0.3
+        if cap:
+            s = torch.tanh(s / cap) * cap
+        pos_q, pos_k = torch.arange(7, 12).view(-1, 1), torch.arange(12).view(1, -1)
+        ok = (pos_k <= pos_q) & ((pos_k > pos_q - window) if window else True)
+        ref = s.masked_fill(~ok, float("-inf")).softmax(-1) @ vv
+        assert_close(got, ref)
