@@ -89,6 +89,7 @@ class _Call:
 
     core: AttentionCore | None  # None: capture q/k and stop the layer (the identity-rotation pass)
     raw: tuple | None = None  # (q_raw, k_raw)
+    window: int | None = None  # a sliding window the family keeps only in its mask (not passed to attention)
     calls: int = 0
 
 
@@ -104,8 +105,9 @@ class _Stop(Exception):
 class _Pass:
     """One backbone forward: records Hb[i] and each layer's inputs, and picks each layer's core."""
 
-    def __init__(self, layers, core_for, raw_layers, upto):
+    def __init__(self, layers, core_for, raw_layers, upto, window=None):
         self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.window = window
         self.core_for, self.raw_layers, self.upto = core_for, raw_layers, upto
         self.hidden: list[torch.Tensor] = []
         self.inputs: list[LayerInputs] = []
@@ -135,7 +137,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if kwargs.get("s_aux") is not None:
         raise LongMemError(f"{type(module).__name__} uses attention sinks (s_aux), which LongMem's attention does not implement")
     local = {"scale": query.shape[-1] ** -0.5 if scaling is None else scaling,
-             "window": kwargs.get("sliding_window"), "softcap": kwargs.get("softcap")}
+             "window": kwargs.get("sliding_window") or call.window, "softcap": kwargs.get("softcap")}
     q_raw, k_raw = call.raw if call.raw is not None else (query, key)
     out = call.core(query, key, value, q_raw, k_raw, **local)  # (B, H, T, Dh)
     return out.transpose(1, 2), None  # (B, T, H, Dh), as transformers expects
@@ -153,7 +155,7 @@ def _pre_hook(layer, args, kwargs):
     run.hidden.append(x)  # Hb[i]
     run.inputs.append(inputs)
     raw = _pre_rotary(layer, x, inputs) if i in run.raw_layers else None
-    _CALL.set(_Call(run.core_for(i), raw))
+    _CALL.set(_Call(run.core_for(i), raw, run.window))
     return None
 
 
@@ -312,6 +314,7 @@ class Backbone(nn.Module):
         self.hidden_size = model.get_input_embeddings().embedding_dim
         self.max_positions = int(getattr(self.text_config, "max_position_embeddings", None) or 2048)
         self._fingerprint = None
+        self.mask_window = None
         try:
             layout = self._probe()
         except LongMemError:
@@ -321,6 +324,11 @@ class Backbone(nn.Module):
                                f"{str(e).splitlines()[0][:160] if str(e) else ''}); {_UNSUPPORTED_HINT}") from None
         self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
         self.scale = layout.scales[0]
+        cfg_window = getattr(self.text_config, "sliding_window", None)
+        if cfg_window and getattr(self.text_config, "use_sliding_window", True) and not any(layout.windows) \
+                and not getattr(self.text_config, "layer_types", None):
+            self.mask_window = int(cfg_window)  # e.g. PhiMoE: the window is only in transformers' mask, on every layer
+            layout.windows = [self.mask_window] * self.num_layers
         windows = [w for w in layout.windows if w]
         self.sliding_window = min(windows) if windows else None  # narrowest window of any layer (info only)
         self.rotary = layout.rotary
@@ -420,7 +428,7 @@ class Backbone(nn.Module):
         ``inputs``: the layer inputs recorded by the backbone pass over the same tokens (positions, masks).
         ``raw``: give the core the pre-rotary q/k (one extra q/k/v projection of this layer).
         """
-        call = _Call(core, _pre_rotary(block, x, inputs) if raw else None)
+        call = _Call(core, _pre_rotary(block, x, inputs) if raw else None, self.mask_window)
         token = _CALL.set(call)
         try:
             out = block(x, *inputs.args, **inputs.kwargs)
@@ -484,7 +492,7 @@ class Backbone(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         positions = positions.view(1, -1).expand(B, -1)
-        run = _Pass(self.blocks, core_for, set(raw_layers), upto)
+        run = _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window)
         run_token, call_token = _PASS.set(run), _CALL.set(None)
         # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
         # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)

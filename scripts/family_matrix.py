@@ -104,7 +104,13 @@ def main(argv=None) -> int:
     p.add_argument("--families", nargs="*", help="model types (default: every causal-LM type in transformers)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--readme", action="store_true", help="rewrite README.md's supported-families table")
+    p.add_argument("--shard", help="I/N: run every N-th family from the I-th (0-based), e.g. two processes 0/2 and 1/2")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="no run: merge these result files (e.g. shards)")
     args = p.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        rows = sorted((r for part in parts for r in part["families"]), key=lambda r: r["type"])
+        return report(rows, args, parts[0]["transformers"], parts[0]["torch"])
     torch.set_num_threads(1)
 
     def timeout(signum, frame):
@@ -116,21 +122,28 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     types = args.families or all_causal_lm_types()
+    if args.shard:
+        i, n = (int(x) for x in args.shard.split("/"))
+        types = types[i::n]
     rows = []
     for t in types:
         r = run_family(t)
         rows.append(r)
         print(f"{t:28s} {'PASS' if r['ok'] else 'fail at ' + r['stage'] + ': ' + r['error']}", flush=True)
+    return report(rows, args, transformers.__version__, torch.__version__)
+
+
+def report(rows: list[dict], args, tf_version: str, torch_version: str) -> int:
     passed = sum(r["ok"] for r in rows)
-    print(f"\n{passed} of {len(rows)} model types pass (transformers {transformers.__version__}, torch {torch.__version__})")
+    print(f"\n{passed} of {len(rows)} model types pass (transformers {tf_version}, torch {torch_version})")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"transformers": transformers.__version__, "torch": torch.__version__,
+        Path(args.json).write_text(json.dumps({"transformers": tf_version, "torch": torch_version,
                                                "passed": passed, "total": len(rows), "families": rows}, indent=1) + "\n")
     if args.readme:
         readme = ROOT / "README.md"
         text = readme.read_text()
-        table = readme_table(rows, transformers.__version__)
+        table = readme_table(rows, tf_version)
         if START in text:
             text = text[:text.index(START)] + table + text[text.index(END) + len(END):]
         else:
