@@ -1,7 +1,7 @@
 """The frozen backbone: the only module that knows HuggingFace internals.
 
 One adapter for every family: the HF model runs its own forward (embeddings, position scheme,
-decoder layers, masks, per-family details all come from transformers), and LongMem swaps only the
+decoder layers, per-family details all come from transformers), and LongMem swaps only the
 attention computation. transformers' attention-function registry makes that generic: the model is
 switched to ``attn_implementation="longmem"``, a function registered under that name, which each
 attention module calls with its rotated (B, H, T, Dh) queries and (B, Hkv, T, Dh) keys/values. That
@@ -20,6 +20,10 @@ attention function receives exactly the family's q/k projections after its q/k n
 rotary, whatever the layout (fused q/k/v, partial or interleaved rotary). That extra pass stops at
 the attention function (no output projection, no MLP) and runs only for the layers that need it
 (block m; the SideNet's memory layer). Families without rotary (learned or no positions) skip it.
+
+Masks: the cores build their own causal mask (they know the KV cache) with the layer's sliding window
+(passed to the attention function by transformers, or taken from the config when a family keeps it
+only in its mask) and Gemma 2's score soft-cap; transformers' own masks go unused.
 
 Glossary: B rows, T tokens, D hidden size, H query heads, Hkv key/value heads, Dh head dim, L layers.
 ``Hb[i]`` is the hidden state entering block i, ``Hb[L]`` the raw output of the last block (no final
@@ -279,6 +283,11 @@ class Backbone(nn.Module):
     """An HF causal LM run through transformers' own layers with LongMem's attention. Frozen (the LongMem
     case): eval mode and no grads, always. ``frozen=False`` serves the baselines that train the backbone
     itself (MemTRM, fine-tuning).
+
+    The model given is switched to ``attn_implementation="longmem"``; called directly (outside LongMem) it
+    then computes the family's own eager attention, with transformers' masks. Construction runs a 3-token
+    probe that measures the head layout, scale and windows, and refuses a family whose logits it does not
+    reproduce.
     """
 
     def __init__(self, model: nn.Module, frozen: bool = True):
