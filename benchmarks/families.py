@@ -305,7 +305,7 @@ def real_one(name: str, dtype_name: str, T: int, repeats: int) -> dict:
             "backbone_tok_per_s": round(T / hf_s, 1), "longmem_tok_per_s": round(T / lm_s, 1),
             "longmem_over_backbone_time": round(lm_s / hf_s, 3), "peak_rss_backbone_mib": round(rss_hf),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-            "memory_bytes_per_token": per_token, "memory_capacity_mib_65k": round(mem.nbytes() / 2**20, 1),
+            "memory_bytes_per_token": per_token, "memory_bank_mib_allocated": round(mem.nbytes() / 2**20, 1),
             "stored_tokens": stored}
 
 
