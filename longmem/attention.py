@@ -12,24 +12,38 @@ import torch
 import torch.nn.functional as F
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """Causal softmax attention; the T queries are the *last* T of the S key positions.
 
     Args:
         q: (B, H, T, Dh); k, v: (B, Hkv, S, Dh) with H a multiple of Hkv (grouped-query attention).
+        window: a sliding window (a query sees itself and the window - 1 keys before it), or None.
+        softcap: scores become tanh(score / softcap) * softcap before the mask (Gemma 2), or None.
     Returns:
         (B, H, T, Dh)
     """
     T, S = q.shape[-2], k.shape[-2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     gqa = q.shape[1] != k.shape[1]
-    if T == S:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if T == 1:  # one new token sees the whole window: no mask needed
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    windowed = window is not None and S > window
+    if softcap is None and not windowed:
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        if T == 1:  # one new token sees the whole window: no mask needed
+            return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     # queries sit at positions S-T .. S-1: bottom-right aligned causal mask
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if windowed:
+        mask = mask & ~torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T - window)
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if gqa:
+        k, v = (x.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for x in (k, v))
+    scores = torch.tanh(q @ k.transpose(-1, -2) * scale / softcap) * softcap  # (B, H, T, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return probs @ v
 
 
 def memory_attention(
@@ -67,6 +81,8 @@ def joint_attention(
     mem_mask: torch.Tensor | None = None,
     mem_q: torch.Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """LongMem's memory-augmented attention (paper eq. 3-4, gate as in the official code).
 
@@ -81,12 +97,13 @@ def joint_attention(
         mem_mask: (B, H, T, K) bool, True = a valid memory token. None: all valid.
         mem_q: (B, H, T, Dh) the query before any rotary embedding; defaults to q.
         scale: softmax temperature; defaults to 1 / sqrt(Dh).
+        window, softcap: the local branch's sliding window and score soft-cap (see ``causal_attention``).
     Returns:
         (B, H, T, Dh)
     """
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    local = causal_attention(q, k, v, scale=scale)  # eq (3), local branch A
+    local = causal_attention(q, k, v, scale=scale, window=window, softcap=softcap)  # eq (3), local branch A
     if mem_k is None or mem_k.shape[-2] == 0:
         return local
     mem, has_memory = memory_attention(q if mem_q is None else mem_q, mem_k, mem_v, mem_mask, scale)  # M

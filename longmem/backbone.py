@@ -1,13 +1,29 @@
 """The frozen backbone: the only module that knows HuggingFace internals.
 
-It runs an HF causal LM block by block (so that every hidden state and the keys/values of block m
-are at hand, and so that the SideNet can run copies of the same blocks through the same code), and
-it hides the differences between model families behind one small interface:
+One adapter for every family: the HF model runs its own forward (embeddings, position scheme,
+decoder layers, per-family details all come from transformers), and LongMem swaps only the
+attention computation. transformers' attention-function registry makes that generic: the model is
+switched to ``attn_implementation="longmem"``, a function registered under that name, which each
+attention module calls with its rotated (B, H, T, Dh) queries and (B, Hkv, T, Dh) keys/values. That
+function hands them to the *core* of the layer now running (plain causal attention, the cache, or
+joint attention with the memory). Hooks on the decoder layers record every hidden state and the
+arguments each layer was called with, so that the SideNet can run copies of the same layers with
+the same positions through the same code:
 
-    embed(input_ids, positions)           -> Hb[0]                         (B, T, D)
-    rotary(x, positions)                  -> whatever the family's attention needs for positions
-    block_forward(block, x, rope, core)   -> the block's output; ``core`` does the attention itself
-    logits(h)                             -> final norm + LM head          (B, T, V)
+    forward(input_ids, m)                     -> Hb[0..L], block m's pre-rotary keys/values, layer inputs
+    block_forward(block, x, inputs, core)     -> the block's output; ``core`` does the attention itself
+    logits(h)                                 -> final norm + LM head (+ the family's logit scaling)
+
+Pre-rotary queries/keys (what the memory stores and searches with, LONGMEM.md section 3): the layer
+is run once more with an identity rotation (cos = 1, sin = 0, exact in floating point), and the
+attention function receives exactly the family's q/k projections after its q/k norms and before any
+rotary, whatever the layout (fused q/k/v, partial or interleaved rotary). That extra pass stops at
+the attention function (no output projection, no MLP) and runs only for the layers that need it
+(block m; the SideNet's memory layer). Families without rotary (learned or no positions) skip it.
+
+Masks: the cores build their own causal mask (they know the KV cache) with the layer's sliding window
+(passed to the attention function by transformers, or taken from the config when a family keeps it
+only in its mask) and Gemma 2's score soft-cap; transformers' own masks go unused.
 
 Glossary: B rows, T tokens, D hidden size, H query heads, Hkv key/value heads, Dh head dim, L layers.
 ``Hb[i]`` is the hidden state entering block i, ``Hb[L]`` the raw output of the last block (no final
@@ -16,117 +32,48 @@ norm).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import dataclass
+import sys
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
 
 from longmem.attention import causal_attention
 from longmem.errors import LongMemError
 
-# core(q, k, v, q_raw, k_raw) -> (B, H, T, Dh): the attention computation inside a block.
+ATTN_NAME = "longmem"  # the name under which LongMem's attention function is registered in transformers
+
+# core(q, k, v, q_raw, k_raw, **local) -> (B, H, T, Dh): the attention computation inside a block.
 # q (B, H, T, Dh) and k (B, Hkv, T, Dh) carry the family's position scheme; q_raw and k_raw are the
-# same projections before any rotary embedding (identical tensors for GPT-2); v is (B, Hkv, T, Dh).
+# same projections before any rotary embedding (None where the caller did not ask for them; the same
+# tensors as q, k for families without rotary); v is (B, Hkv, T, Dh). ``local`` holds the layer's
+# own attention settings for ``causal_attention``: scale, window (sliding window), softcap.
 AttentionCore = Callable[..., torch.Tensor]
 
-
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    B, T, _ = x.shape
-    return x.view(B, T, -1, head_dim).transpose(1, 2)  # (B, H, T, Dh)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    B, H, T, Dh = x.shape
-    return x.transpose(1, 2).reshape(B, T, H * Dh)  # (B, T, D)
+# the final logits' post-processing of causal-LM heads, by config attribute (transformers applies it in
+# ``ForCausalLM.forward``, which LongMem does not call)
+_LOGIT_SOFTCAP = "final_logit_softcapping"  # gemma2/3: tanh(z / c) * c
+_LOGIT_DIVIDE = "logits_scaling"  # granite: z / s
+_LOGIT_MULTIPLY = "logit_scale"  # cohere: z * s
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f", "final_norm", "layer_norm")
+_UNSUPPORTED_HINT = "LongMem needs a decoder-only causal LM whose attention modules call transformers' attention-function registry"
 
 
-class _GPT2:
-    """GPT-2 family: learned absolute positions, LayerNorm, fused Conv1D q/k/v (B, T, 3D)."""
+@dataclass
+class LayerInputs:
+    """What a decoder layer was called with besides its hidden state (positions, masks, ...)."""
 
-    model_types = ("gpt2",)
+    args: tuple
+    kwargs: dict
 
-    def __init__(self, model):
-        cfg = model.config
-        if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "add_cross_attention", False):
-            raise LongMemError("GPT-2 backbones with scale_attn_by_inverse_layer_idx or cross-attention are not supported")
-        self.num_heads = self.num_kv_heads = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.scale = self.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-        self.max_positions = cfg.n_positions
-        self.sliding_window = None
-
-    def parts(self, model):
-        t = model.transformer
-        return t.h, t.ln_f, model.lm_head
-
-    def embed(self, model, input_ids, positions):
-        t = model.transformer
-        return t.drop(t.wte(input_ids) + t.wpe(positions))
-
-    def rotary(self, model, x, positions):
-        return None  # positions were added at the embeddings
-
-    def qkv(self, block, x, rope):
-        q, k, v = block.attn.c_attn(x).split(x.shape[-1], dim=2)  # 3 x (B, T, D)
-        q, k, v = (_heads(t, self.head_dim) for t in (q, k, v))  # (B, H, T, Dh)
-        return q, k, v, q, k
-
-    def block_forward(self, block, x, rope, core: AttentionCore):
-        attn = block.attn
-        x = x + attn.resid_dropout(attn.c_proj(_merge(core(*self.qkv(block, block.ln_1(x), rope)))))
-        return x + block.mlp(block.ln_2(x))
-
-
-
-class _Llama:
-    """Llama family (also Mistral, Qwen2): RoPE applied inside attention, RMSNorm, GQA."""
-
-    model_types = ("llama", "mistral", "qwen2")
-
-    def __init__(self, model):
-        cfg = model.config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads or cfg.num_attention_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self.scale = self.head_dim**-0.5
-        self.max_positions = cfg.max_position_embeddings
-        window = getattr(cfg, "sliding_window", None)
-        uses_window = getattr(cfg, "use_sliding_window", True) and window
-        self.sliding_window = int(window) if uses_window else None
-
-    def parts(self, model):
-        m = model.model
-        return m.layers, m.norm, model.lm_head
-
-    def embed(self, model, input_ids, positions):
-        return model.model.embed_tokens(input_ids)
-
-    def rotary(self, model, x, positions):
-        return model.model.rotary_emb(x, positions.expand(x.shape[0], -1))  # (cos, sin): (B, T, Dh)
-
-    def qkv(self, block, x, rope):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        a = block.self_attn
-        q = _heads(a.q_proj(x), self.head_dim)  # (B, H, T, Dh)
-        k = _heads(a.k_proj(x), self.head_dim)  # (B, Hkv, T, Dh), before rotary: position-free
-        v = _heads(a.v_proj(x), self.head_dim)
-        q_rot, k_rot = apply_rotary_pos_emb(q, k, *rope)
-        return q_rot, k_rot, v, q, k
-
-    def block_forward(self, block, x, rope, core: AttentionCore):
-        qkv = self.qkv(block, block.input_layernorm(x), rope)
-        x = x + block.self_attn.o_proj(_merge(core(*qkv)))
-        return x + block.mlp(block.post_attention_layernorm(x))
-
-
-
-_FAMILIES = {t: fam for fam in (_GPT2, _Llama) for t in fam.model_types}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_FAMILIES))
+    @property
+    def rotary(self) -> bool:
+        return self.kwargs.get("position_embeddings") is not None
 
 
 @dataclass
@@ -134,12 +81,148 @@ class BackboneOutput:
     hidden_states: list[torch.Tensor]  # Hb[0..L], each (B, T, D); Hb[L] without the final norm
     keys: torch.Tensor  # (B, Hkv, T, Dh) block-m keys before any rotary embedding
     values: torch.Tensor  # (B, Hkv, T, Dh)
+    layer_inputs: list[LayerInputs] = field(default_factory=list)  # per block: its positions etc. (for the SideNet)
+
+
+# -- the attention function and the state it reads ----------------------------------------------
+
+
+@dataclass
+class _Call:
+    """The attention of the layer now running: its core and, where asked for, its pre-rotary q/k."""
+
+    core: AttentionCore | None  # None: capture q/k and stop the layer (the identity-rotation pass)
+    raw: tuple | None = None  # (q_raw, k_raw)
+    window: int | None = None  # a sliding window the family keeps only in its mask (not passed to attention)
+    calls: int = 0
+
+
+class _Captured(Exception):
+    def __init__(self, q, k):
+        self.q, self.k = q, k
+
+
+class _Stop(Exception):
+    """Ends a backbone pass early (``upto``)."""
+
+
+class _Pass:
+    """One backbone forward: records Hb[i] and each layer's inputs, and picks each layer's core."""
+
+    def __init__(self, layers, core_for, raw_layers, upto, window=None):
+        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.window = window
+        self.core_for, self.raw_layers, self.upto = core_for, raw_layers, upto
+        self.hidden: list[torch.Tensor] = []
+        self.inputs: list[LayerInputs] = []
+        self.last = None
+
+
+_PASS: ContextVar[_Pass | None] = ContextVar("longmem_pass", default=None)
+_CALL: ContextVar[_Call | None] = ContextVar("longmem_call", default=None)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The function transformers calls as ``attn_implementation="longmem"``: (B, T, H, Dh), None.
+
+    Outside a LongMem pass (someone calls the HF model directly) it is the family's own eager attention.
+    """
+    call = _CALL.get()
+    if call is None:
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            from transformers.integrations.sdpa_attention import sdpa_attention_forward as eager
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if call.core is None:
+        raise _Captured(query, key)
+    call.calls += 1
+    if call.calls > 1:
+        raise LongMemError(f"{type(module).__name__} calls attention twice in one layer (cross-attention?); {_UNSUPPORTED_HINT}")
+    if kwargs.get("s_aux") is not None:
+        raise LongMemError(f"{type(module).__name__} uses attention sinks (s_aux), which LongMem's attention does not implement")
+    local = {"scale": query.shape[-1] ** -0.5 if scaling is None else scaling,
+             "window": kwargs.get("sliding_window") or call.window, "softcap": kwargs.get("softcap")}
+    q_raw, k_raw = call.raw if call.raw is not None else (query, key)
+    out = call.core(query, key, value, q_raw, k_raw, **local)  # (B, H, T, Dh)
+    return out.transpose(1, 2), None  # (B, T, H, Dh), as transformers expects
+
+
+def _pre_hook(layer, args, kwargs):
+    run = _PASS.get()
+    if run is None or id(layer) not in run.index:
+        return None
+    i = run.index[id(layer)]
+    if run.upto is not None and i > run.upto:
+        raise _Stop
+    x = args[0] if args else kwargs["hidden_states"]
+    inputs = LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    run.hidden.append(x)  # Hb[i]
+    run.inputs.append(inputs)
+    raw = _pre_rotary(layer, x, inputs) if i in run.raw_layers else None
+    _CALL.set(_Call(run.core_for(i), raw, run.window))
+    return None
+
+
+def _post_hook(layer, args, kwargs, output):
+    run = _PASS.get()
+    if run is not None and id(layer) in run.index:
+        run.last = output[0] if isinstance(output, tuple) else output
+        _CALL.set(None)
+    return None
+
+
+def _identity_rotation(pe):
+    if isinstance(pe, (tuple, list)) and len(pe) == 2:  # (cos, sin)
+        return torch.ones_like(pe[0]), torch.zeros_like(pe[1])
+    if isinstance(pe, torch.Tensor) and pe.is_complex():  # freqs_cis (Llama 4)
+        return torch.ones_like(pe)
+    raise LongMemError(f"unknown rotary embedding format {type(pe).__name__}; {_UNSUPPORTED_HINT}")
+
+
+def _pre_rotary(layer, x, inputs: LayerInputs):
+    """(q_raw (B, H, T, Dh), k_raw (B, Hkv, T, Dh)): the layer's q/k with an identity rotation (exact)."""
+    if not inputs.rotary:
+        return None  # no rotary: the attention function's q/k are already position-free projections
+    kwargs = {**inputs.kwargs, "position_embeddings": _identity_rotation(inputs.kwargs["position_embeddings"])}
+    run_token, call_token = _PASS.set(None), _CALL.set(_Call(None))
+    try:
+        layer(x, *inputs.args, **kwargs)
+    except _Captured as c:
+        return c.q, c.k
+    finally:
+        _CALL.reset(call_token)
+        _PASS.reset(run_token)
+    raise LongMemError(f"{type(layer).__name__} never called the attention function; {_UNSUPPORTED_HINT}")
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return any(cls.__name__ in names for cls in type(model).__mro__)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+    AttentionMaskInterface.register(ATTN_NAME, eager_mask)  # masks as for eager (used only outside LongMem)
+
+
+# -- loading -------------------------------------------------------------------------------------
 
 
 def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module:
-    """An HF causal LM from an instance, a local folder or a hub id, with clear errors offline."""
+    """An HF causal LM from an instance, a local folder or a hub id, with clear errors offline.
+
+    ``dtype`` (e.g. torch.bfloat16) loads the weights in that type; an instance is converted in place.
+    """
+    dtype = parse_dtype(dtype)
     if isinstance(model_or_path, nn.Module):
-        return model_or_path
+        return model_or_path.to(dtype) if dtype is not None else model_or_path
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     name = str(model_or_path)
     try:
         config = AutoConfig.from_pretrained(name)
@@ -148,52 +231,173 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
             f"cannot load backbone {name!r}: not a local model folder, and the hub is unreachable or has no such "
             f"model ({type(e).__name__}). Pass a folder saved with save_pretrained, or connect to the internet."
         ) from None
-    if config.model_type not in _FAMILIES:
-        raise LongMemError(_unsupported(config.model_type))
+    check_config(config)
     try:
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise LongMemError(f"cannot load backbone weights from {name!r}: {str(e).splitlines()[0]}") from None
 
 
-def _unsupported(model_type: str) -> str:
-    return (
-        f"backbone type {model_type!r} is not supported; supported causal LM families: "
-        f"{', '.join(SUPPORTED_MODEL_TYPES)}"
-    )
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    """``"bf16"``, ``"fp32"``, ``"fp16"`` (or their torch names, or a torch.dtype) -> torch.dtype; None stays None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if str(dtype).lower() not in DTYPES:
+        raise LongMemError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
+    return DTYPES[str(dtype).lower()]
+
+
+def check_config(config) -> None:
+    """Refuse, in one line, the model kinds that cannot be a LongMem backbone (before loading weights)."""
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise LongMemError(f"backbone type {model_type!r} is an encoder-decoder; {_UNSUPPORTED_HINT}")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or [])
+    recurrent = kinds - {"full_attention", "sliding_attention", "chunked_attention", "attention", "sliding_window"}
+    if any(k in model_type for k in ("mamba", "rwkv", "xlstm")) or recurrent:
+        what = f"layer types {sorted(recurrent)}" if recurrent else "a state-space / recurrent model"
+        raise LongMemError(f"backbone type {model_type!r} has {what}, not attention in every layer; {_UNSUPPORTED_HINT}")
+
+
+# -- the backbone ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _Layout:
+    """What the probe pass measured, per layer: heads, head dims, scale, window, soft-cap."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scales: list = field(default_factory=list)
+    windows: list = field(default_factory=list)
+    rotary: bool = False
 
 
 class Backbone(nn.Module):
-    """An HF causal LM run block by block. Frozen (the LongMem case): eval mode and no grads, always.
+    """An HF causal LM run through transformers' own layers with LongMem's attention. Frozen (the LongMem
+    case): eval mode and no grads, always. ``frozen=False`` serves the baselines that train the backbone
+    itself (MemTRM, fine-tuning).
 
-    ``frozen=False`` serves the baselines that train the backbone itself (MemTRM, fine-tuning).
+    The model given is switched to ``attn_implementation="longmem"``; called directly (outside LongMem) it
+    then computes the family's own eager attention, with transformers' masks. Construction runs a 3-token
+    probe that measures the head layout, scale and windows, and refuses a family whose logits it does not
+    reproduce.
     """
 
     def __init__(self, model: nn.Module, frozen: bool = True):
         super().__init__()
         config = getattr(model, "config", None)
-        model_type = getattr(config, "model_type", None)
-        if model_type not in _FAMILIES:
-            raise LongMemError(_unsupported(model_type) if model_type else f"{type(model).__name__} is not an HF model")
-        if getattr(model, "get_output_embeddings", lambda: None)() is None:
+        if config is None or not hasattr(model, "base_model"):
+            raise LongMemError(f"{type(model).__name__} is not an HF model")
+        check_config(config)
+        if getattr(model, "get_output_embeddings", lambda: None)() is None or not _is_causal_lm(model):
             raise LongMemError(
                 f"{type(model).__name__} is not a causal LM (it has no LM head); "
                 f"load it with AutoModelForCausalLM (e.g. GPT2LMHeadModel, LlamaForCausalLM)"
             )
-        self.family = _FAMILIES[model_type](model)
+        _register()
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except (ValueError, KeyError, ImportError) as e:
+            raise LongMemError(f"backbone type {config.model_type!r} cannot take a custom attention function "
+                               f"({str(e).splitlines()[0]}); {_UNSUPPORTED_HINT}") from None
+        if model.config._attn_implementation != ATTN_NAME:
+            raise LongMemError(f"backbone type {config.model_type!r} does not use transformers' attention registry; {_UNSUPPORTED_HINT}")
         self.frozen = frozen
         self.model = model.eval().requires_grad_(False) if frozen else model
-        self.blocks, self.norm, self.lm_head = self.family.parts(model)
+        self.text_config = config.get_text_config()
+        self.base = model.base_model
+        self.blocks = self._find_layers()
+        for block in self.blocks:
+            _install_hooks(block)
+        self.norm = self._find_norm()
+        self.lm_head = model.get_output_embeddings()
         self.num_layers = len(self.blocks)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.hidden_size = model.get_input_embeddings().embedding_dim
-        self.num_heads = self.family.num_heads
-        self.num_kv_heads = self.family.num_kv_heads
-        self.head_dim = self.family.head_dim
-        self.scale = self.family.scale
-        self.max_positions = self.family.max_positions
-        self.sliding_window = self.family.sliding_window
+        self.max_positions = int(getattr(self.text_config, "max_position_embeddings", None) or 2048)
         self._fingerprint = None
+        self.mask_window = None
+        try:
+            layout = self._probe()
+        except LongMemError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a family this adapter does not model: one line, not a traceback
+            raise LongMemError(f"backbone type {config.model_type!r} failed LongMem's probe pass ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:160] if str(e) else ''}); {_UNSUPPORTED_HINT}") from None
+        self.num_heads, self.num_kv_heads, self.head_dim = layout.num_heads, layout.num_kv_heads, layout.head_dim
+        self.scale = layout.scales[0]
+        cfg_window = getattr(self.text_config, "sliding_window", None)
+        if cfg_window and getattr(self.text_config, "use_sliding_window", True) and not any(layout.windows) \
+                and not getattr(self.text_config, "layer_types", None):
+            self.mask_window = int(cfg_window)  # e.g. PhiMoE: the window is only in transformers' mask, on every layer
+            layout.windows = [self.mask_window] * self.num_layers
+        windows = [w for w in layout.windows if w]
+        self.sliding_window = min(windows) if windows else None  # narrowest window of any layer (info only)
+        self.rotary = layout.rotary
+
+    def _find_layers(self) -> nn.ModuleList:
+        L = getattr(self.text_config, "num_hidden_layers", None)
+        for module in self.base.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == L and L:
+                return module
+        raise LongMemError(f"cannot find the {L} decoder layers of {type(self.model).__name__}; {_UNSUPPORTED_HINT}")
+
+    def _find_norm(self) -> nn.Module:
+        for owner in (self.base, getattr(self.base, "decoder", None)):
+            for name in _NORM_NAMES:
+                norm = getattr(owner, name, None) if owner is not None else None
+                if isinstance(norm, nn.Module):
+                    return norm
+        raise LongMemError(f"cannot find the final norm of {type(self.model).__name__}; {_UNSUPPORTED_HINT}")
+
+    def _probe(self) -> _Layout:
+        """Run 3 tokens once to measure the attention layout and to check that this adapter reproduces the
+        HF model (every layer calls the attention function once; hidden states and logits agree)."""
+        seen: list[dict] = []
+
+        def recorder(i):
+            def core(q, k, v, q_raw, k_raw, **local):
+                if k.shape[-1] != v.shape[-1]:
+                    raise LongMemError(f"{self.model_type!r} has keys and values of different widths ({k.shape[-1]} vs "
+                                       f"{v.shape[-1]}, latent attention); the memory bank stores one width")
+                seen.append({"layer": i, "H": q.shape[1], "Hkv": k.shape[1], "Dh": k.shape[-1], **local})
+                return causal_attention(q, k, v, **local)
+
+            return core
+
+        ids = torch.tensor([[1, 2, 3]], device=self.device) % self.vocab_size
+        training = self.model.training
+        self.model.eval()  # no dropout in the comparison (a backbone that trains is put back below)
+        try:
+            with torch.no_grad():
+                return self._probe_pass(ids, recorder, seen)
+        finally:
+            self.model.train(training)
+
+    def _probe_pass(self, ids, recorder, seen) -> _Layout:
+        out = self._run(ids, None, recorder, raw_layers=(), upto=None)
+        layers = [s["layer"] for s in seen]
+        if layers != list(range(self.num_layers)):
+            raise LongMemError(f"backbone type {self.model_type!r}: the attention function was called for layers {layers[:8]}, "
+                               f"not once per layer; {_UNSUPPORTED_HINT}")
+        if any(s["H"] % s["Hkv"] or (s["H"], s["Hkv"], s["Dh"]) != (seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"]) for s in seen):
+            raise LongMemError(f"backbone type {self.model_type!r} changes its head layout from layer to layer; the memory needs one")
+        mine = self.logits(out.hidden_states[-1]).float()
+        ref = self.model(ids).logits.float()  # the HF model itself (the attention function's eager fallback)
+        tol = 1e-3 if self.dtype == torch.float32 else 5e-2
+        diff = float((mine - ref).abs().max())
+        if not diff <= tol * max(1.0, float(ref.abs().max())):
+            raise LongMemError(f"backbone type {self.model_type!r}: LongMem's pass does not reproduce the model's logits (max abs diff "
+                               f"{diff:.3g}); its causal-LM head or layers do something this adapter does not know")
+        rotary = any(inp.rotary for inp in out.layer_inputs)
+        return _Layout(seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"], [s["scale"] for s in seen], [s["window"] for s in seen], rotary)
 
     def train(self, mode: bool = True):
         return super().train(mode and not self.frozen)  # frozen: dropout stays off whatever the caller asks
@@ -206,30 +410,60 @@ class Backbone(nn.Module):
     def model_type(self) -> str:
         return self.model.config.model_type
 
-    # -- the family interface, used by the SideNet too --------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.family.embed(self.model, input_ids, positions)
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
-    def rotary(self, x: torch.Tensor, positions: torch.Tensor):
-        return self.family.rotary(self.model, x, positions)
+    # -- what the SideNet uses -------------------------------------------------------------------
 
-    def block_forward(self, block: nn.Module, x: torch.Tensor, rope, core: AttentionCore) -> torch.Tensor:
-        return self.family.block_forward(block, x, rope, core)
+    def copy_block(self, i: int) -> nn.Module:
+        """A deep copy of block i (shares no storage), for the SideNet."""
+        block = copy.deepcopy(self.blocks[i])
+        _remove_hooks(block)
+        return block
+
+    def copy_norm(self) -> nn.Module:
+        """A deep copy of the final norm, for the SideNet."""
+        return copy.deepcopy(self.norm)
+
+    def block_forward(self, block: nn.Module, x: torch.Tensor, inputs: LayerInputs, core: AttentionCore,
+                      raw: bool = False) -> torch.Tensor:
+        """Run an HF decoder layer (a backbone block or a copy) on x (B, T, D) with ``core`` as its attention.
+
+        ``inputs``: the layer inputs recorded by the backbone pass over the same tokens (positions, masks).
+        ``raw``: give the core the pre-rotary q/k (one extra q/k/v projection of this layer).
+        """
+        call = _Call(core, _pre_rotary(block, x, inputs) if raw else None, self.mask_window)
+        token = _CALL.set(call)
+        try:
+            out = block(x, *inputs.args, **inputs.kwargs)
+        finally:
+            _CALL.reset(token)
+        return out[0] if isinstance(out, tuple) else out
 
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        """LM head over a final norm (the backbone's, or the SideNet's own trainable copy)."""
-        return self.lm_head((norm or self.norm)(h))
-
-    def local_core(self) -> AttentionCore:
-        scale = self.scale
-        return lambda q, k, v, q_raw, k_raw: causal_attention(q, k, v, scale=scale)
+        """LM head over a final norm (the backbone's, or the SideNet's own trainable copy), with the
+        family's logit scaling (Gemma's soft-cap, Granite's and Cohere's scales)."""
+        z = self.lm_head((norm or self.norm)(h))
+        cfg = self.text_config
+        if getattr(cfg, _LOGIT_DIVIDE, None):
+            z = z / getattr(cfg, _LOGIT_DIVIDE)
+        if getattr(cfg, _LOGIT_MULTIPLY, None) and getattr(cfg, _LOGIT_MULTIPLY) != 1:
+            z = z * getattr(cfg, _LOGIT_MULTIPLY)
+        if getattr(cfg, _LOGIT_SOFTCAP, None):
+            cap = getattr(cfg, _LOGIT_SOFTCAP)
+            z = torch.tanh(z / cap) * cap
+        return z
 
     # -- the frozen forward ----------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, memory_layer: int, positions: torch.Tensor | None = None,
                 cache=None, upto: int | None = None, memory_core: AttentionCore | None = None) -> BackboneOutput:
-        """Run one segment. Returns all hidden states and block m's keys/values (pre-rotary).
+        """Run one segment. Returns all hidden states, block m's keys/values (pre-rotary), the layer inputs.
 
         Args:
             input_ids: (B, T) token ids.
@@ -240,38 +474,46 @@ class Backbone(nn.Module):
             memory_core: attention for block m instead of plain causal attention (the coupled-memory
                 baseline puts joint attention there).
         """
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return self._forward(input_ids, memory_layer, positions, cache, upto, memory_core)
-
-    def _forward(self, input_ids, memory_layer, positions, cache, upto, memory_core) -> BackboneOutput:
-        T = input_ids.shape[1]
-        if positions is None:
-            start = len(cache) if cache is not None else 0
-            positions = torch.arange(start, start + T, device=input_ids.device)
-        positions = positions.view(1, -1)
-        h = self.embed(input_ids, positions)
-        rope = self.rotary(h, positions)
-        hidden, saved = [h], {}
-        scale = self.scale
+        saved = {}
 
         def core_for(i):
-            def core(q, k, v, q_raw, k_raw):
+            def core(q, k, v, q_raw, k_raw, **local):
                 if i == memory_layer:
                     saved["kv"] = (k_raw, v)  # pre-rotary keys: position-free, like the paper's ALiBi keys
                 if cache is not None:
                     k, v = cache.update(i, k, v, k_raw if i == memory_layer else None)
                 if i == memory_layer and memory_core is not None:
-                    return memory_core(q, k, v, q_raw, k_raw)
-                return causal_attention(q, k, v, scale=scale)
+                    return memory_core(q, k, v, q_raw, k_raw, **local)
+                return causal_attention(q, k, v, **local)
 
             return core
 
-        blocks = self.blocks if upto is None else self.blocks[: upto + 1]
-        for i, block in enumerate(blocks):
-            h = self.block_forward(block, h, rope, core_for(i))
-            hidden.append(h)
-        keys, values = saved["kv"]
-        return BackboneOutput(hidden_states=hidden, keys=keys, values=values)
+        if positions is None:
+            start = len(cache) if cache is not None else 0
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            out = self._run(input_ids, positions, core_for, raw_layers=(memory_layer,), upto=upto)
+        out.keys, out.values = saved["kv"]
+        return out
+
+    def _run(self, input_ids, positions, core_for, raw_layers, upto) -> BackboneOutput:
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device)
+        positions = positions.view(1, -1).expand(B, -1)
+        run = _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window)
+        run_token, call_token = _PASS.set(run), _CALL.set(None)
+        # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
+        # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)
+        unused_mask = torch.zeros(1, 1, 1, 1, device=input_ids.device).expand(B, 1, T, T)
+        try:
+            self.base(input_ids=input_ids, attention_mask=unused_mask, position_ids=positions, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            _CALL.reset(call_token)
+            _PASS.reset(run_token)
+        return BackboneOutput(hidden_states=run.hidden + [run.last], keys=None, values=None, layer_inputs=run.inputs)
 
     # -- identity ----------------------------------------------------------------------------------
 
@@ -290,3 +532,17 @@ class Backbone(nn.Module):
                 h.update(sample.tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def _install_hooks(block: nn.Module) -> None:
+    _remove_hooks(block)  # a copied model may carry them already
+    block.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    block.register_forward_hook(_post_hook, with_kwargs=True)
+
+
+def _remove_hooks(block: nn.Module) -> None:
+    for hooks in (block._forward_pre_hooks, block._forward_hooks):
+        for key in [k for k, fn in hooks.items() if fn in (_pre_hook, _post_hook)]:
+            del hooks[key]
+            block._forward_hooks_with_kwargs.pop(key, None)
+            block._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -56,8 +56,8 @@ class _TrainedBackbone(MemoryLM):
         self._reference = Backbone(_frozen_copy(hf_model))  # the untouched backbone, for backbone_logits
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, train_layers: str = "all"):
-        return cls(load_causal_lm(model_or_path), config or LongMemConfig(), train_layers)
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, train_layers: str = "all", dtype=None):
+        return cls(load_causal_lm(model_or_path, dtype), config or LongMemConfig(), train_layers)
 
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]  # the reference copy is frozen
@@ -67,11 +67,11 @@ class _TrainedBackbone(MemoryLM):
         self.check_inputs(input_ids, labels, memory)
         core = None
         if self.uses_memory and memory is not None:
-            scale, gate = self.backbone.scale, self.gate
+            gate = self.gate
 
-            def core(q, k, v, q_raw, k_raw):  # joint attention inside block m, over the model's own memory
+            def core(q, k, v, q_raw, k_raw, **local):  # joint attention inside block m, over the model's own memory
                 mem = memory.search(q_raw.detach())
-                return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, scale=scale)
+                return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, **local)
 
         out = self.backbone(input_ids, self.memory_layer, memory_core=core)
         logits = self.backbone.logits(out.hidden_states[-1])

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
+from longmem.backbone import parse_dtype
 from longmem.baselines import BASELINES
 from longmem.errors import LongMemError
 from longmem.io import CONFIG_FILE, read_checkpoint_meta
@@ -35,15 +36,16 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def load_model(path, backbone=None) -> MemoryLM:
-    """Any checkpoint folder written by this library: LongMem or one of the baselines."""
+def load_model(path, backbone=None, dtype=None) -> MemoryLM:
+    """Any checkpoint folder written by this library: LongMem or one of the baselines (``dtype``: convert after loading)."""
     path = Path(path)
     method = read_checkpoint_meta(path).get("method", "longmem")
     if method == "longmem":
-        return LongMem.from_pretrained(path, backbone=backbone)
+        return LongMem.from_pretrained(path, backbone=backbone, dtype=dtype)
     if method not in BASELINES:
         raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
-    return BASELINES[method].from_pretrained(path)
+    model = BASELINES[method].from_pretrained(path)
+    return model.to(parse_dtype(dtype)) if dtype is not None else model
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -74,16 +76,16 @@ def resolve_tokenizer(ref: str):
         ) from None
 
 
-def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None):
+def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None, dtype=None):
     """A checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer; on ``device``
-    (when given) and in eval mode."""
+    (when given), converted to ``dtype`` ("bf16", "fp32", ...; when given) and in eval mode."""
     path = Path(path or DEFAULT_MODEL)
     if not (path / CONFIG_FILE).is_file():
         if path == DEFAULT_MODEL:
             raise LongMemError(f"the shipped default model is missing from {path}; reinstall longmem")
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
     meta = read_checkpoint_meta(path)
-    model = load_model(path)
+    model = load_model(path, dtype=dtype)
     if device is not None:
         model = model.to(device)
     ref = meta["backbone"]["path"]

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longmem.backbone import Backbone, load_causal_lm
+from longmem.backbone import Backbone, load_causal_lm, parse_dtype
 from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
@@ -63,8 +63,7 @@ class MemoryLM(nn.Module):
         """T, the local window used when streaming documents."""
         if self.config.segment_length is not None:
             return self.config.segment_length
-        limits = [1024, self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else [])
-        return min(limits)
+        return min(1024, self.backbone.max_positions)  # sliding-window layers apply their own window inside
 
     @property
     def device(self) -> torch.device:
@@ -144,7 +143,7 @@ class MemoryLM(nn.Module):
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:
             raise LongMemError(f"token ids must lie in [0, {vocab}) for this model, got values in [{lo}, {hi}]; was the text encoded with this model's tokenizer?")
-        limit = min([self.backbone.max_positions] + ([self.backbone.sliding_window] if self.backbone.sliding_window else []))
+        limit = self.backbone.max_positions
         if T > limit:
             raise LongMemError(f"segment of {T} tokens is longer than the backbone's context ({limit}); split the stream into segments of at most {limit} tokens")
         if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
@@ -186,10 +185,15 @@ class LongMem(MemoryLM):
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
-        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, dtype=None, **overrides) -> "LongMem":
+        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it.
+
+        ``dtype`` (torch.bfloat16 or "bf16", ...): load the backbone in that type (an instance is converted in
+        place); the SideNet copies it. bf16 halves the memory of a real backbone; for training prefer fp32
+        weights with bf16 autocast (``longmem train --precision bf16``), which keeps the optimizer in fp32.
+        """
         config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
-        return cls(Backbone(load_causal_lm(model_or_path)), config)
+        return cls(Backbone(load_causal_lm(model_or_path, dtype)), config)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -223,8 +227,7 @@ class LongMem(MemoryLM):
         start = len(cache) if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         bb = self.backbone(input_ids, self.memory_layer, positions, cache=None if cache is None else cache.backbone)  # frozen
-        rope = self.backbone.rotary(bb.hidden_states[0], positions.view(1, -1))
-        logits = self.sidenet(self.backbone, bb.hidden_states, rope, self.retriever(memory, bb.keys),
+        logits = self.sidenet(self.backbone, bb.hidden_states, bb.layer_inputs, self.retriever(memory, bb.keys),
                               cache=None if cache is None else cache.sidenet)
         if memory is not None and update_memory:
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
@@ -274,7 +277,8 @@ class LongMem(MemoryLM):
             "version": CHECKPOINT_VERSION,
             "method": self.method,
             "config": self.config.to_dict(),
-            "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
+            "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint(),
+                         "dtype": str(self.backbone.dtype).removeprefix("torch.")},  # the type the fingerprint was taken in
         }
         state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
@@ -282,8 +286,13 @@ class LongMem(MemoryLM):
         write_checkpoint_meta(path, meta)
 
     @classmethod
-    def from_pretrained(cls, path, backbone=None, **config_overrides) -> "LongMem":
-        """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one."""
+    def from_pretrained(cls, path, backbone=None, dtype=None, **config_overrides) -> "LongMem":
+        """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one.
+
+        ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded first in the type
+        it was trained in (recorded in the checkpoint; fp32 for older ones), so that its fingerprint (kept by
+        memories) is checked on the weights the SideNet was trained on.
+        """
         path = Path(path)
         meta = read_checkpoint_meta(path)
         if meta.get("method", "longmem") != "longmem":
@@ -291,7 +300,8 @@ class LongMem(MemoryLM):
         if backbone is None:
             ref = meta["backbone"]["path"]
             backbone = path / ref if (path / ref).is_dir() else ref
-        bb = Backbone(load_causal_lm(backbone))
+        stored = meta["backbone"].get("dtype", "float32")  # checkpoints before this field: fp32
+        bb = Backbone(load_causal_lm(backbone, None if isinstance(backbone, nn.Module) else stored))
         want = meta["backbone"]["fingerprint"]
         if bb.fingerprint() != want:
             raise LongMemError(
@@ -311,7 +321,7 @@ class LongMem(MemoryLM):
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model
+        return model.to(parse_dtype(dtype)) if dtype is not None else model
 
 
 def resolve_config(config: LongMemConfig, L: int, context: int | None = None) -> LongMemConfig:

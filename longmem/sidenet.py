@@ -14,13 +14,11 @@ for an odd L also covers block L-1.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from longmem.attention import causal_attention, joint_attention
-from longmem.backbone import Backbone
+from longmem.backbone import Backbone, LayerInputs
 
 
 class SideNet(nn.Module):
@@ -30,42 +28,44 @@ class SideNet(nn.Module):
         self.num_layers = L // 2
         self.memory_index = (memory_layer - 1) // 2  # j
         # deep copies, never aliases: training the SideNet must not touch the backbone
-        self.blocks = nn.ModuleList(copy.deepcopy(backbone.blocks[2 * i + 1]) for i in range(self.num_layers))
-        self.norm = copy.deepcopy(backbone.norm)
+        self.blocks = nn.ModuleList(backbone.copy_block(2 * i + 1) for i in range(self.num_layers))
+        self.norm = backbone.copy_norm()
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
         self.requires_grad_(True)
         self._residual_from = [(2 * i, 2 * i + 2) for i in range(self.num_layers)]
         self._residual_from[-1] = (2 * (self.num_layers - 1), L)
 
-    def forward(self, backbone: Backbone, hidden: list[torch.Tensor], rope, retrieve=None, cache=None) -> torch.Tensor:
+    def forward(self, backbone: Backbone, hidden: list[torch.Tensor], layer_inputs: list[LayerInputs], retrieve=None,
+                cache=None) -> torch.Tensor:
         """Run the SideNet over one segment (or the newest tokens of one, with a cache).
 
         Args:
-            backbone: the frozen backbone (its family code runs the copied blocks; its LM head is used).
+            backbone: the frozen backbone (it runs the copied blocks through transformers; its LM head is used).
             hidden: Hb[0..L] for the new tokens, each (B, T, D).
-            rope: the family's position information for the new tokens (None for GPT-2).
+            layer_inputs: what each backbone block was called with for the same tokens (positions, masks):
+                block i runs with those of backbone block 2i+1, the block it copies.
             retrieve: callable(mem_q (B, H, T, Dh)) -> Retrieved or None; None runs without memory.
             cache: a ``KVCache`` with the window's earlier tokens (incremental decoding), updated in place.
         Returns:
             logits (B, T, V)
         """
-        scale = backbone.scale
-
         def core_for(i):
             use_memory = i == self.memory_index and retrieve is not None
 
-            def core(q, k, v, q_raw, k_raw):
+            def core(q, k, v, q_raw, k_raw, **local):
                 if cache is not None:
                     k, v = cache.update(i, k, v)
                 if not use_memory:
-                    return causal_attention(q, k, v, scale=scale)
+                    return causal_attention(q, k, v, **local)
                 mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
-                return joint_attention(q, k, v, mem.keys, mem.values, self.gate, mem.mask, mem_q=q_raw, scale=scale)
+                return joint_attention(q, k, v, mem.keys, mem.values, self.gate, mem.mask, mem_q=q_raw, **local)
 
             return core
 
         x = hidden[0]
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
-            x = backbone.block_forward(block, x, rope, core_for(i)) + (hidden[hi] - hidden[lo])  # eq (2)
+            use_memory = i == self.memory_index and retrieve is not None
+            x = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
+            x = x + (hidden[hi] - hidden[lo])  # eq (2)
         return backbone.logits(x, norm=self.norm)

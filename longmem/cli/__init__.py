@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 
-from longmem.cli import data, demo, memory, pretrain, staleness, train
+from longmem.cli import data, demo
 from longmem.cli import eval as evaluate
+from longmem.cli import memory, pretrain, staleness, train
 from longmem.errors import LongMemError
 
 # each registers one or more subcommands via add_parser(subparsers), in this order in --help

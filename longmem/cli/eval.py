@@ -27,7 +27,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-
 from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
 from longmem.eval.chapterbreak import build_examples, evaluate_chapterbreak, load_chapterbreak, read_book
@@ -99,7 +98,7 @@ def _run_chapterbreak(args) -> int:
     examples = load_chapterbreak(args.data, args.split)
     if args.max_examples:
         examples = examples[: args.max_examples]
-    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_chapterbreak(model, tok, examples, memory_kwargs=checked(model, memory_args(args)),
                                    max_candidate_tokens=args.max_candidate_tokens, max_context_tokens=args.max_context_tokens,
                                    progress=args.progress)
@@ -149,7 +148,7 @@ def _run_icl(args) -> int:
     pool = load_examples(args.train, task)
     if args.max_test:
         test = test[: args.max_test]
-    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_icl(model, tok, task, test, pool, k=args.k, memory_demos=args.memory_demos, seeds=args.seeds,
                           seed=args.seed, memory_kwargs=checked(model, memory_args(args)), progress=args.progress, warn=warn)
     report["meta"] = {"data": str(args.data), "train": str(args.train), "model": str(args.model or "(shipped default)")}
@@ -178,7 +177,7 @@ def _run_icl(args) -> int:
 def _run_passkey(args) -> int:
     check_output(args.json)
     check_output(args.plot, "--plot")
-    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed,
                               memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, progress=args.progress, warn=warn)
@@ -215,7 +214,7 @@ def _run_names(args) -> int:
     docs = [d for path in args.data for d in iter_documents(path)]
     if not docs:
         raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
-    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device))
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     report = names_report(model, tok, docs, memory_frac=args.memory_frac, context_chars=args.context_chars,
                           min_chars=args.min_chars, new_tokens=args.new_tokens,
                           memory_kwargs=checked(model, memory_args(args)), progress=args.progress)
@@ -251,6 +250,8 @@ def _model_flags(p, several: bool = False) -> None:
     else:
         p.add_argument("--model", metavar="DIR", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored; "
+                                                                    "bf16 halves the memory of a real backbone)")
 
 
 def _memory_flags(p, chunk_default: str = "the model's") -> None:

@@ -26,7 +26,7 @@ def _store(args) -> MemoryStore:
 
 def _load(args):
     device = resolve_device(args.device) if getattr(args, "device", None) else None  # before the slow part
-    model, tok = load_model_and_tokenizer(args.model)
+    model, tok = load_model_and_tokenizer(args.model, dtype=getattr(args, "dtype", None))
     if device is not None:
         model.to(device)
     return model.eval(), tok
@@ -219,6 +219,7 @@ def _common(p, model=True):
     if model:
         p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped models/longmem-tiny)")
         p.add_argument("--device", help="cpu or cuda (default: cpu)")
+        p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored)")
 
 
 def _sampling_flags(p):

@@ -45,6 +45,9 @@ def add_parser(sub) -> None:
         default = getattr(d, dest)
         p.add_argument(f"--{name}", dest=dest, type=typ, default=None, help=f"{help_} (default: {default})")
     p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="weights' type of backbone and SideNet (default: fp32; bf16 halves a real backbone's memory, "
+                        "but the optimizer then updates bf16 weights: prefer --precision bf16 for training)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,

@@ -9,9 +9,7 @@ earlier in the document, but only further back than T tokens.
 from __future__ import annotations
 
 import math
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -20,24 +18,8 @@ from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
 from longmem.eval.recall import identifier_recall
-from longmem.io import CONFIG_FILE, check_output, read_checkpoint_meta, write_result
-from longmem.loading import load_model, load_tokenizer
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
-
-
-def load_model_and_tokenizer(path: str | os.PathLike | None):
-    """A LongMem checkpoint folder (default: the shipped longmem-tiny) and its backbone's tokenizer."""
-    path = Path(path or DEFAULT_MODEL)
-    if not (path / CONFIG_FILE).is_file():
-        if path == DEFAULT_MODEL:
-            raise LongMemError(f"the shipped default model is missing from {path}; reinstall from a full clone of the repository")
-        raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
-    meta = read_checkpoint_meta(path)
-    model = load_model(path)
-    ref = meta["backbone"]["path"]
-    tok_dir = path / ref if (path / ref).is_dir() else Path(ref)
-    return model, load_tokenizer(str(tok_dir))
+from longmem.io import check_output, write_result
+from longmem.loading import load_model_and_tokenizer
 
 
 def default_document() -> tuple[str, str]:

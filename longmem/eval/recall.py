@@ -20,8 +20,6 @@ import re
 import torch
 from tqdm import tqdm
 
-
-
 DEFINES = re.compile(r"^[ \t]*(?:def|class)[ \t]+([A-Za-z_]\w*)|^[ \t]*(?:self\.)?([A-Za-z_]\w*)[ \t]*=[^=]", re.M)
 COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls"}
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from longmem.backbone import parse_dtype
 from longmem.baselines import BASELINES
 from longmem.config import LongMemConfig
 from longmem.data.streams import IGNORE, DocumentStreams, encode_documents, num_segments
@@ -61,6 +62,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast; weights stay fp32)
+    dtype: str = "fp32"  # the weights' type (backbone and SideNet): bf16 halves a real backbone's memory
     eval_every: int = 100
     eval_docs: int = 4  # validation documents per evaluation
     eval_segments: int = 8  # segments read per validation document (the first ones)
@@ -80,6 +82,8 @@ class TrainConfig:
             raise LongMemError(f"max_steps, batch_size and grad_accum must be positive (got {self.max_steps}, {self.batch_size}, {self.grad_accum})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        if self.dtype not in ("bf16", "fp16", "fp32"):
+            raise LongMemError(f"dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if not self.data:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
         if self.init_from is not None and self.method != "longmem":
@@ -217,20 +221,20 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
                            retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
                            retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
     if cfg.method == "longmem" and ckpt:
-        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
+        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone, dtype=cfg.dtype)
     elif cfg.method == "longmem" and cfg.init_from:
         overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
                      if getattr(cfg, k) is not None}
-        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
+        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, dtype=cfg.dtype, **overrides)
     elif cfg.method == "longmem":
-        model = LongMem.from_backbone(cfg.backbone, lm_cfg)
+        model = LongMem.from_backbone(cfg.backbone, lm_cfg, dtype=cfg.dtype)
     else:
         cls = BASELINES[cfg.method]
-        model = cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers)
+        model = cls.from_pretrained(ckpt).to(parse_dtype(cfg.dtype)) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers, cfg.dtype)
     model.to(device).train()
     T = model.segment_length
     bb = model.backbone
-    context = min([bb.max_positions] + ([bb.sliding_window] if bb.sliding_window else []))
+    context = bb.max_positions  # sliding-window layers apply their own window inside attention
     if T > context:
         raise LongMemError(f"--segment-length {T} is longer than the backbone's context ({context}); give at most {context}")
     if len(tokenizer) > model.backbone.vocab_size:
