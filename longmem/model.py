@@ -330,9 +330,16 @@ def resolve_config(config: LongMemConfig, L: int, context: int | None = None) ->
     return config
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, HF convention: position t predicts labels[t + 1]; IGNORE (-100) is skipped.
-    The one loss of the library: LongMem, the baselines, pretraining and training all use it."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE
-    )
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy; IGNORE (-100) is skipped. The one loss of the library: LongMem, the
+    baselines, training and pretraining all use it.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T). HF convention: position t predicts labels[t + 1] (the last position is unscored).
+        shifted: labels[t] is already the token after position t (document streams and pretraining windows
+            carry the token after the segment, so every position is scored).
+    """
+    if not shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device), ignore_index=IGNORE)

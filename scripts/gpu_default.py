@@ -71,23 +71,21 @@ def pretrain_rate(cfg, tokenizer, steps: int) -> float:
     """Tokens per second of the real training step (random tokens), after warm-up."""
     import torch
 
-    from longmem.training.pretrain import build_model, lm_loss
-
     from longmem.loading import resolve_device
+    from longmem.training.pretrain import build_model
+    from longmem.training.step import MicroBatch, Optimization, adamw, train_step
 
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
+                fused=device.type == "cuda")
+    optim = Optimization(opt, None, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
+                         cfg.grad_clip, torch.bfloat16 if cfg.precision == "bf16" else None)
     x = torch.randint(len(tokenizer), (cfg.batch_size, cfg.seq_len + 1), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = lm_loss(model, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def step():  # the step `longmem pretrain` runs
+        return train_step(model, [MicroBatch(x[:, :-1], x[:, 1:])], optim).loss
 
     for _ in range(3):
         step()

@@ -22,7 +22,12 @@ def add_parser(sub) -> None:
     d = TrainConfig(data=["x"])
     p = sub.add_parser("train", help="memory-augmented adaptation: train a SideNet on a frozen backbone",
                        description="Train LongMem's SideNet on a frozen backbone (paper s3.4). Each batch row streams one "
-                                   "document segment by segment with its own memory. Works under torchrun (DDP).")
+                                   "document segment by segment with its own memory. Works under torchrun (DDP). "
+                                   "Three choices differ from the official release: gradients are clipped at a global "
+                                   "norm of 1.0 by default (--grad-clip); 1-D parameters (the gate, norms, biases) get "
+                                   "no weight decay (fairseq decays all); the SideNet's dropout is the backbone's own, "
+                                   "from its config (0.1 for GPT-2, none for Llama; the official SideNet uses 0.1 plus "
+                                   "0.1 attention dropout).")
     p.add_argument("--backbone", default=d.backbone, help="HF model folder or hub id (default: the shipped longmem-tiny backbone)")
     p.add_argument("--data", nargs="+", required=True, help="training documents: text files, folders, .jsonl, hf:NAME")
     p.add_argument("--val-data", dest="val_data", nargs="+", help="validation documents (loss with and without memory)")
@@ -35,8 +40,9 @@ def add_parser(sub) -> None:
         ("segment-length", int, "local window T (default min(1024, backbone context))"),
         ("memory-size", int, "memory tokens per stream (FIFO)"), ("chunk-size", int, "tokens per memory chunk"),
         ("topk-chunks", int, "chunks retrieved per query"), ("memory-layer", int, "backbone block m to cache (odd)"),
-        ("lr", float, "peak learning rate"), ("eps", float, "AdamW epsilon"), ("weight-decay", float, "AdamW weight decay"),
-        ("warmup-steps", int, "linear warmup steps"), ("grad-clip", float, "gradient norm clip"),
+        ("lr", float, "peak learning rate"), ("eps", float, "AdamW epsilon"),
+        ("weight-decay", float, "AdamW weight decay, on matrices only (not on the gate, norms, biases)"),
+        ("warmup-steps", int, "linear warmup steps"), ("grad-clip", float, "clip the global gradient norm to this"),
         ("eval-every", int, "validate every N steps (0: only at the end)"), ("eval-docs", int, "validation documents"),
         ("eval-segments", int, "segments per validation document"), ("save-every", int, "checkpoint every N steps"),
         ("seed", int, "random seed"),
