@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.pytorch_utils import Conv1D
 
 from longmem.attention import causal_attention
 from longmem.errors import LongMemError
@@ -154,6 +155,12 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise LongMemError(f"cannot load backbone weights from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def linear_layer_names(module: nn.Module) -> list[str]:
+    """Names of the linear projections inside ``module``: ``nn.Linear``, and GPT-2's ``Conv1D`` (a linear
+    layer that stores its weight as (in, out))."""
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
 def _unsupported(model_type: str) -> str:

@@ -186,10 +186,16 @@ class LongMem(MemoryLM):
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, **overrides) -> "LongMem":
-        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it."""
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, *, dtype: torch.dtype | None = None,
+                      **overrides) -> "LongMem":
+        """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it.
+        ``dtype``: load the (frozen) backbone from a folder or hub id in this dtype (default float32); the
+        SideNet then stays float32 (it trains, and runs, under autocast)."""
         config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
-        return cls(Backbone(load_causal_lm(model_or_path)), config)
+        model = cls(Backbone(load_causal_lm(model_or_path, dtype=dtype)), config)
+        if dtype is not None:
+            model.sidenet.float()
+        return model
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -253,11 +259,12 @@ class LongMem(MemoryLM):
 
     # -- persistence -------------------------------------------------------------------------------
 
-    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None) -> None:
+    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None, state: dict | None = None) -> None:
         """Save the SideNet (the only trained part) and the config; the backbone by reference.
 
         ``save_backbone=True`` also writes the backbone (and ``tokenizer``) into ``path/backbone`` so
-        the folder is self-contained and relocatable.
+        the folder is self-contained and relocatable. ``state``: the SideNet weights to write instead of
+        ``sidenet.state_dict()`` (distributed training passes them gathered from the shards, LoRA merged).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -276,7 +283,9 @@ class LongMem(MemoryLM):
             "config": self.config.to_dict(),
             "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint()},
         }
-        state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
+        if self.dtype != torch.float32:  # the fingerprint is of the backbone in this dtype
+            meta["backbone"]["dtype"] = str(self.dtype).removeprefix("torch.")
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.sidenet.state_dict()).items()}
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
         write_checkpoint_meta(path, meta)
@@ -291,7 +300,8 @@ class LongMem(MemoryLM):
         if backbone is None:
             ref = meta["backbone"]["path"]
             backbone = path / ref if (path / ref).is_dir() else ref
-        bb = Backbone(load_causal_lm(backbone))
+        dtype = meta["backbone"].get("dtype")  # recorded when the backbone was not float32
+        bb = Backbone(load_causal_lm(backbone, dtype=getattr(torch, dtype) if dtype else None))
         want = meta["backbone"]["fingerprint"]
         if bb.fingerprint() != want:
             raise LongMemError(
@@ -302,6 +312,8 @@ class LongMem(MemoryLM):
         if config_overrides:
             config = config.replace(**config_overrides)
         model = cls(bb, config)
+        if dtype:
+            model.sidenet.float()  # as trained: float32 under autocast, over a lower-precision backbone
         if meta.get("weights_sha256") and (path / WEIGHTS_FILE).is_file() and file_sha256(path / WEIGHTS_FILE) != meta["weights_sha256"]:
             raise LongMemError(f"{path / WEIGHTS_FILE} is damaged (checksum mismatch); retrain or restore the checkpoint")
         try:

@@ -18,6 +18,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longmem.attention import causal_attention, joint_attention
 from longmem.backbone import Backbone
@@ -34,6 +35,8 @@ class SideNet(nn.Module):
         self.norm = copy.deepcopy(backbone.norm)
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
         self.requires_grad_(True)
+        # recompute block activations in the backward pass instead of keeping them (training only)
+        self.grad_checkpointing = False
         self._residual_from = [(2 * i, 2 * i + 2) for i in range(self.num_layers)]
         self._residual_from[-1] = (2 * (self.num_layers - 1), L)
 
@@ -67,5 +70,11 @@ class SideNet(nn.Module):
         x = hidden[0]
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
-            x = backbone.block_forward(block, x, rope, core_for(i)) + (hidden[hi] - hidden[lo])  # eq (2)
+            # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
+            recompute = self.grad_checkpointing and torch.is_grad_enabled() and not (i == self.memory_index and retrieve is not None)
+            if recompute:
+                y = checkpoint(backbone.block_forward, block, x, rope, core_for(i), use_reentrant=False)
+            else:
+                y = backbone.block_forward(block, x, rope, core_for(i))
+            x = y + (hidden[hi] - hidden[lo])  # eq (2)
         return backbone.logits(x, norm=self.norm)

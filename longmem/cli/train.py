@@ -71,6 +71,23 @@ def add_parser(sub) -> None:
     p.add_argument("--init-from", dest="init_from", default=None,
                    help="start the SideNet from this saved LongMem model (a run's OUT or models/longmem-tiny) instead of "
                         "the backbone's blocks; its memory settings are used")
+    p.add_argument("--strategy", default=None,
+                   help="how processes under torchrun share the work: ddp (default) replicates the model and averages "
+                        "gradients; fsdp (FSDP2) shards the SideNet's parameters, gradients and optimizer state, for "
+                        "SideNets too large to replicate. Multi-node: torchrun --nnodes N --node-rank K --master-addr HOST "
+                        "--master-port PORT --nproc-per-node G -m longmem.cli train ... on every node")
+    p.add_argument("--shard-backbone", dest="shard_backbone", action="store_true", default=None,
+                   help="with --strategy fsdp: shard the frozen backbone too (default: a full copy per process)")
+    p.add_argument("--grad-checkpointing", dest="grad_checkpointing", action="store_true", default=None,
+                   help="recompute SideNet block activations in the backward pass (less memory, ~1/3 more compute)")
+    p.add_argument("--lora-rank", dest="lora_rank", type=int, default=None,
+                   help="train rank-R LoRA adapters (peft) on the SideNet blocks' linear layers instead of the layers "
+                        "themselves; the gate and norms still train fully; the saved model holds merged weights "
+                        "(default: off, the whole SideNet trains as in the paper)")
+    p.add_argument("--lora-alpha", dest="lora_alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument("--dtype", default=None,
+                   help="the frozen backbone's weights: fp32 (default) or bf16 (half the memory; the SideNet stays fp32 "
+                        "under autocast)")
     p.add_argument("--staleness-every", dest="staleness_every", type=int, default=None,
                    help="every N steps, record how far stored keys drifted from what the current weights compute")
     p.set_defaults(func=_run)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from longmem.backbone import load_causal_lm
 from longmem.baselines import BASELINES
 from longmem.config import LongMemConfig
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
@@ -31,6 +32,8 @@ from longmem.eval.staleness import staleness
 from longmem.io import file_sha256
 from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
 from longmem.model import LongMem
+from longmem.training.scale import (OPTIMIZER_FORMAT, STRATEGIES, add_lora, full_state, full_tensor, init_distributed,
+                                    load_optimizer_state, lora_layers, merge_lora, optimizer_state, shard)
 from longmem.training.step import Optimization, adamw, schedule, train_step
 
 
@@ -70,6 +73,12 @@ class TrainConfig:
     retrieval_query: str | None = None  # what searches the memory: query (the paper; default) or key (see LongMemConfig)
     retrieval_next: bool | None = None  # also attend to the chunk after each retrieved one (see LongMemConfig)
     init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
+    strategy: str = "ddp"  # ddp (replicate) | fsdp (FSDP2: shard the SideNet's parameters, gradients, optimizer state)
+    shard_backbone: bool = False  # fsdp: shard the frozen backbone too (default: replicated)
+    grad_checkpointing: bool = False  # recompute SideNet block activations in the backward pass
+    lora_rank: int | None = None  # LoRA adapters of this rank on the SideNet blocks' linear layers (None: train them fully)
+    lora_alpha: float | None = None  # LoRA scale numerator (default 2 * rank: scaling 2)
+    dtype: str = "fp32"  # the frozen backbone's weights: fp32 | bf16 (the SideNet stays fp32 under autocast)
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -86,25 +95,25 @@ class TrainConfig:
             raise LongMemError(f"--retrieval-query {self.retrieval_query} is a LongMem SideNet option; --method {self.method} searches with its query")
         if self.method not in ("longmem", "memtrm", "finetune"):
             raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
+        if self.strategy not in STRATEGIES:
+            raise LongMemError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise LongMemError(f"--lora-rank must be a positive rank, got {self.lora_rank}; leave it out to train the whole SideNet")
+        if self.dtype not in ("fp32", "bf16"):
+            raise LongMemError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        scale_flags = [flag for flag, on in (("--strategy fsdp", self.strategy == "fsdp"), ("--lora-rank", self.lora_rank),
+                                             ("--grad-checkpointing", self.grad_checkpointing), ("--dtype bf16", self.dtype == "bf16"))
+                       if on]
+        if scale_flags and self.method != "longmem":
+            raise LongMemError(f"{scale_flags[0]} scales the LongMem SideNet; --method {self.method} trains the backbone (use --strategy ddp, no LoRA)")
+        if self.shard_backbone and self.strategy != "fsdp":
+            raise LongMemError("--shard-backbone shards with FSDP: add --strategy fsdp")
+        if self.shard_backbone and self.staleness_every:
+            raise LongMemError("--staleness-every reads the backbone on one process, which --shard-backbone does not allow; drop one of them")
         self.betas = tuple(self.betas)
 
 
 # -- distributed -----------------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -130,11 +139,15 @@ def _cpu_has_bf16() -> bool:
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> None:
-    """Write OUT/checkpoint atomically: a new folder is completed, then swapped in."""
+def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None, weights: dict | None = None) -> None:
+    """Write OUT/checkpoint atomically: a new folder is completed, then swapped in. ``weights``: the SideNet's
+    (gathered, merged) instead of its own state_dict."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
+    if weights is None:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+    else:
+        model.save_pretrained(tmp, tokenizer=tokenizer, state=weights)
     torch.save(trainer_state, tmp / "trainer.pt")
     with open(tmp / "COMPLETE", "w") as f:  # written last: its presence marks a whole checkpoint
         f.write(json.dumps({"format": "longmem-train-checkpoint", "version": 1,
@@ -181,12 +194,13 @@ class Run:
     device: torch.device
     out: Path
     tokenizer: object
-    model: torch.nn.Module  # LongMem or a baseline
-    net: torch.nn.Module  # what the step calls: the model or its DDP wrapper
+    model: torch.nn.Module  # LongMem or a baseline (sharded in place under FSDP)
     streams: DocumentStreams
     memory: object  # MemoryBank, one row per stream of this process
-    optim: Optimization
+    amp: torch.dtype | None  # autocast dtype
     val_docs: list
+    net: torch.nn.Module | None = None  # what the step calls: the model or its DDP wrapper (see ``distribute``)
+    optim: Optimization | None = None
     step: int = 0
     tokens: int = 0
     elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
@@ -201,10 +215,13 @@ class Run:
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run memory-augmented adaptation; returns the final metrics. Writes OUT/{longmem.json,
     sidenet.safetensors, metrics.jsonl, loss.png, checkpoint/}."""
-    run, ckpt = set_up(cfg, resume)
-    if ckpt is not None:
-        resume_from(run, ckpt)
-    start_outputs(run, fresh=ckpt is None)
+    run, state = set_up(cfg, resume)
+    if state is not None:
+        resume_streams(run, state)
+    distribute(run)
+    if state is not None:
+        resume_optimizer(run, state)
+    start_outputs(run, fresh=state is None)
     bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not (cfg.progress and run.rank == 0))
     stop_reason, last, window_t = "max_steps", {}, time.time()
     while run.step < cfg.max_steps:
@@ -239,43 +256,96 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
 # -- set-up ----------------------------------------------------------------------------------------
 
 
-def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, Path | None]:
-    """Process group, data, model (by method, or from the checkpoint), memory and optimizer."""
+def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, dict | None]:
+    """Process group, data, model (by method, or from the checkpoint) and memory; the checkpoint's trainer
+    state when resuming (else None). Not yet distributed (see ``distribute``)."""
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
+    if cfg.strategy == "fsdp" and world < 2:
+        raise LongMemError("--strategy fsdp shards across processes but this is one; launch with torchrun "
+                           "--nproc_per_node N (N >= 2), or train in one process with the default --strategy ddp")
     out = Path(cfg.out)
     ckpt = find_checkpoint(out) if resume else None
     if resume and ckpt is None and rank == 0:
         print(f"no checkpoint in {out}; starting from scratch")
     if not resume and find_checkpoint(out) is not None:
         raise LongMemError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    state = load_trainer_state(ckpt) if ckpt else None
+    if state is not None:
+        check_resumable(cfg, state, ckpt, world)
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
-    model = build_model(cfg, ckpt).to(device).train()
+    model = build_model(cfg, ckpt, state).to(device).train()
     T = check_data(cfg, model, tokenizer, docs, world)
     val_docs = encode_documents(cfg.val_data, tokenizer)[: cfg.eval_docs] if cfg.val_data else []
     val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     streams = DocumentStreams(docs, cfg.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
     amp = autocast_dtype(cfg.precision, device)
+    if cfg.dtype == "bf16" and amp is None:
+        raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto on bf16 hardware)")
     memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
-    net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-    optim = make_optimization(cfg, model.trainable_parameters(), amp)
-    return Run(cfg, rank, world, device, out, tokenizer, model, net, streams, memory, optim, val_docs), ckpt
+    if hasattr(model, "sidenet"):
+        model.sidenet.grad_checkpointing = cfg.grad_checkpointing
+    return Run(cfg, rank, world, device, out, tokenizer, model, streams, memory, amp, val_docs), state
 
 
-def build_model(cfg: TrainConfig, ckpt: Path | None):
-    """The model of ``cfg.method``: from the checkpoint when resuming, else fresh (or ``--init-from``)."""
+def check_resumable(cfg: TrainConfig, state: dict, ckpt: Path, world: int) -> None:
+    """A checkpoint resumes under either strategy, with the number of processes that wrote it."""
+    n = len(state["streams"])
+    if n != world:
+        raise LongMemError(f"{ckpt} was written by {n} process(es), this run has {world}: each process owns its data streams "
+                           f"and memories, so resume with {n} (torchrun, nodes x processes per node = {n}); to go on with "
+                           f"{world}, start a new run from its weights with --init-from {ckpt}")
+    if state.get("lora") != lora_settings(cfg):
+        raise LongMemError(f"{ckpt} was trained with LoRA settings {state.get('lora')}, this run asks for {lora_settings(cfg)}; "
+                           "resume with the same --lora-rank/--lora-alpha")
+    if cfg.strategy == "fsdp" and state.get("optimizer_format") != OPTIMIZER_FORMAT:
+        raise LongMemError(f"{ckpt} was written by an older longmem whose optimizer state only DDP reads; resume it with --strategy ddp")
+
+
+def lora_settings(cfg: TrainConfig) -> dict | None:
+    if cfg.lora_rank is None:
+        return None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank}
+
+
+def distribute(run: Run) -> None:
+    """Spread the model over the processes (DDP or FSDP) and build the optimizer over what trains."""
+    cfg, model = run.cfg, run.model
+    run.net = model
+    if cfg.strategy == "fsdp":
+        run.net = shard(model, run.device, shard_backbone=cfg.shard_backbone)
+    elif run.world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    run.optim = make_optimization(cfg, model.trainable_parameters(), run.amp)
+
+
+def build_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None):
+    """The model of ``cfg.method``: from the checkpoint when resuming, else fresh (or ``--init-from``);
+    with LoRA adapters on the SideNet when asked (the same adapters on all processes)."""
     if cfg.method != "longmem":
         cls = BASELINES[cfg.method]
         return cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, memory_config(cfg), cfg.train_layers)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+    backbone = load_causal_lm(cfg.backbone, dtype=dtype)
     if ckpt:
-        return LongMem.from_pretrained(ckpt, backbone=cfg.backbone)
-    if cfg.init_from:
+        model = LongMem.from_pretrained(ckpt, backbone=backbone)
+    elif cfg.init_from:
         overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
                      if getattr(cfg, k) is not None}
-        return LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, **overrides)
-    return LongMem.from_backbone(cfg.backbone, memory_config(cfg))
+        model = LongMem.from_pretrained(cfg.init_from, backbone=backbone, **overrides)
+    else:
+        model = LongMem.from_backbone(backbone, memory_config(cfg))
+    model.sidenet.float()  # trains in fp32 (autocast), whatever the backbone's dtype
+    lora = lora_settings(cfg)
+    if lora:
+        with torch.random.fork_rng():  # the same adapters on every process, the processes' RNG untouched
+            torch.manual_seed(cfg.seed)
+            add_lora(model.sidenet, lora["rank"], lora["alpha"])
+        if state is not None:  # the checkpoint's weights are merged; the adapters come from trainer.pt
+            model.sidenet.load_state_dict(state["lora_sidenet"])
+    return model
 
 
 def memory_config(cfg: TrainConfig) -> LongMemConfig:
@@ -320,17 +390,23 @@ def start_outputs(run: Run, fresh: bool) -> None:
 # -- resume and checkpoints ------------------------------------------------------------------------
 
 
-def resume_from(run: Run, ckpt: Path) -> None:
-    """Optimizer, schedule, scaler, counters, stream positions and RNG from the checkpoint; memories rebuilt."""
-    state = load_trainer_state(ckpt)
-    run.optim.optimizer.load_state_dict(state["optimizer"])
-    run.optim.load_state_dict(state)
+def resume_streams(run: Run, state: dict) -> None:
+    """Counters, stream positions and RNG from the checkpoint; each row's memory rebuilt (before sharding)."""
     run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed"]
     run.streams.load_state_dict(state["streams"][run.rank])
     torch.set_rng_state(state["rng"][run.rank])
     rebuild_memory(run)
+
+
+def resume_optimizer(run: Run, state: dict) -> None:
+    """Optimizer (by parameter name: any strategy), schedule and scaler from the checkpoint."""
+    if state.get("optimizer_format") == OPTIMIZER_FORMAT:
+        load_optimizer_state(run.model, run.optim.optimizer, state["optimizer"])
+    else:  # written before the format was recorded: the optimizer's own (same parameters, same order)
+        run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.load_state_dict(state)
     if run.rank == 0:
-        print(f"resumed from {ckpt} at step {run.step}")
+        print(f"resumed from {run.out} at step {run.step}")
 
 
 def checkpoint(run: Run) -> None:
@@ -340,21 +416,34 @@ def checkpoint(run: Run) -> None:
     if run.world > 1:
         gathered = [None] * run.world
         torch.distributed.all_gather_object(gathered, mine)
+    weights, unmerged = model_weights(run)  # collectives under FSDP: every process
+    trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
+               **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
+               "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
+               "rng": [g[0] for g in gathered], "strategy": run.cfg.strategy, "lora": lora_settings(run.cfg)}
+    if unmerged is not None:
+        trainer["lora_sidenet"] = unmerged
     if run.rank == 0:
-        save_checkpoint(run.out, run.model, {"optimizer": run.optim.optimizer.state_dict(), **run.optim.state_dict(),
-                                             "step": run.step, "tokens": run.tokens,
-                                             "elapsed": run.elapsed_before + time.time() - run.t0,
-                                             "streams": [g[1] for g in gathered], "rng": [g[0] for g in gathered]},
-                        tokenizer=run.tokenizer)
+        save_checkpoint(run.out, run.model, trainer, tokenizer=run.tokenizer, weights=weights)
         run.log({"step": run.step, "checkpoint": "saved"})  # written after the swap: a step reported here is never lost
     if run.world > 1:
         torch.distributed.barrier()
 
 
+def model_weights(run: Run) -> tuple[dict | None, dict | None]:
+    """(the SideNet weights to save, gathered and LoRA merged; the unmerged LoRA SideNet or None).
+    (None, None) for the baselines, which save themselves. Every process must call it."""
+    if not hasattr(run.model, "sidenet"):
+        return None, None
+    state = full_state(run.model.sidenet)
+    layers = lora_layers(run.model.sidenet)
+    return (merge_lora(state, layers), state) if layers else (state, None)
+
+
 @torch.no_grad()
 def rebuild_memory(run: Run) -> None:
     """Refill each row's memory with the segments it already read of its current document."""
-    amp = run.optim.autocast
+    amp = run.amp
     for b in range(run.streams.B):
         segments = run.streams.replay_segments(b)
         if segments:
@@ -366,11 +455,12 @@ def rebuild_memory(run: Run) -> None:
 
 
 def validate(run: Run) -> dict:
-    """Validation loss with and without memory (rank 0), logged; {} without validation data."""
-    if not run.val_docs or run.rank != 0:
+    """Validation loss with and without memory (rank 0; every process under FSDP, whose forward is collective),
+    logged; {} without validation data and on the other processes."""
+    if not run.val_docs or (run.rank != 0 and run.cfg.strategy != "fsdp"):
         return {}
     kw = dict(segment_length=run.model.segment_length, batch_size=min(len(run.val_docs), run.cfg.batch_size),
-              autocast=run.optim.autocast)
+              autocast=run.amp)
     res = {}
     for mode in ("longmem", "no_memory"):
         s = stream_nll(run.model, run.val_docs, mode, **kw).summary()
@@ -378,14 +468,14 @@ def validate(run: Run) -> dict:
         res[f"val_loss_beyond_{mode}"] = math.log(s["ppl_beyond_window"]) if s["ppl_beyond_window"] else None
     run.model.train()
     run.log({"step": run.step, **res})
-    return res
+    return res if run.rank == 0 else {}
 
 
 def measure_staleness(run: Run) -> None:
     """Rank 0: how far row 0's stored keys are from what the current weights compute."""
     if run.rank != 0:
         return
-    amp = run.optim.autocast
+    amp = run.amp
     with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
         run.log({"step": run.step, "staleness": staleness(run.model, run.memory, run.streams.replay_segments(0)[-32:])})
 
@@ -401,15 +491,19 @@ def over_time_limit(run: Run) -> bool:
 
 
 def gate_values(model) -> list[float]:
-    gate = model.sidenet.gate if hasattr(model, "sidenet") else model.gate
+    gate = full_tensor(model.sidenet.gate if hasattr(model, "sidenet") else model.gate)  # gathered under FSDP
     return [round(float(g), 4) for g in torch.sigmoid(gate.detach())]
 
 
 def finish(run: Run, last: dict, stop_reason: str) -> dict:
     """Final validation, the trained model in OUT, the loss plot; the process group closed."""
+    last.update(validate(run))
+    weights, _ = model_weights(run)
     if run.rank == 0:
-        last.update(validate(run))
-        run.model.save_pretrained(run.out, tokenizer=run.tokenizer)
+        if weights is None:
+            run.model.save_pretrained(run.out, tokenizer=run.tokenizer)
+        else:
+            run.model.save_pretrained(run.out, tokenizer=run.tokenizer, state=weights)
         plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png")
         last["stop_reason"] = stop_reason
     if run.world > 1:
