@@ -226,7 +226,8 @@ class Backbone(nn.Module):
 
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """LM head over a final norm (the backbone's, or the SideNet's own trainable copy)."""
-        return self.lm_head((norm or self.norm)(h))
+        h = (norm or self.norm)(h)
+        return self.lm_head(h.to(self.lm_head.weight.dtype))  # a SideNet may run in another dtype than the head
 
     def local_core(self) -> AttentionCore:
         scale = self.scale

@@ -67,7 +67,8 @@ class SideNet(nn.Module):
 
             return core
 
-        x = hidden[0]
+        dtype = self.gate.dtype  # the SideNet's own (fp32 over a bf16 backbone, say); a no-op when they agree
+        x = hidden[0].to(dtype)
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
             # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
@@ -76,5 +77,5 @@ class SideNet(nn.Module):
                 y = checkpoint(backbone.block_forward, block, x, rope, core_for(i), use_reentrant=False)
             else:
                 y = backbone.block_forward(block, x, rope, core_for(i))
-            x = y + (hidden[hi] - hidden[lo])  # eq (2)
+            x = y + (hidden[hi] - hidden[lo]).to(dtype)  # eq (2)
         return backbone.logits(x, norm=self.norm)

@@ -213,3 +213,16 @@ def test_lora_trains_only_adapters_gate_and_norms_and_loads_with_from_pretrained
     # and the run resumes (adapters and their optimizer state from the checkpoint)
     assert main(train_args(tiny_assets, out, "--lora-rank", "4", "--max-steps", "4", "--eval-every", "0", "--resume")) == 0
     assert main(train_args(tiny_assets, out, "--lora-rank", "8", "--max-steps", "5", "--resume")) == 2
+
+
+def test_bf16_backbone_trains_an_fp32_sidenet_and_loads_as_trained(tiny_assets, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(train_args(tiny_assets, out, "--dtype", "bf16", "--precision", "bf16", "--max-steps", "2", "--eval-every", "0")) == 0
+    model = LongMem.from_pretrained(out).eval()  # the recorded dtype: no flag needed
+    assert model.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in model.sidenet.parameters())
+    ids = torch.randint(0, 200, (1, 16))
+    memory = model.new_memory(1)
+    with torch.no_grad():
+        logits = model(ids, memory=memory).logits  # runs without autocast too
+    assert torch.isfinite(logits).all()
+    assert main(train_args(tiny_assets, tmp_path / "x", "--dtype", "bf16", "--precision", "fp32")) == 2

@@ -106,6 +106,8 @@ class TrainConfig:
                        if on]
         if scale_flags and self.method != "longmem":
             raise LongMemError(f"{scale_flags[0]} scales the LongMem SideNet; --method {self.method} trains the backbone (use --strategy ddp, no LoRA)")
+        if self.dtype == "bf16" and self.precision == "fp32":
+            raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto)")
         if self.shard_backbone and self.strategy != "fsdp":
             raise LongMemError("--shard-backbone shards with FSDP: add --strategy fsdp")
         if self.shard_backbone and self.staleness_every:
