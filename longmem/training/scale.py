@@ -13,6 +13,9 @@
 
 Checkpoint state that depends on the layout (sharded tensors, optimizer slots) is saved in full and
 keyed by parameter name, so a run resumes under either strategy.
+
+torch.distributed's FSDP, DTensor and checkpoint modules are imported where they are used: they take
+seconds to import, and every ``longmem`` command would pay for them otherwise.
 """
 
 from __future__ import annotations
@@ -21,11 +24,6 @@ import os
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.tensor import DTensor
 
 from longmem.backbone import linear_layer_names
 from longmem.errors import LongMemError
@@ -59,6 +57,9 @@ def shard(model: nn.Module, device: torch.device, shard_backbone: bool = False) 
     ``shard_backbone``; a parameter tied between two modules, like GPT-2's embeddings and LM head, stays
     with the root). The root is ``model``; without ``shard_backbone`` the backbone is left replicated.
     """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     parts = [model.sidenet] + ([model.backbone.model] if shard_backbone else [])
     owners = {}
@@ -80,23 +81,27 @@ def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with sharded tensors gathered, on the CPU. Every process must call it."""
     out = {}
     for k, v in module.state_dict().items():
-        if isinstance(v, DTensor):
-            v = v.full_tensor()
+        v = full_tensor(v)
         out[k] = v.detach().cpu().contiguous()
     return out
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """A sharded tensor (DTensor) gathered whole; any other tensor as it is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state in full, keyed by parameter name (layout-free). Every process must call it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
     return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Load what ``optimizer_state`` saved, under any strategy and sharding."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     set_optimizer_state_dict(model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True))
 
 

@@ -18,8 +18,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from longmem.model import IGNORE, next_token_loss
@@ -123,7 +121,7 @@ def train_step(net: torch.nn.Module, micro_batches: Iterable, optim: Optimizatio
     optim.optimizer.zero_grad(set_to_none=True)
     if optim.scheduler is not None:
         optim.scheduler.step()
-    if isinstance(grad_norm, DTensor):  # FSDP: the norm of the sharded gradients, already reduced
+    if hasattr(grad_norm, "full_tensor"):  # FSDP (a DTensor): the norm of the sharded gradients, already reduced
         grad_norm = grad_norm.full_tensor()
     return StepStats(loss_sum, float(grad_norm), tokens, finite=True)
 
@@ -134,7 +132,7 @@ def _gradient_sync(net, last: bool):
         return contextlib.nullcontext()
     if isinstance(net, DistributedDataParallel):
         return net.no_sync()
-    if isinstance(net, FSDPModule):
+    if hasattr(net, "set_requires_gradient_sync"):  # an FSDP2 module
         return _fsdp_no_sync(net)
     return contextlib.nullcontext()
 

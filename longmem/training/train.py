@@ -1,10 +1,12 @@
 """Memory-augmented adaptation (paper s3.4 / LONGMEM.md s5): train the SideNet, never the backbone.
 
-The loop is written out in ``train`` (no framework). Each batch row streams one document; the row's
-memory is reset when its document changes. Under ``torchrun`` every rank owns its rows and memories
-and DistributedDataParallel averages the SideNet's gradients (gloo on CPU, nccl on GPU).
+The loop is written out in ``train`` (no framework); one optimizer step is ``training.step.train_step``.
+Each batch row streams one document; the row's memory is reset when its document changes. Under
+``torchrun`` every rank owns its rows and memories; DistributedDataParallel averages the SideNet's
+gradients, or FSDP2 shards it (``--strategy fsdp``, see ``training.scale``; gloo on CPU, nccl on GPU).
 
-Resuming is exact: the checkpoint holds the SideNet, optimizer, schedule, RNG and stream positions.
+Resuming is exact: the checkpoint holds the SideNet, optimizer (by parameter name, so either strategy
+resumes it), schedule, RNG and stream positions of every process.
 Memories are not saved: because the backbone is frozen, a row's memory is a pure function of the
 segments it has read, so it is rebuilt by replaying them through the backbone.
 """
