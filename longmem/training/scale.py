@@ -21,6 +21,7 @@ seconds to import, and every ``longmem`` command would pay for them otherwise.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -117,7 +118,9 @@ def add_lora(sidenet: nn.Module, rank: int, alpha: float) -> None:
     except ImportError:
         raise LongMemError("--lora-rank needs peft: pip install 'longmem[lora]' (or pip install peft)") from None
     targets = [name for name in linear_layer_names(sidenet) if name.startswith("blocks.")]
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), sidenet)
+    with warnings.catch_warnings():  # peft notes that GPT-2's Conv1D stores W transposed, and handles it
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets), sidenet)
     for name, p in sidenet.named_parameters():
         p.requires_grad_("lora_" in name or ".base_layer." not in name)
 
