@@ -1,7 +1,8 @@
 """Adaptation step: one LongMem training step against one full fine-tuning step of the backbone.
 
-Both steps see the same batch (B rows x T tokens) under the same autocast precision and take one
-AdamW step:
+Both steps are ``longmem.training.step.train_step``, the step ``longmem train`` runs (autocast, GradScaler
+where fp16, gradient clipping at 1.0, AdamW without decay on 1-D parameters), on the same batch (B rows x
+T tokens):
 
     longmem step     frozen backbone forward (all L blocks, no grad) + SideNet (L/2 blocks) forward
                      with retrieval from a *full* memory (M tokens per row, chunk 4, k_c 16) + write
@@ -9,9 +10,9 @@ AdamW step:
     full fine-tune   the same HF model (a trainable copy) forward + loss + backward + AdamW over all
                      of its weights, the usual alternative to LongMem's memory-augmented adaptation
 
-The LongMem step is split with timers on the real call (forward hooks on the backbone, wrappers on
-the memory's ``search`` and ``add``): backbone fwd / retrieval / write / SideNet fwd (the rest of the
-forward) / loss / backward (SideNet only) / optimizer. ``--profile`` also prints torch.profiler's
+The LongMem step is split with timers on the real call (forward hooks on the model and the backbone,
+wrappers on the memory's ``search`` and ``add`` and the optimizer's ``step``): backbone fwd / retrieval /
+write / SideNet fwd (the rest of the forward) / loss + backward + clipping (the rest of the step) / optimizer. ``--profile`` also prints torch.profiler's
 top operators for one step.
 
     python benchmarks/adaptation_step.py           # full: default-model shape, 8 x 256, 65K memory per row
@@ -49,7 +50,8 @@ def main(argv=None) -> dict:
     args = common.parse(build_parser(), argv)
     device = common.setup(args)
     started = time.perf_counter()
-    from longmem.model import next_token_loss
+    from longmem.training.step import MicroBatch, train_step
+    from longmem.training.train import TrainConfig, make_optimization
 
     B = args.batch or (2 if args.quick else 8)
     T = args.tokens or (64 if args.quick else 256)
@@ -59,41 +61,35 @@ def main(argv=None) -> dict:
     amp = common.autocast_dtype(args.precision, device)
     # the full fine-tuning reference: a trainable copy of the same HF model, in its own (HF) forward
     full = copy.deepcopy(model.backbone.model).to(device).train().requires_grad_(True)
+    full.config.use_cache = False
     model.train()
     memory = model.new_memory(B, backend="auto")
     common.fill_memory(memory, M, seed=args.seed)
     assert all(memory.num_tokens(b) == M for b in range(B)), "memory should be full before timing"
     g = torch.Generator().manual_seed(args.seed)
-    ids = torch.randint(0, shape["vocab"], (B, T), generator=g).to(device)
+    seq = torch.randint(0, shape["vocab"], (B, T + 1), generator=g)
+    batch = MicroBatch(seq[:, :-1], seq[:, 1:])  # inputs and the token after each
 
-    opt_side = torch.optim.AdamW(model.trainable_parameters(), lr=1e-5)
-    opt_full = torch.optim.AdamW(full.parameters(), lr=1e-5)
-    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
+    # the optimizer, clipping and scaler of `longmem train` (its defaults), lr as in the earlier versions
+    settings = TrainConfig(data=["(benchmark)"], precision=args.precision, lr=1e-5, max_steps=10**9)
+    optim_side = make_optimization(settings, model.trainable_parameters(), amp)
+    optim_full = make_optimization(settings, list(full.parameters()), amp)
 
     sw = common.Stopwatch(device)
+    common.time_module(model, sw, "forward")
     common.time_module(model.backbone, sw, "backbone fwd")
     common.timed_method(memory, "search", sw, "retrieval")
     common.timed_method(memory, "add", sw, "write")
+    span = {}  # the optimizer's step, timed by its own hooks (the scheduler is wrapped around step already)
+    optim_side.optimizer.register_step_pre_hook(lambda *_: span.update(t=sw("optimizer")) or span["t"].__enter__())
+    optim_side.optimizer.register_step_post_hook(lambda *_: span.pop("t").__exit__(None, None, None))
 
-    def longmem_step():
-        with sw("forward"):
-            with autocast():
-                logits = model(ids, memory=memory).logits
-        with sw("loss"):
-            loss = next_token_loss(logits, ids)
-        with sw("backward"):
-            loss.backward()
-        with sw("optimizer"):
-            opt_side.step()
-            opt_side.zero_grad(set_to_none=True)
+    def longmem_step():  # exactly the step `longmem train` runs
+        with sw("step"):
+            train_step(model, [batch], optim_side, memory=memory)
 
     def full_step():
-        with autocast():
-            logits = full(ids, use_cache=False).logits
-        loss = next_token_loss(logits, ids)
-        loss.backward()
-        opt_full.step()
-        opt_full.zero_grad(set_to_none=True)
+        train_step(full, [batch], optim_full)
 
     # interleave the two so that drift in machine load hits both alike
     for _ in range(args.warmup):
@@ -120,11 +116,11 @@ def main(argv=None) -> dict:
         print(f"warning: no time recorded for {sorted(missing)}; LongMem.forward no longer calls them as hooked here, "
               f"so their time is counted in 'sidenet fwd'", file=sys.stderr)
     split = {k: sorted(s.get(k, 0.0) for s in splits)[len(splits) // 2]
-             for k in ("forward", "backbone fwd", "retrieval", "write", "loss", "backward", "optimizer")}
+             for k in ("step", "forward", "backbone fwd", "retrieval", "write", "optimizer")}
     sidenet_fwd = split["forward"] - split["backbone fwd"] - split["retrieval"] - split["write"]
+    backward = split["step"] - split["forward"] - split["optimizer"]  # loss, backward, unscale, clipping
     parts = [("backbone fwd", split["backbone fwd"]), ("retrieval", split["retrieval"]), ("write", split["write"]),
-             ("sidenet fwd", sidenet_fwd), ("loss", split["loss"]), ("sidenet bwd", split["backward"]),
-             ("optimizer", split["optimizer"])]
+             ("sidenet fwd", sidenet_fwd), ("loss + sidenet bwd + clip", backward), ("optimizer", split["optimizer"])]
     total = sum(v for _, v in parts)
     split_rows = [{"part": name, "median_ms": v * 1e3, "share": v / total} for name, v in parts]
     print(common.table(split_rows, ["part", "median_ms", "share"], title="\nlongmem step, split (medians per part)"))

@@ -103,7 +103,8 @@ def phase(fn, device) -> dict:
 def child(args) -> dict:
     device = common.setup(args)
     from longmem.memory import MemoryBank
-    from longmem.model import next_token_loss
+    from longmem.training.step import MicroBatch, train_step
+    from longmem.training.train import TrainConfig, make_optimization
 
     if args.child == "fill":
         M = max(args.sizes or (QUICK_SIZES if args.quick else [65536]))
@@ -116,29 +117,25 @@ def child(args) -> dict:
     M = args.memory_size or (4096 if args.quick else 65536)
     model, shape = common.make_model(args, device, memory_size=M, segment_length=T)
     amp = common.autocast_dtype(args.precision, device)
-    ids = torch.randint(0, shape["vocab"], (B, T), generator=torch.Generator().manual_seed(args.seed)).to(device)
-    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
-    extra = {}
+    seq = torch.randint(0, shape["vocab"], (B, T + 1), generator=torch.Generator().manual_seed(args.seed))
+    batch = MicroBatch(seq[:, :-1], seq[:, 1:])
+    extra, memory = {}, None
     if args.child == "longmem":
         model.train()
         memory = model.new_memory(B)
         common.fill_memory(memory, M, seed=args.seed)
         extra["memory_nbytes"] = memory.nbytes()
-        params = model.trainable_parameters()
-        net = lambda: model(ids, memory=memory).logits  # noqa: E731
+        net, params = model, model.trainable_parameters()
     else:
-        full = copy.deepcopy(model.backbone.model).train().requires_grad_(True)
+        net = copy.deepcopy(model.backbone.model).train().requires_grad_(True)
+        net.config.use_cache = False
         del model
-        params = list(full.parameters())
-        net = lambda: full(ids, use_cache=False).logits  # noqa: E731
-    opt = torch.optim.AdamW(params, lr=1e-5)
+        params = list(net.parameters())
+    # the step and optimizer of `longmem train` (its defaults; lr as before)
+    optim = make_optimization(TrainConfig(data=["(benchmark)"], precision=args.precision, lr=1e-5, max_steps=10**9), params, amp)
 
     def step():
-        with autocast():
-            logits = net()
-        next_token_loss(logits, ids).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(net, [batch], optim, memory=memory)
 
     first = phase(step, device)  # the first step also allocates AdamW's state
     second = phase(step, device)

@@ -42,6 +42,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from longmem.attention import causal_attention
 from longmem.errors import LongMemError
@@ -279,6 +280,12 @@ class _Layout:
     rotary: bool = False
 
 
+def linear_layer_names(module: nn.Module) -> list[str]:
+    """Names of the linear projections inside ``module``: ``nn.Linear``, and GPT-2's ``Conv1D`` (a linear
+    layer that stores its weight as (in, out))."""
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
+
 class Backbone(nn.Module):
     """An HF causal LM run through transformers' own layers with LongMem's attention. Frozen (the LongMem
     case): eval mode and no grads, always. ``frozen=False`` serves the baselines that train the backbone
@@ -448,7 +455,7 @@ class Backbone(nn.Module):
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
         """LM head over a final norm (the backbone's, or the SideNet's own trainable copy), with the
         family's logit scaling (Gemma's soft-cap, Granite's and Cohere's scales)."""
-        z = self.lm_head((norm or self.norm)(h))
+        z = self.lm_head((norm or self.norm)(h).to(self.lm_head.weight.dtype))  # a SideNet may run in another dtype
         cfg = self.text_config
         if getattr(cfg, _LOGIT_DIVIDE, None):
             z = z / getattr(cfg, _LOGIT_DIVIDE)

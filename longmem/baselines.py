@@ -7,8 +7,10 @@
 - ``finetune``: the backbone fine-tuned on the same data without memory, the control for "is the gain
   just more training?".
 
-Both keep LongMem's streaming interface (``forward(ids, memory=...)``, ``new_memory``, ``backbone_logits``)
-so the training loop and the evaluations take them unchanged.
+Both keep LongMem's streaming interface (``forward(ids, memory=...)``, ``new_memory``, ``write_memory``,
+``backbone_logits``) so the training loop and the evaluations take them unchanged. ``write_memory`` is
+LongMem's (the backbone up to block m): block m's keys and values are computed before its attention
+reads the memory, so they are the ones the model's own forward writes.
 """
 
 from __future__ import annotations
@@ -78,18 +80,6 @@ class _TrainedBackbone(MemoryLM):
         if self.uses_memory and memory is not None and update_memory:
             memory.add(out.keys.detach(), out.values.detach())  # written by the weights of this step
         return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))
-
-    @torch.no_grad()
-    def write_memory(self, input_ids: torch.Tensor, memory: MemoryBank, rows=None) -> None:
-        """Write tokens into this model's own memory, one local window at a time: a coupled memory is
-        written by the model's forward, reading then writing as when it streams a document.
-        (R, n) ids with R = 1 go to every row; ``rows`` must be all rows (the forward reads every row)."""
-        if rows is not None and list(rows) != list(range(memory.batch_size)):
-            raise LongMemError(f"the {self.method} baseline writes its memory through its forward: write all rows at once")
-        B, T = memory.batch_size, self.segment_length
-        for start in range(0, input_ids.shape[1], T):
-            seg = input_ids[:, start:start + T].to(self.device)
-            self(seg.expand(B, -1), memory=memory)
 
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError:
         raise LongMemError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LongMemError(f"--device {name} asked for, but no CUDA GPU is available; use --device cpu")
+        raise LongMemError(f"--device {name}: no CUDA GPU is available (torch sees no GPU here); use --device cpu or auto")
     if device.type not in ("cpu", "cuda"):
         raise LongMemError(f"unsupported device {name!r}; use cpu or cuda")
     return device

@@ -185,15 +185,18 @@ class LongMem(MemoryLM):
     # -- construction ------------------------------------------------------------------------------
 
     @classmethod
-    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, dtype=None, **overrides) -> "LongMem":
+    def from_backbone(cls, model_or_path, config: LongMemConfig | None = None, *, dtype=None, **overrides) -> "LongMem":
         """Wrap an HF causal LM (instance, local folder or hub id); the SideNet is initialised from it.
 
-        ``dtype`` (torch.bfloat16 or "bf16", ...): load the backbone in that type (an instance is converted in
-        place); the SideNet copies it. bf16 halves the memory of a real backbone; for training prefer fp32
-        weights with bf16 autocast (``longmem train --precision bf16``), which keeps the optimizer in fp32.
+        ``dtype`` (torch.bfloat16 or "bf16", ...): load the frozen backbone in that type (an instance is converted
+        in place), e.g. bf16 to halve a real backbone's memory; the SideNet stays float32 (it trains, and runs,
+        under autocast). ``from_pretrained(..., dtype=)`` converts the whole model for inference.
         """
         config = (config or LongMemConfig()).replace(**overrides) if overrides else (config or LongMemConfig())
-        return cls(Backbone(load_causal_lm(model_or_path, dtype)), config)
+        model = cls(Backbone(load_causal_lm(model_or_path, dtype)), config)
+        if dtype is not None:
+            model.sidenet.float()
+        return model
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -256,11 +259,12 @@ class LongMem(MemoryLM):
 
     # -- persistence -------------------------------------------------------------------------------
 
-    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None) -> None:
+    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None, state: dict | None = None) -> None:
         """Save the SideNet (the only trained part) and the config; the backbone by reference.
 
         ``save_backbone=True`` also writes the backbone (and ``tokenizer``) into ``path/backbone`` so
-        the folder is self-contained and relocatable.
+        the folder is self-contained and relocatable. ``state``: the SideNet weights to write instead of
+        ``sidenet.state_dict()`` (distributed training passes them gathered from the shards, LoRA merged).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -280,7 +284,7 @@ class LongMem(MemoryLM):
             "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint(),
                          "dtype": str(self.backbone.dtype).removeprefix("torch.")},  # the type the fingerprint was taken in
         }
-        state = {k: v.detach().contiguous().cpu() for k, v in self.sidenet.state_dict().items()}
+        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.sidenet.state_dict()).items()}
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
         write_checkpoint_meta(path, meta)
@@ -312,6 +316,8 @@ class LongMem(MemoryLM):
         if config_overrides:
             config = config.replace(**config_overrides)
         model = cls(bb, config)
+        if stored != "float32":
+            model.sidenet.float()  # as trained: float32 under autocast, over a lower-precision backbone
         if meta.get("weights_sha256") and (path / WEIGHTS_FILE).is_file() and file_sha256(path / WEIGHTS_FILE) != meta["weights_sha256"]:
             raise LongMemError(f"{path / WEIGHTS_FILE} is damaged (checksum mismatch); retrain or restore the checkpoint")
         try:
@@ -340,9 +346,16 @@ def resolve_config(config: LongMemConfig, L: int, context: int | None = None) ->
     return config
 
 
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, HF convention: position t predicts labels[t + 1]; IGNORE (-100) is skipped.
-    The one loss of the library: LongMem, the baselines, pretraining and training all use it."""
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device), ignore_index=IGNORE
-    )
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, *, shifted: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy; IGNORE (-100) is skipped. The one loss of the library: LongMem, the
+    baselines, training and pretraining all use it.
+
+    Args:
+        logits: (B, T, V).
+        labels: (B, T). HF convention: position t predicts labels[t + 1] (the last position is unscored).
+        shifted: labels[t] is already the token after position t (document streams and pretraining windows
+            carry the token after the segment, so every position is scored).
+    """
+    if not shifted:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1).to(logits.device), ignore_index=IGNORE)

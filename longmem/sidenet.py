@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from longmem.attention import causal_attention, joint_attention
 from longmem.backbone import Backbone, LayerInputs
@@ -32,6 +33,8 @@ class SideNet(nn.Module):
         self.norm = backbone.copy_norm()
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
         self.requires_grad_(True)
+        # recompute block activations in the backward pass instead of keeping them (training only)
+        self.grad_checkpointing = False
         self._residual_from = [(2 * i, 2 * i + 2) for i in range(self.num_layers)]
         self._residual_from[-1] = (2 * (self.num_layers - 1), L)
 
@@ -62,10 +65,15 @@ class SideNet(nn.Module):
 
             return core
 
-        x = hidden[0]
+        dtype = self.gate.dtype  # the SideNet's own (fp32 over a bf16 backbone, say); a no-op when they agree
+        x = hidden[0].to(dtype)
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
             use_memory = i == self.memory_index and retrieve is not None
-            x = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
-            x = x + (hidden[hi] - hidden[lo])  # eq (2)
+            # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
+            if self.grad_checkpointing and torch.is_grad_enabled() and not use_memory:
+                y = checkpoint(backbone.block_forward, block, x, layer_inputs[2 * i + 1], core_for(i), use_reentrant=False)
+            else:
+                y = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
+            x = y + (hidden[hi] - hidden[lo]).to(dtype)  # eq (2)
         return backbone.logits(x, norm=self.norm)

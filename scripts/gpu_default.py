@@ -49,7 +49,8 @@ from longmem.data.pycode import write_package_code
 from longmem.data.recall import write_dense_corpus, write_recall_corpus
 from longmem.eval.induction import copy_in_context
 from longmem.loading import DEFAULT_MODEL, load_tokenizer, resolve_device
-from longmem.training.pretrain import PretrainConfig, build_model, export_backbone, lm_loss, pretrain
+from longmem.training.pretrain import PretrainConfig, build_model, export_backbone, pretrain
+from longmem.training.step import MicroBatch, Optimization, adamw, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 T_START = time.time()
@@ -162,16 +163,14 @@ def pretrain_rate(cfg: PretrainConfig, tokenizer, steps: int) -> float:
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
+                fused=device.type == "cuda")
+    optim = Optimization(opt, None, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
+                         cfg.grad_clip, torch.bfloat16 if cfg.precision == "bf16" else None)
     x = torch.randint(len(tokenizer), (cfg.batch_size, cfg.seq_len + 1), device=device)
 
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = lm_loss(model, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    def step():  # the step `longmem pretrain` runs
+        return train_step(model, [MicroBatch(x[:, :-1], x[:, 1:])], optim).loss
 
     for _ in range(3):
         step()

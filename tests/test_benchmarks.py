@@ -29,6 +29,7 @@ SCHEMA = {
     "footprint": (("memory_size", "stored_tokens", "nbytes", "bytes_per_token", "raw_bytes_per_token", "ratio"),
                   ("fill", "steps")),
     "stream_rss": (("file_mb", "read_mb", "seconds", "mb_per_s", "memory_bank_mib", "peak_rss_mib"), ("samples",)),
+    "scale": (("gpus", "backbone_params", "sidenet_params", "trained_params", "total_gb", "total_ckpt_gb"), ("agreement",)),
 }
 
 
@@ -139,3 +140,14 @@ def test_run_all_summary_and_markdown(tmp_path):
     run_all.update_markdown(md, summary)
     text = md.read_text()
     assert "old" not in text and "| x | quick | t |" in text and text.startswith("# title") and "kept" in text
+
+
+def test_scale_plan_matches_measured_allocations_and_sharding_divides(tmp_path, restore_torch_state):
+    """The plan's per-GPU arithmetic agrees with what a small real model allocates, and more FSDP processes
+    never need more memory per GPU than fewer (DDP the most)."""
+    data = run_quick("scale", tmp_path)
+    assert all(t["met"] for t in data["targets"]), data["targets"]
+    for model in {r["model"] for r in data["results"]}:
+        total = {r["strategy"]: r["total_gb"] for r in data["results"] if r["model"] == model}
+        assert total["ddp"] > total["fsdp-2"] > total["fsdp-4"] > total["fsdp-8"] > total["fsdp-8 +shard-backbone"]
+        assert total["ddp +lora16"] < total["ddp"]

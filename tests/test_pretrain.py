@@ -14,6 +14,7 @@ from longmem.cli import main  # noqa: E402
 from longmem.data.corpora import train_tokenizer  # noqa: E402
 from longmem.errors import LongMemError  # noqa: E402
 from longmem.loading import load_tokenizer  # noqa: E402
+from longmem.training.step import lr_factor  # noqa: E402
 
 TINY = ["--layers", "2", "--hidden", "32", "--heads", "4", "--kv-heads", "2",
         "--intermediate", "64", "--seq-len", "32", "--batch-size", "4", "--warmup", "2",
@@ -158,7 +159,7 @@ def test_evaluate_matches_hf_loss_and_perplexity_cli(corpus, tmp_path, capsys):
 
 
 def test_lr_schedule_warms_up_then_decays_to_floor():
-    f = [P.lr_factor(s, warmup=10, max_steps=100, min_ratio=0.1) for s in range(120)]
+    f = [lr_factor(s, warmup=10, total=100, decay="cosine", final=0.1) for s in range(120)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
     assert f[100] == pytest.approx(0.1) and f[119] == pytest.approx(0.1)

@@ -108,16 +108,16 @@ def test_bad_training_inputs_are_one_line_errors(tiny_assets, tmp_path, capsys):
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets, tmp_path, monkeypatch, capsys):
-    import longmem.training.train as tr
+    import longmem.training.step as st
 
-    real, calls = tr.next_token_loss, {"n": 0}
+    real, calls = st.next_token_loss, {"n": 0}
 
-    def poisoned(logits, targets):
+    def poisoned(logits, targets, **kw):
         calls["n"] += 1
-        loss = real(logits, targets)
+        loss = real(logits, targets, **kw)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(tr, "next_token_loss", poisoned)
+    monkeypatch.setattr(st, "next_token_loss", poisoned)
     out = tmp_path / "nan"
     assert main(train_args(tiny_assets, out, "--max-steps", "6", "--eval-every", "0", "--save-every", "1")) == 2
     err = capsys.readouterr().err

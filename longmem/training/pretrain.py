@@ -28,14 +28,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from longmem.data.corpora import EOT
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
+from longmem.io import atomic_write
+from longmem.loading import load_tokenizer, resolve_device
+from longmem.model import next_token_loss
+from longmem.training.step import MicroBatch, Optimization, adamw, schedule, train_step
 
 # fields that define the network: a checkpoint resumes only into the same ones
 _SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "seq_len",
@@ -115,20 +117,6 @@ class PretrainConfig:
 # --------------------------------------------------------------------------- data
 
 
-def load_tokenizer(path: str):
-    if not Path(path).is_dir():
-        raise LongMemError(f"tokenizer folder {path} does not exist; train one with "
-                           "`longmem tokenizer --data ... --out DIR`")
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise LongMemError(f"could not load a tokenizer from {path} ({type(e).__name__}); it "
-                           "must be a folder written by save_pretrained") from None
-    if tok.eos_token_id is None:
-        raise LongMemError(f"tokenizer {path} has no eos token; it needs {EOT}")
-    return tok
-
-
 def token_stream(path: str, tokenizer, batch: int = 256) -> np.ndarray:
     """All documents at ``path`` as one int32 token array, each followed by the eos token.
 
@@ -183,15 +171,6 @@ def build_model(cfg: PretrainConfig, tokenizer):
     return LlamaForCausalLM(config)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the first GPU when torch sees one, else the CPU; a named GPU that is not there is refused."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LongMemError(f"--device {name}: torch sees no GPU here; use --device cpu (or auto)")
-    return torch.device(name)
-
-
 def load_init(model, folder: str) -> None:
     """Continue pretraining from the weights of a model folder (``export-backbone`` output) of the same shape."""
     path = Path(folder) / "model.safetensors"
@@ -211,8 +190,7 @@ def load_init(model, folder: str) -> None:
 def lm_loss(model, windows: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of (B, T + 1) windows."""
     x, y = windows[:, :-1], windows[:, 1:]  # (B, T) each
-    logits = model(input_ids=x).logits  # (B, T, V)
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+    return next_token_loss(model(input_ids=x).logits, y, shifted=True)  # logits (B, T, V)
 
 
 @torch.no_grad()
@@ -242,14 +220,6 @@ def evaluate(model, stream: torch.Tensor, seq_len: int, max_tokens: int | None,
     return total / n, n * seq_len
 
 
-def lr_factor(step: int, warmup: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine to ``min_ratio`` at ``max_steps``."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 # --------------------------------------------------------------------------- saving
 
 
@@ -266,9 +236,7 @@ def save_model(model, tokenizer, out: Path) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
@@ -332,14 +300,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.init_from and not (cfg.resume and ckpt_path.exists()):
         load_init(model, cfg.init_from)
     model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=model.device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, cfg.warmup, cfg.max_steps, cfg.min_lr_ratio))
+    opt = adamw(model.parameters(), cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
+                fused=device.type == "cuda")
+    sched = schedule(opt, warmup=cfg.warmup, total=cfg.max_steps, decay="cosine", final=cfg.min_lr_ratio)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    optim = Optimization(opt, sched, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
+                         cfg.grad_clip, amp)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, tokens_seen, train_seconds = 0, 0, 0.0
 
@@ -396,18 +362,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             stop_reason = "max_minutes"
             break
         t0 = time.monotonic()
-        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen, cfg.weights).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-            loss = lm_loss(model, windows)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
+        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen, cfg.weights)
+        stats = train_step(model, [MicroBatch(windows[:, :-1], windows[:, 1:])], optim)
+        if not stats.finite:
+            raise LongMemError(f"loss became {stats.loss} at step {step}; the last checkpoint is kept in {out}/checkpoint. "
+                               "Lower --lr or use --precision fp32")
         step += 1
         n_tok = cfg.batch_size * cfg.seq_len
         tokens_seen += n_tok
-        window_loss += loss.item()  # waits for the step (a GPU runs ahead otherwise)
+        window_loss += stats.loss
         train_seconds += time.monotonic() - t0
         window_tokens += n_tok
         bar.update(1)
@@ -415,7 +378,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
             k = window_tokens // n_tok  # steps since the last record
             tps = window_tokens / max(1e-9, time.monotonic() - window_t0)
             rec = {"step": step, "loss": round(window_loss / k, 4),
-                   "lr": sched.get_last_lr()[0], "grad_norm": round(float(grad_norm), 3),
+                   "lr": sched.get_last_lr()[0], "grad_norm": round(stats.grad_norm, 3),
                    "tokens": tokens_seen, "tok_per_s": round(tps, 1),
                    "seconds": round(train_seconds, 1)}
             bar.set_postfix(loss=rec["loss"], tok_s=int(tps), lr=f"{rec['lr']:.2e}")

@@ -1,17 +1,18 @@
-"""Memory-augmented adaptation (paper s3.4): train the SideNet, never the backbone.
+"""Memory-augmented adaptation (paper s3.4 / LONGMEM.md s5): train the SideNet, never the backbone.
 
-The loop is written out in ``train`` (no framework). Each batch row streams one document; the row's
-memory is reset when its document changes. Under ``torchrun`` every rank owns its rows and memories
-and DistributedDataParallel averages the SideNet's gradients (gloo on CPU, nccl on GPU).
+The loop is written out in ``train`` (no framework); one optimizer step is ``training.step.train_step``.
+Each batch row streams one document; the row's memory is reset when its document changes. Under
+``torchrun`` every rank owns its rows and memories; DistributedDataParallel averages the SideNet's
+gradients, or FSDP2 shards it (``--strategy fsdp``, see ``training.scale``; gloo on CPU, nccl on GPU).
 
-Resuming is exact: the checkpoint holds the SideNet, optimizer, schedule, RNG and stream positions.
+Resuming is exact: the checkpoint holds the SideNet, optimizer (by parameter name, so either strategy
+resumes it), schedule, RNG and stream positions of every process.
 Memories are not saved: because the backbone is frozen, a row's memory is a pure function of the
 segments it has read, so it is rebuilt by replaying them through the backbone.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -21,22 +22,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
-from longmem.backbone import parse_dtype
+from longmem.backbone import load_causal_lm
 from longmem.baselines import BASELINES
 from longmem.config import LongMemConfig
-from longmem.data.streams import IGNORE, DocumentStreams, encode_documents, num_segments
+from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
 from longmem.eval.staleness import staleness
 from longmem.io import file_sha256
-from longmem.loading import load_tokenizer
+from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
 from longmem.model import LongMem
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "longmem-tiny"
+from longmem.training.scale import (OPTIMIZER_FORMAT, STRATEGIES, add_lora, full_state, full_tensor, init_distributed,
+                                    load_optimizer_state, lora_layers, merge_lora, optimizer_state, shard)
+from longmem.training.step import Optimization, adamw, schedule, train_step
 
 
 @dataclass
@@ -62,7 +62,6 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast; weights stay fp32)
-    dtype: str = "fp32"  # the weights' type (backbone and SideNet): bf16 halves a real backbone's memory
     eval_every: int = 100
     eval_docs: int = 4  # validation documents per evaluation
     eval_segments: int = 8  # segments read per validation document (the first ones)
@@ -76,14 +75,18 @@ class TrainConfig:
     retrieval_query: str | None = None  # what searches the memory: query (the paper; default) or key (see LongMemConfig)
     retrieval_next: bool | None = None  # also attend to the chunk after each retrieved one (see LongMemConfig)
     init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
+    strategy: str = "ddp"  # ddp (replicate) | fsdp (FSDP2: shard the SideNet's parameters, gradients, optimizer state)
+    shard_backbone: bool = False  # fsdp: shard the frozen backbone too (default: replicated)
+    grad_checkpointing: bool = False  # recompute SideNet block activations in the backward pass
+    lora_rank: int | None = None  # LoRA adapters of this rank on the SideNet blocks' linear layers (None: train them fully)
+    lora_alpha: float | None = None  # LoRA scale numerator (default 2 * rank: scaling 2)
+    dtype: str = "fp32"  # the frozen backbone's weights: fp32 | bf16 (the SideNet stays fp32 under autocast)
 
     def __post_init__(self):
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise LongMemError(f"max_steps, batch_size and grad_accum must be positive (got {self.max_steps}, {self.batch_size}, {self.grad_accum})")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if self.dtype not in ("bf16", "fp16", "fp32"):
-            raise LongMemError(f"dtype must be bf16, fp16 or fp32, got {self.dtype!r}")
         if not self.data:
             raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
         if self.init_from is not None and self.method != "longmem":
@@ -94,38 +97,27 @@ class TrainConfig:
             raise LongMemError(f"--retrieval-query {self.retrieval_query} is a LongMem SideNet option; --method {self.method} searches with its query")
         if self.method not in ("longmem", "memtrm", "finetune"):
             raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
+        if self.strategy not in STRATEGIES:
+            raise LongMemError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise LongMemError(f"--lora-rank must be a positive rank, got {self.lora_rank}; leave it out to train the whole SideNet")
+        if self.dtype not in ("fp32", "bf16"):
+            raise LongMemError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+        scale_flags = [flag for flag, on in (("--strategy fsdp", self.strategy == "fsdp"), ("--lora-rank", self.lora_rank),
+                                             ("--grad-checkpointing", self.grad_checkpointing), ("--dtype bf16", self.dtype == "bf16"))
+                       if on]
+        if scale_flags and self.method != "longmem":
+            raise LongMemError(f"{scale_flags[0]} scales the LongMem SideNet; --method {self.method} trains the backbone (use --strategy ddp, no LoRA)")
+        if self.dtype == "bf16" and self.precision == "fp32":
+            raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto)")
+        if self.shard_backbone and self.strategy != "fsdp":
+            raise LongMemError("--shard-backbone shards with FSDP: add --strategy fsdp")
+        if self.shard_backbone and self.staleness_every:
+            raise LongMemError("--staleness-every reads the backbone on one process, which --shard-backbone does not allow; drop one of them")
         self.betas = tuple(self.betas)
 
 
-def resolve_tokenizer(ref: str):
-    """A tokenizer from a local folder or a hub id (the backbone's, usually)."""
-    if Path(ref).is_dir():
-        return load_tokenizer(ref)
-    try:
-        return AutoTokenizer.from_pretrained(ref)
-    except (OSError, ValueError) as e:
-        raise LongMemError(
-            f"cannot load backbone or tokenizer {ref!r}: not a local folder, and the hub is unreachable or has no "
-            f"such model ({type(e).__name__}); pass a folder saved with save_pretrained"
-        ) from None
-
-
 # -- distributed -----------------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -148,25 +140,18 @@ def _cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warmup, then linear decay to 0 at ``total`` (the paper's schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return max(0.0, (total - step) / max(1, total - warmup))
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-
-
 # -- checkpoints -----------------------------------------------------------------------------------
 
 
-def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None) -> None:
-    """Write OUT/checkpoint atomically: a new folder is completed, then swapped in."""
+def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None, weights: dict | None = None) -> None:
+    """Write OUT/checkpoint atomically: a new folder is completed, then swapped in. ``weights``: the SideNet's
+    (gathered, merged) instead of its own state_dict."""
     final, tmp, old = out / "checkpoint", out / "checkpoint.tmp", out / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
+    if weights is None:
+        model.save_pretrained(tmp, tokenizer=tokenizer)
+    else:
+        model.save_pretrained(tmp, tokenizer=tokenizer, state=weights)
     torch.save(trainer_state, tmp / "trainer.pt")
     with open(tmp / "COMPLETE", "w") as f:  # written last: its presence marks a whole checkpoint
         f.write(json.dumps({"format": "longmem-train-checkpoint", "version": 1,
@@ -203,209 +188,332 @@ def find_checkpoint(out: Path) -> Path | None:
 # -- the loop --------------------------------------------------------------------------------------
 
 
+@dataclass
+class Run:
+    """The state of one training process: what it trains, on what, and how far it got."""
+
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    tokenizer: object
+    model: torch.nn.Module  # LongMem or a baseline (sharded in place under FSDP)
+    streams: DocumentStreams
+    memory: object  # MemoryBank, one row per stream of this process
+    amp: torch.dtype | None  # autocast dtype
+    val_docs: list
+    net: torch.nn.Module | None = None  # what the step calls: the model or its DDP wrapper (see ``distribute``)
+    optim: Optimization | None = None
+    step: int = 0
+    tokens: int = 0
+    elapsed_before: float = 0.0  # seconds spent by the runs this one resumes
+    t0: float = field(default_factory=time.time)
+
+    def log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Run memory-augmented adaptation; returns the final metrics. Writes OUT/{longmem.json,
     sidenet.safetensors, metrics.jsonl, loss.png, checkpoint/}."""
+    run, state = set_up(cfg, resume)
+    if state is not None:
+        resume_streams(run, state)
+    distribute(run)
+    if state is not None:
+        resume_optimizer(run, state)
+    start_outputs(run, fresh=state is None)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not (cfg.progress and run.rank == 0))
+    stop_reason, last, window_t = "max_steps", {}, time.time()
+    while run.step < cfg.max_steps:
+        stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.grad_accum)], run.optim, memory=run.memory)
+        if not stats.finite:
+            raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last good checkpoint is kept in "
+                               f"{run.out}/checkpoint. Lower --lr or use --precision fp32")
+        run.step += 1
+        run.tokens += stats.tokens * run.world
+        now = time.time()
+        last = {"step": run.step, "loss": stats.loss, "lr": run.optim.scheduler.get_last_lr()[0], "grad_norm": stats.grad_norm,
+                "tokens": run.tokens, "tok_per_s": round(stats.tokens * run.world / max(1e-9, now - window_t), 1),
+                "elapsed_s": round(run.elapsed_before + now - run.t0, 1), "gate": gate_values(run.model)}
+        window_t = now
+        run.log(last)
+        bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{last['tok_per_s']:.0f}")
+        bar.update(1)
+        if cfg.staleness_every and run.step % cfg.staleness_every == 0 and cfg.method != "finetune":
+            measure_staleness(run)
+        if cfg.eval_every and run.step % cfg.eval_every == 0:
+            last.update(validate(run))
+        out_of_time = over_time_limit(run)
+        if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or out_of_time:
+            checkpoint(run)
+        if out_of_time:
+            stop_reason = "max_minutes"
+            break
+    bar.close()
+    return finish(run, last, stop_reason)
+
+
+# -- set-up ----------------------------------------------------------------------------------------
+
+
+def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, dict | None]:
+    """Process group, data, model (by method, or from the checkpoint) and memory; the checkpoint's trainer
+    state when resuming (else None). Not yet distributed (see ``distribute``)."""
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
+    if cfg.strategy == "fsdp" and world < 2:
+        raise LongMemError("--strategy fsdp shards across processes but this is one; launch with torchrun "
+                           "--nproc_per_node N (N >= 2), or train in one process with the default --strategy ddp")
     out = Path(cfg.out)
     ckpt = find_checkpoint(out) if resume else None
     if resume and ckpt is None and rank == 0:
         print(f"no checkpoint in {out}; starting from scratch")
     if not resume and find_checkpoint(out) is not None:
         raise LongMemError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-
+    state = load_trainer_state(ckpt) if ckpt else None
+    if state is not None:
+        check_resumable(cfg, state, ckpt, world)
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
     docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
-    lm_cfg = LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
-                           retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
-                           retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
-    if cfg.method == "longmem" and ckpt:
-        model = LongMem.from_pretrained(ckpt, backbone=cfg.backbone, dtype=cfg.dtype)
-    elif cfg.method == "longmem" and cfg.init_from:
+    model = build_model(cfg, ckpt, state).to(device).train()
+    T = check_data(cfg, model, tokenizer, docs, world)
+    val_docs = encode_documents(cfg.val_data, tokenizer)[: cfg.eval_docs] if cfg.val_data else []
+    val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    streams = DocumentStreams(docs, cfg.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
+    amp = autocast_dtype(cfg.precision, device)
+    if cfg.dtype == "bf16" and amp is None:
+        raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto on bf16 hardware)")
+    memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
+    if hasattr(model, "sidenet"):
+        model.sidenet.grad_checkpointing = cfg.grad_checkpointing
+    return Run(cfg, rank, world, device, out, tokenizer, model, streams, memory, amp, val_docs), state
+
+
+def check_resumable(cfg: TrainConfig, state: dict, ckpt: Path, world: int) -> None:
+    """A checkpoint resumes under either strategy, with the number of processes that wrote it."""
+    n = len(state["streams"])
+    if n != world:
+        raise LongMemError(f"{ckpt} was written by {n} process(es), this run has {world}: each process owns its data streams "
+                           f"and memories, so resume with {n} (torchrun, nodes x processes per node = {n}); to go on with "
+                           f"{world}, start a new run from its weights with --init-from {ckpt}")
+    if state.get("lora") != lora_settings(cfg):
+        raise LongMemError(f"{ckpt} was trained with LoRA settings {state.get('lora')}, this run asks for {lora_settings(cfg)}; "
+                           "resume with the same --lora-rank/--lora-alpha")
+    if cfg.strategy == "fsdp" and state.get("optimizer_format") != OPTIMIZER_FORMAT:
+        raise LongMemError(f"{ckpt} was written by an older longmem whose optimizer state only DDP reads; resume it with --strategy ddp")
+
+
+def lora_settings(cfg: TrainConfig) -> dict | None:
+    if cfg.lora_rank is None:
+        return None
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank}
+
+
+def distribute(run: Run) -> None:
+    """Spread the model over the processes (DDP or FSDP) and build the optimizer over what trains."""
+    cfg, model = run.cfg, run.model
+    run.net = model
+    if cfg.strategy == "fsdp":
+        run.net = shard(model, run.device, shard_backbone=cfg.shard_backbone)
+    elif run.world > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    run.optim = make_optimization(cfg, model.trainable_parameters(), run.amp)
+
+
+def build_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None):
+    """The model of ``cfg.method``: from the checkpoint when resuming, else fresh (or ``--init-from``);
+    with LoRA adapters on the SideNet when asked (the same adapters on all processes)."""
+    if cfg.method != "longmem":
+        cls = BASELINES[cfg.method]
+        return cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, memory_config(cfg), cfg.train_layers)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+    backbone = load_causal_lm(cfg.backbone, dtype=dtype)
+    if ckpt:
+        model = LongMem.from_pretrained(ckpt, backbone=backbone)
+    elif cfg.init_from:
         overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
                      if getattr(cfg, k) is not None}
-        model = LongMem.from_pretrained(cfg.init_from, backbone=cfg.backbone, dtype=cfg.dtype, **overrides)
-    elif cfg.method == "longmem":
-        model = LongMem.from_backbone(cfg.backbone, lm_cfg, dtype=cfg.dtype)
+        model = LongMem.from_pretrained(cfg.init_from, backbone=backbone, **overrides)
     else:
-        cls = BASELINES[cfg.method]
-        model = cls.from_pretrained(ckpt).to(parse_dtype(cfg.dtype)) if ckpt else cls.from_backbone(cfg.backbone, lm_cfg, cfg.train_layers, cfg.dtype)
-    model.to(device).train()
+        model = LongMem.from_backbone(backbone, memory_config(cfg))
+    model.sidenet.float()  # trains in fp32 (autocast), whatever the backbone's dtype
+    lora = lora_settings(cfg)
+    if lora:
+        with torch.random.fork_rng():  # the same adapters on every process, the processes' RNG untouched
+            torch.manual_seed(cfg.seed)
+            add_lora(model.sidenet, lora["rank"], lora["alpha"])
+        if state is not None:  # the checkpoint's weights are merged; the adapters come from trainer.pt
+            model.sidenet.load_state_dict(state["lora_sidenet"])
+    return model
+
+
+def memory_config(cfg: TrainConfig) -> LongMemConfig:
+    return LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
+                         retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
+                         retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
+
+
+def check_data(cfg: TrainConfig, model, tokenizer, docs, world: int) -> int:
+    """The segment length T, once the data, tokenizer and rows fit the model."""
     T = model.segment_length
     bb = model.backbone
-    context = bb.max_positions  # sliding-window layers apply their own window inside attention
+    context = min([bb.max_positions] + ([bb.sliding_window] if bb.sliding_window else []))
     if T > context:
         raise LongMemError(f"--segment-length {T} is longer than the backbone's context ({context}); give at most {context}")
-    if len(tokenizer) > model.backbone.vocab_size:
-        raise LongMemError(f"tokenizer has {len(tokenizer)} tokens but the backbone only {model.backbone.vocab_size}; use the backbone's own tokenizer")
+    if len(tokenizer) > bb.vocab_size:
+        raise LongMemError(f"tokenizer has {len(tokenizer)} tokens but the backbone only {bb.vocab_size}; use the backbone's own tokenizer")
     if sum(len(d) for d in docs) <= T:
         raise LongMemError(f"the training data has {sum(len(d) for d in docs)} tokens, less than one segment ({T}); give more text or a smaller --segment-length")
     segments = sum(num_segments(len(d), T) for d in docs)
     if cfg.batch_size * world > segments:  # more rows would only repeat the same segments (and an enormous count hang)
         raise LongMemError(f"--batch-size {cfg.batch_size} x {world} process(es) is more rows than the training data has segments "
                            f"({segments} of {T} tokens); give a smaller --batch-size or more text")
-    val_docs = encode_documents(cfg.val_data, tokenizer)[: cfg.eval_docs] if cfg.val_data else []
-    val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    streams = DocumentStreams(docs, cfg.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
-    amp = autocast_dtype(cfg.precision, device)
-    memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
+    return T
 
-    params = model.trainable_parameters()
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # norms, biases, the gate
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    step, tokens_seen, elapsed_before = 0, 0, 0.0
 
-    if ckpt is not None:
-        state = load_trainer_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        step, tokens_seen, elapsed_before = state["step"], state["tokens"], state["elapsed"]
-        streams.load_state_dict(state["streams"][rank])
-        torch.set_rng_state(state["rng"][rank])
-        _rebuild_memory(model, streams, memory, device, amp)
-        if rank == 0:
-            print(f"resumed from {ckpt} at step {step}")
+def make_optimization(cfg: TrainConfig, params: list, amp: torch.dtype | None) -> Optimization:
+    """AdamW (no decay on 1-D parameters), linear warmup then linear decay to 0, clipping, a scaler for fp16."""
+    opt = adamw(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
+    sched = schedule(opt, warmup=cfg.warmup_steps, total=cfg.max_steps, decay="linear", final=0.0)
+    scaler = torch.amp.GradScaler(params[0].device.type, enabled=amp == torch.float16)
+    return Optimization(opt, sched, scaler, params, cfg.grad_clip, amp)
 
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    if ckpt is None and rank == 0:
-        metrics_path.write_text("")
-        (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2, default=str) + "\n")
+def start_outputs(run: Run, fresh: bool) -> None:
+    run.out.mkdir(parents=True, exist_ok=True)
+    if fresh and run.rank == 0:
+        (run.out / "metrics.jsonl").write_text("")
+        (run.out / "train_config.json").write_text(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n")
 
-    def log(record):
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
 
-    def checkpoint():
-        rngs = [None] * world
-        stream_states = [None] * world
-        mine = (torch.get_rng_state(), streams.state_dict())
-        if world > 1:
-            gathered = [None] * world
-            torch.distributed.all_gather_object(gathered, mine)
-            rngs, stream_states = [g[0] for g in gathered], [g[1] for g in gathered]
-        else:
-            rngs, stream_states = [mine[0]], [mine[1]]
-        if rank == 0:
-            save_checkpoint(out, model, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                         "scaler": scaler.state_dict(), "step": step, "tokens": tokens_seen,
-                                         "elapsed": elapsed_before + time.time() - t0, "streams": stream_states, "rng": rngs},
-                            tokenizer=tokenizer)
-            log({"step": step, "checkpoint": "saved"})  # written after the swap: a step reported here is never lost
-        if world > 1:
-            torch.distributed.barrier()
+# -- resume and checkpoints ------------------------------------------------------------------------
 
-    def validate():
-        if not val_docs or rank != 0:
-            return {}
-        kw = dict(segment_length=T, batch_size=min(len(val_docs), cfg.batch_size), autocast=amp)
-        res = {}
-        for mode in ("longmem", "no_memory"):
-            s = stream_nll(model, val_docs, mode, **kw).summary()
-            res[f"val_loss_{mode}"] = s["loss"]
-            res[f"val_loss_beyond_{mode}"] = math.log(s["ppl_beyond_window"]) if s["ppl_beyond_window"] else None
-        model.train()
-        return res
 
-    t0 = time.time()
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", unit="step", disable=not (cfg.progress and rank == 0))
-    last = {}
-    stop_reason = "max_steps"
-    window_tokens, window_t = 0, time.time()
-    while step < cfg.max_steps:
-        loss_sum = 0.0
-        for micro in range(cfg.grad_accum):
-            batch = streams.next_batch()
-            if batch.reset:
-                memory.reset(batch.reset)
-            ids, targets = batch.input_ids.to(device), batch.targets.to(device)
-            sync = micro == cfg.grad_accum - 1 or world == 1
-            ctx = ddp.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx:
-                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits = ddp(ids, memory=memory).logits
-                loss = next_token_loss(logits, targets)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            n = int((targets != IGNORE).sum()) * world
-            tokens_seen += n
-            window_tokens += n
-        if not math.isfinite(loss_sum):
-            stop_reason = "non-finite loss"
-            raise LongMemError(f"loss became {loss_sum} at step {step}; the last good checkpoint is kept in {out}/checkpoint. Lower --lr or use --precision fp32")
-        scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        step += 1
-        now = time.time()
-        tps = window_tokens / max(1e-9, now - window_t)
-        window_tokens, window_t = 0, now
-        last = {"step": step, "loss": loss_sum, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
-                "tokens": tokens_seen, "tok_per_s": round(tps, 1), "elapsed_s": round(elapsed_before + now - t0, 1),
-                "gate": [round(float(g), 4) for g in torch.sigmoid(_gate(model).detach())]}
-        log(last)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}")
-        bar.update(1)
-        if cfg.staleness_every and step % cfg.staleness_every == 0 and rank == 0 and cfg.method != "finetune":
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                log({"step": step, "staleness": staleness(model, memory, streams.replay_segments(0)[-32:])})
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            v = validate()
-            if v:
-                log({"step": step, **v})
-                last.update(v)
-        out_of_time = cfg.max_minutes is not None and (time.time() - t0) / 60 >= cfg.max_minutes
-        if world > 1:
-            flag = torch.tensor([float(out_of_time)])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            out_of_time = bool(flag.item())
-        if step % cfg.save_every == 0 or step == cfg.max_steps or out_of_time:
-            checkpoint()
-        if out_of_time:
-            stop_reason = "max_minutes"
-            break
-    bar.close()
-    if rank == 0:
-        final = validate()
-        if final:
-            log({"step": step, **final})
-            last.update(final)
-        model.save_pretrained(out, tokenizer=tokenizer)
-        plot_metrics(metrics_path, out / "loss.png")
-        last["stop_reason"] = stop_reason
-    if world > 1:
+def resume_streams(run: Run, state: dict) -> None:
+    """Counters, stream positions and RNG from the checkpoint; each row's memory rebuilt (before sharding)."""
+    run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed"]
+    run.streams.load_state_dict(state["streams"][run.rank])
+    torch.set_rng_state(state["rng"][run.rank])
+    rebuild_memory(run)
+
+
+def resume_optimizer(run: Run, state: dict) -> None:
+    """Optimizer (by parameter name: any strategy), schedule and scaler from the checkpoint."""
+    if state.get("optimizer_format") == OPTIMIZER_FORMAT:
+        load_optimizer_state(run.model, run.optim.optimizer, state["optimizer"])
+    else:  # written before the format was recorded: the optimizer's own (same parameters, same order)
+        run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.load_state_dict(state)
+    if run.rank == 0:
+        print(f"resumed from {run.out} at step {run.step}")
+
+
+def checkpoint(run: Run) -> None:
+    """Every process's RNG and stream positions, the model and optimizer, written by rank 0 atomically."""
+    mine = (torch.get_rng_state(), run.streams.state_dict())
+    gathered = [mine]
+    if run.world > 1:
+        gathered = [None] * run.world
+        torch.distributed.all_gather_object(gathered, mine)
+    weights, unmerged = model_weights(run)  # collectives under FSDP: every process
+    trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
+               **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
+               "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
+               "rng": [g[0] for g in gathered], "strategy": run.cfg.strategy, "lora": lora_settings(run.cfg)}
+    if unmerged is not None:
+        trainer["lora_sidenet"] = unmerged
+    if run.rank == 0:
+        save_checkpoint(run.out, run.model, trainer, tokenizer=run.tokenizer, weights=weights)
+        run.log({"step": run.step, "checkpoint": "saved"})  # written after the swap: a step reported here is never lost
+    if run.world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return last
 
 
-def _gate(model):
-    return model.sidenet.gate if hasattr(model, "sidenet") else model.gate
+def model_weights(run: Run) -> tuple[dict | None, dict | None]:
+    """(the SideNet weights to save, gathered and LoRA merged; the unmerged LoRA SideNet or None).
+    (None, None) for the baselines, which save themselves. Every process must call it."""
+    if not hasattr(run.model, "sidenet"):
+        return None, None
+    state = full_state(run.model.sidenet)
+    layers = lora_layers(run.model.sidenet)
+    return (merge_lora(state, layers), state) if layers else (state, None)
 
 
 @torch.no_grad()
-def _rebuild_memory(model, streams: DocumentStreams, memory, device, amp) -> None:
+def rebuild_memory(run: Run) -> None:
     """Refill each row's memory with the segments it already read of its current document."""
-    for b in range(streams.B):
-        for seg in streams.replay_segments(b):
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                kv = model.backbone(seg.to(device), model.memory_layer)
-            memory.add(kv.keys, kv.values, rows=[b])
+    amp = run.amp
+    for b in range(run.streams.B):
+        segments = run.streams.replay_segments(b)
+        if segments:
+            with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
+                run.model.write_memory(torch.cat(segments, dim=1), run.memory, rows=[b])
+
+
+# -- measurements ----------------------------------------------------------------------------------
+
+
+def validate(run: Run) -> dict:
+    """Validation loss with and without memory (rank 0; every process under FSDP, whose forward is collective),
+    logged; {} without validation data and on the other processes."""
+    if not run.val_docs or (run.rank != 0 and run.cfg.strategy != "fsdp"):
+        return {}
+    kw = dict(segment_length=run.model.segment_length, batch_size=min(len(run.val_docs), run.cfg.batch_size),
+              autocast=run.amp)
+    res = {}
+    for mode in ("longmem", "no_memory"):
+        s = stream_nll(run.model, run.val_docs, mode, **kw).summary()
+        res[f"val_loss_{mode}"] = s["loss"]
+        res[f"val_loss_beyond_{mode}"] = math.log(s["ppl_beyond_window"]) if s["ppl_beyond_window"] else None
+    run.model.train()
+    run.log({"step": run.step, **res})
+    return res if run.rank == 0 else {}
+
+
+def measure_staleness(run: Run) -> None:
+    """Rank 0: how far row 0's stored keys are from what the current weights compute."""
+    if run.rank != 0:
+        return
+    amp = run.amp
+    with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
+        run.log({"step": run.step, "staleness": staleness(run.model, run.memory, run.streams.replay_segments(0)[-32:])})
+
+
+def over_time_limit(run: Run) -> bool:
+    """--max-minutes reached (on any process: all stop together)."""
+    out_of_time = run.cfg.max_minutes is not None and (time.time() - run.t0) / 60 >= run.cfg.max_minutes
+    if run.world > 1:
+        flag = torch.tensor([float(out_of_time)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        out_of_time = bool(flag.item())
+    return out_of_time
+
+
+def gate_values(model) -> list[float]:
+    gate = full_tensor(model.sidenet.gate if hasattr(model, "sidenet") else model.gate)  # gathered under FSDP
+    return [round(float(g), 4) for g in torch.sigmoid(gate.detach())]
+
+
+def finish(run: Run, last: dict, stop_reason: str) -> dict:
+    """Final validation, the trained model in OUT, the loss plot; the process group closed."""
+    last.update(validate(run))
+    weights, _ = model_weights(run)
+    if run.rank == 0:
+        if weights is None:
+            run.model.save_pretrained(run.out, tokenizer=run.tokenizer)
+        else:
+            run.model.save_pretrained(run.out, tokenizer=run.tokenizer, state=weights)
+        plot_metrics(run.out / "metrics.jsonl", run.out / "loss.png")
+        last["stop_reason"] = stop_reason
+    if run.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return last
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
