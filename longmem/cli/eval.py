@@ -25,6 +25,7 @@ file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -279,9 +280,15 @@ def _run_harness(args) -> int:
     if not args.progress:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else None
+    except json.JSONDecodeError as e:
+        raise LongMemError(f"--metadata is not valid JSON ({e.msg}); give e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise LongMemError("--metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
     report = harness.evaluate_harness(tasks, harness.parse_model_args(args.model_args), args.memory,
                                       include_path=args.include_path, num_fewshot=args.num_fewshot,
-                                      limit=None if args.limit is None else _limit(args.limit))
+                                      limit=None if args.limit is None else _limit(args.limit), metadata=metadata)
     print(harness.format_results(report))
     if args.output:
         write_result(args.output, report)
@@ -464,6 +471,8 @@ def add_parser(sub) -> None:
     h.add_argument("--include-path", action="append", metavar="DIR", help="a folder of your own task YAMLs; repeatable")
     h.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot demonstrations per example (default: the task's)")
     h.add_argument("--limit", metavar="N", help="evaluate only the first N examples of each task (or a fraction)")
+    h.add_argument("--metadata", metavar="JSON", help="task metadata, as the harness's --metadata (e.g. RULER's "
+                   "'{\"max_seq_lengths\": [4096]}'); the tokenizer folder is passed as \"tokenizer\"")
     h.add_argument("--output", metavar="OUT.json", help="also write the results to this JSON file")
     h.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or harness logs")
     h.set_defaults(func=_run_harness)

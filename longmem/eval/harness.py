@@ -393,8 +393,11 @@ def parse_model_args(text: str | None) -> dict:
 
 
 def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", "backbone"), *, include_path=None,
-                     num_fewshot: int | None = None, limit=None) -> dict:
+                     num_fewshot: int | None = None, limit=None, metadata: dict | None = None) -> dict:
     """Run harness tasks on one checkpoint in each memory mode (the model is loaded once).
+
+    ``metadata`` goes to the tasks (as the harness's ``--metadata``), after the model arguments and the
+    tokenizer's folder (``tokenizer``: what tasks that build their own data, like RULER, size it with).
 
     Returns ``{"modes": {memory: the harness's results without samples}, "meta": {...}}``.
     """
@@ -404,7 +407,8 @@ def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", 
     for memory in memories:
         LongMemLM._check_memory(memory)
     first = LongMemLM(memory=memories[0], **args)  # checks every argument (and loads the model)
-    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None)
+    meta = {**model_args, "tokenizer": first.tokenizer.name_or_path, **(metadata or {})}
+    manager = TaskManager(include_path=[str(p) for p in include_path] if include_path else None, metadata=meta)
     missing = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
     if missing:
         where = f" or under {', '.join(map(str, include_path))}" if include_path else "; add --include-path DIR for your own"
@@ -418,7 +422,7 @@ def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", 
             **first.memory_kwargs)
         lm.pretrained = first.pretrained
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=False, verbosity=None)
+                                      task_manager=manager, log_samples=False, verbosity=None, metadata=meta)
         out.pop("samples", None)
         report["modes"][memory] = json.loads(json.dumps(out, default=handle_non_serializable))
     return report
