@@ -29,6 +29,7 @@ SCHEMA = {
     "footprint": (("memory_size", "stored_tokens", "nbytes", "bytes_per_token", "raw_bytes_per_token", "ratio"),
                   ("fill", "steps")),
     "stream_rss": (("file_mb", "read_mb", "seconds", "mb_per_s", "memory_bank_mib", "peak_rss_mib"), ("samples",)),
+    "harness_prefix": (("median_s", "first_s", "total_s", "tokens_written", "speedup"), ("identical_scores",)),
 }
 
 

@@ -288,7 +288,8 @@ def _run_harness(args) -> int:
         raise LongMemError("--metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
     report = harness.evaluate_harness(tasks, harness.parse_model_args(args.model_args), args.memory,
                                       include_path=args.include_path, num_fewshot=args.num_fewshot,
-                                      limit=None if args.limit is None else _limit(args.limit), metadata=metadata)
+                                      limit=None if args.limit is None else _limit(args.limit), metadata=metadata,
+                                      progress=args.progress)
     print(harness.format_results(report))
     if args.output:
         write_result(args.output, report)

@@ -135,6 +135,7 @@ class LongMemLM(TemplateLM):
         self._cache: OrderedDict = OrderedDict()  # (rows, prefix bytes) -> (prefix ids, memory)
         self.stats = {"prefix_hits": 0, "prefix_tokens_written": 0, "tail_tokens_written": 0}
         self._device = model.device
+        self.progress = True  # progress bars (lm_eval asks for them; ``longmem eval harness --no-progress`` does not)
 
     # -- what lm_eval asks of a model -----------------------------------------------------------------
 
@@ -157,6 +158,9 @@ class LongMemLM(TemplateLM):
     def get_model_info(self) -> dict:
         return {"model": "longmem", "pretrained": self.pretrained, "memory": self.memory,
                 "segment_length": self.model.segment_length, "chunk_size": self.chunk_size, **self.memory_kwargs}
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
         return encode(self.tokenizer, string).tolist()
@@ -227,6 +231,7 @@ class LongMemLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         """Score (context, continuation) token pairs; the continuations of one context are scored together."""
+        disable_tqdm = disable_tqdm or not self.progress
         groups: dict[tuple, list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
             groups.setdefault(tuple(ctx), []).append(i)
@@ -297,6 +302,7 @@ class LongMemLM(TemplateLM):
     @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Log-likelihood of whole documents: the first token after end-of-text, the rest as ``stream_nll``."""
+        disable_tqdm = disable_tqdm or not self.progress
         docs = [self.encode_document(req.args[0]) for req in requests]
         totals = np.zeros(len(docs))
         firsts = [i for i, d in enumerate(docs) if len(d)]
@@ -323,6 +329,7 @@ class LongMemLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        disable_tqdm = disable_tqdm or not self.progress
         out = []
         for req in tqdm(requests, desc=f"longmem {self.memory} generate", disable=disable_tqdm, leave=False):
             context, gen_kwargs = req.args
@@ -393,7 +400,8 @@ def parse_model_args(text: str | None) -> dict:
 
 
 def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", "backbone"), *, include_path=None,
-                     num_fewshot: int | None = None, limit=None, metadata: dict | None = None) -> dict:
+                     num_fewshot: int | None = None, limit=None, metadata: dict | None = None,
+                     progress: bool = True) -> dict:
     """Run harness tasks on one checkpoint in each memory mode (the model is loaded once).
 
     ``metadata`` goes to the tasks (as the harness's ``--metadata``), after the model arguments and the
@@ -420,7 +428,7 @@ def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", 
         lm = first if memory == memories[0] else LongMemLM.from_model(
             first.model, first.tokenizer, memory=memory, batch_size=first.batch_size, prefix_cache=first.prefix_cache,
             **first.memory_kwargs)
-        lm.pretrained = first.pretrained
+        lm.pretrained, lm.progress = first.pretrained, progress
         out = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot, limit=limit,
                                       task_manager=manager, log_samples=False, verbosity=None, metadata=meta)
         out.pop("samples", None)
