@@ -39,7 +39,11 @@ doc_to_target: label
 target_delimiter: ""
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
   - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
 metadata:
   version: 1
 """

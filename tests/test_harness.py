@@ -272,3 +272,24 @@ def test_same_scores_as_longmem_eval_icl(tiny_assets, tmp_path):
     assert lm.split(encode(tok, pairs[0][0]), max(map(len, labels)))[0].shape[0] == mem_tokens
     with torch.no_grad():  # and the memory mattered
         assert report["longmem"]["scores"] != report["no_memory"]["scores"]
+
+
+def test_a_continuation_longer_than_the_window_is_streamed_as_ppl_streams(loaded):
+    from longmem.eval.perplexity import stream_nll
+
+    model, tok = loaded
+    ctx, cont = " Review: alpha beta gamma", _demos(2, seed=9)
+    ids = encode(tok, ctx + cont)
+    n_ctx = len(encode(tok, ctx))
+    assert len(ids) - n_ctx > model.segment_length
+    for memory, mode in zip(MODES, ("longmem", "no_memory", "backbone")):
+        [(lp, greedy)] = _ll(_lm(loaded, memory=memory), [(ctx, cont)])
+        table = stream_nll(model, [ids], mode, keep_tokens=True).token_table()
+        assert lp == pytest.approx(-sum(v for (_, pos), v in table.items() if pos >= n_ctx), rel=1e-6)  # fp32 sums
+        assert greedy is False
+
+
+def test_the_harness_builds_the_model_from_an_argument_string(checkpoint):
+    lm = get_model("longmem").create_from_arg_string(f"pretrained={checkpoint},memory=off,memory_size=64",
+                                                     {"batch_size": None, "max_batch_size": None, "device": "cpu"})
+    assert isinstance(lm, LongMemLM) and lm.mode == "no_memory" and lm.memory_kwargs == {"memory_size": 64}
