@@ -437,15 +437,21 @@ def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", 
 
 
 def format_results(report: dict) -> str:
-    """One line per task and metric, one column per memory mode."""
+    """One line per task and metric (value +- standard error), one column per memory mode."""
     modes = list(report["modes"])
     first = report["modes"][modes[0]]["results"]
     rows = [(task, key) for task, metrics in first.items() for key in metrics
-            if key != "alias" and "_stderr" not in key and isinstance(metrics[key], (int, float))]
+            if "," in key and "_stderr" not in key and isinstance(metrics[key], (int, float))]
     w = max([24] + [len(f"{t} {k}") + 2 for t, k in rows])
-    lines = [f"{'task metric':<{w}}" + "".join(f"{m:>12}" for m in modes)]
+
+    def cell(task, key, mode):
+        r = report["modes"][mode]["results"].get(task, {})
+        value, err = r.get(key), r.get(key.replace(",", "_stderr,", 1))
+        if not isinstance(value, (int, float)):
+            return "-"
+        return f"{value:.4f} +- {err:.4f}" if isinstance(err, (int, float)) else f"{value:.4f}"
+
+    lines = [f"{'task metric':<{w}}" + "".join(f"{m:>20}" for m in modes)]
     for task, key in rows:
-        cells = [report["modes"][m]["results"].get(task, {}).get(key) for m in modes]
-        lines.append(f"{task + ' ' + key:<{w}}" + "".join(f"{c:>12.4f}" if isinstance(c, (int, float)) else f"{'-':>12}"
-                                                          for c in cells))
+        lines.append(f"{task + ' ' + key:<{w}}" + "".join(f"{cell(task, key, m):>20}" for m in modes))
     return "\n".join(lines)
