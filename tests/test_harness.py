@@ -21,6 +21,7 @@ from longmem import LongMem, LongMemConfig  # noqa: E402
 from longmem.eval.harness import LongMemLM  # noqa: E402
 from longmem.eval.icl import evaluate_icl, get_task  # noqa: E402
 from longmem.eval.icl import Example  # noqa: E402
+from longmem.eval.perplexity import stream_nll  # noqa: E402
 from longmem.eval.scoring import encode, score_continuations  # noqa: E402
 from longmem.loading import load_model_and_tokenizer  # noqa: E402
 
@@ -275,8 +276,6 @@ def test_same_scores_as_longmem_eval_icl(tiny_assets, tmp_path):
 
 
 def test_a_continuation_longer_than_the_window_is_streamed_as_ppl_streams(loaded):
-    from longmem.eval.perplexity import stream_nll
-
     model, tok = loaded
     ctx, cont = " Review: alpha beta gamma", _demos(2, seed=9)
     ids = encode(tok, ctx + cont)
