@@ -39,7 +39,7 @@ def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = common.parser("harness_prefix", __doc__, full_repeats=1)
     p.add_argument("--demos", type=int, default=None, help="demonstrations before every test input (default 2000; quick 100)")
     p.add_argument("--inputs", type=int, default=None, help="test inputs (default 10; quick 3)")
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
     targets = [common.target("median speed-up with the prefix cache", ratio, ">=", 5.0,
                              f"{prefix_tokens} prefix tokens, window {model.segment_length}"),
                common.target("scores identical with and without the cache", float(identical), ">=", 1.0)]
-    common.finish(args, "harness_prefix", config, rows, targets,
+    return common.finish(args, "harness_prefix", config, rows, targets,
                   ["config", "median_s", "first_s", "total_s", "tokens_written", "speedup"], started,
                   extra={"identical_scores": identical})
 
