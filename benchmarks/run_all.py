@@ -1,6 +1,6 @@
 """Run every benchmark (quick or full mode) and summarise their targets.
 
-    python benchmarks/run_all.py --quick                       # all seven, seconds each (CI)
+    python benchmarks/run_all.py --quick                       # all, seconds each (CI)
     python benchmarks/run_all.py                               # full mode: real figures (about 30-45 min on 2 cores)
     python benchmarks/run_all.py --update-md BENCHMARKS.md     # ... and rewrite the generated table in BENCHMARKS.md
     python benchmarks/run_all.py --summary-only --update-md BENCHMARKS.md   # table from existing JSON, no runs
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-BENCHMARKS = ["retrieval", "adaptation_step", "ingest", "generation", "footprint", "stream_rss", "scale"]
+BENCHMARKS = ["retrieval", "adaptation_step", "ingest", "generation", "footprint", "stream_rss", "scale", "harness_prefix"]
 BEGIN, END = "<!-- run_all:begin -->", "<!-- run_all:end -->"
 
 

@@ -84,6 +84,7 @@ BUILD = ("eval", "chapterbreak-build", "--out", "{out}/cb.json")
 ICL = ("eval", "icl", "--task", "sst2", *M, "--device", "cpu", "--no-progress", "--json", "{out}/icl.json", "--seeds", "1")
 PK = ("eval", "passkey", *M, "--device", "cpu", "--no-progress", "--json", "{out}/pk.json", "--trials", "1")
 NAMES = ("eval", "names", *M, "--device", "cpu", "--no-progress", "--json", "{out}/names.json")
+HARNESS = ("eval", "harness", "--tasks", "no_such_task", "--no-progress")
 GEN = ("generate", *M, "--prompt", "alpha beta")
 CHAT = ("chat", *M)
 ADD = ("memory", "add")
@@ -236,7 +237,8 @@ CASES = [
     cli("ppl-binary-data", "looks binary", *PPL, "--data", "{binary}"),
     cli("ppl-missing-data", "does not exist", *PPL, "--data", "{missing}"),
     cli("ppl-only-short-documents", "longer than one local window", *PPL, "--data", "{short}"),
-    cli("ppl-unknown-hf-dataset-offline", "hf:no-such-org/no-such-data", *PPL, "--data", "hf:no-such-org/no-such-data"),
+    # with `datasets` installed (lm-eval brings it) the load fails offline; without it, the message says to install it
+    cli("ppl-unknown-hf-dataset-offline", "no-such-org/no-such-data", *PPL, "--data", "hf:no-such-org/no-such-data"),
     cli("ppl-memory-size-zero", "memory_size must be a positive integer, got 0", *PPL, "--data", "{text}", "--memory-size", "0"),
     cli("ppl-memory-size-negative", "memory_size must be a positive integer, got -2", *PPL, "--data", "{text}", "--memory-size", "-2"),
     cli("ppl-chunk-size-zero", "chunk_size must be a positive integer, got 0", *PPL, "--data", "{text}", "--chunk-size", "0"),
@@ -271,6 +273,15 @@ CASES = [
     cli("build-context-chars-zero", "--context-chars must be at least 1", *BUILD, "--book", "{book}", "--context-chars", "0"),
     cli("build-max-examples-negative", "--max-examples must be at least 1", *BUILD, "--book", "{book}", "--max-examples", "-2"),
     cli("build-no-austen-corpus", "no Austen corpus", *BUILD, "--book", "austen:Emma", "--data-root", "{missing}"),
+    # -- eval harness ---------------------------------------------------------------------------
+    cli("harness-bad-memory-mode", "memory must be on, off or backbone, got 'maybe'", *HARNESS,
+        "--model-args", "pretrained={ckpt},memory=maybe"),
+    cli("harness-unknown-model-argument", "unknown model argument(s) colour", *HARNESS, "--model-args", "pretrained={ckpt},colour=blue"),
+    cli("harness-missing-include-path", "is not a folder of task YAML files", *HARNESS, "--include-path", "{missing}"),
+    cli("harness-metadata-not-json", "--metadata is not valid JSON", *HARNESS, "--metadata", "{{oops"),
+    cli("harness-limit-zero", "--limit must be positive", *HARNESS, "--limit", "0"),
+    cli("harness-output-is-a-folder", "is a folder", *HARNESS, "--output", "{folder}"),
+    cli("harness-no-tasks", "required: --tasks", "eval", "harness", kind="usage"),
     cli("build-out-is-a-folder", "is a folder", "eval", "chapterbreak-build", "--book", "{book}", "--out", "{folder}"),
     # -- eval icl ------------------------------------------------------------------------------
     cli("icl-unknown-task", "unknown task 'sst3'", *ICL, "--data", "{sst2}", "--train", "{sst2}", "--task", "sst3"),

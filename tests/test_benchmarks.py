@@ -30,6 +30,7 @@ SCHEMA = {
                   ("fill", "steps")),
     "stream_rss": (("file_mb", "read_mb", "seconds", "mb_per_s", "memory_bank_mib", "peak_rss_mib"), ("samples",)),
     "scale": (("gpus", "backbone_params", "sidenet_params", "trained_params", "total_gb", "total_ckpt_gb"), ("agreement",)),
+    "harness_prefix": (("median_s", "first_s", "total_s", "tokens_written", "speedup"), ("identical_scores",)),
 }
 
 

@@ -32,13 +32,15 @@ def modules() -> dict[str, ast.Module]:
 
 
 def imports(tree: ast.Module):
-    """(imported module, line, at module top?) for every import statement."""
-    top = {id(node) for node in tree.body}
+    """(imported module, line, at module level?) for every import statement; module level includes a
+    module-level ``try`` (an optional dependency), never a function or class body."""
+    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+             for n in ast.walk(f) if n is not f}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            yield from ((a.name, node.lineno, id(node) in top) for a in node.names)
+            yield from ((a.name, node.lineno, id(node) not in local) for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
-            yield node.module, node.lineno, id(node) in top
+            yield node.module, node.lineno, id(node) not in local
 
 
 MODULES = modules()

@@ -5,6 +5,7 @@
     longmem eval chapterbreak-build  ChapterBreak-format examples from any book with chapters
     longmem eval icl                 memory-augmented in-context learning (longmem.icl)
     longmem eval passkey             pass-key retrieval beyond the local window (longmem.passkey)
+    longmem eval harness             any lm-evaluation-harness task (longmem.eval.harness; pip install 'longmem[eval]')
 
 Every evaluation compares three modes of one checkpoint on the same tokens: ``longmem`` (SideNet
 reading the memory), ``no_memory`` (same weights, no retrieval) and ``backbone`` (the frozen LM).
@@ -24,6 +25,8 @@ file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -38,6 +41,13 @@ from longmem.eval.recall import names_report
 from longmem.eval.scoring import MODES
 from longmem.io import check_output, write_json, write_result
 from longmem.loading import load_model_and_tokenizer, resolve_device
+
+try:  # lm-evaluation-harness is optional: `pip install 'longmem[eval]'`
+    from longmem.eval import harness
+except ModuleNotFoundError as e:
+    if not (e.name or "").startswith("lm_eval"):
+        raise
+    harness = None
 
 
 def warn(msg: str) -> None:
@@ -239,6 +249,47 @@ def _run_names(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- harness
+
+
+def _limit(text: str):
+    try:
+        value = float(text)
+    except ValueError:
+        raise LongMemError(f"--limit must be a number of examples or a fraction, got {text!r}") from None
+    if value <= 0:
+        raise LongMemError(f"--limit must be positive, got {text}")
+    return int(value) if value >= 1 and value == int(value) else value
+
+
+def _run_harness(args) -> int:
+    if harness is None:
+        raise LongMemError("longmem eval harness needs lm-evaluation-harness; install it with pip install 'longmem[eval]'")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise LongMemError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    for path in args.include_path or []:
+        if not Path(path).is_dir():
+            raise LongMemError(f"--include-path {path} is not a folder of task YAML files")
+    check_output(args.output, "--output")
+    if not args.progress:
+        logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    tasks = [t for spec in args.tasks for t in spec.split(",") if t]
+    try:
+        metadata = json.loads(args.metadata) if args.metadata else None
+    except json.JSONDecodeError as e:
+        raise LongMemError(f"--metadata is not valid JSON ({e.msg}); give e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise LongMemError("--metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+    report = harness.evaluate_harness(tasks, harness.parse_model_args(args.model_args), args.memory,
+                                      include_path=args.include_path, num_fewshot=args.num_fewshot,
+                                      limit=None if args.limit is None else _limit(args.limit), metadata=metadata,
+                                      progress=args.progress)
+    print(harness.format_results(report))
+    if args.output:
+        write_result(args.output, report)
+    return 0
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -395,3 +446,30 @@ def add_parser(sub) -> None:
     _memory_flags(n)
     _output_flags(n, "a bar chart of names completed with and without memory, per document")
     n.set_defaults(func=_run_names)
+
+    h = ev.add_parser("harness", help="any lm-evaluation-harness task, in the three memory modes",
+                      description="Run lm-evaluation-harness tasks (lm_eval.simple_evaluate) on a LongMem checkpoint in "
+                                  "each memory mode: on (LongMem reading its memory), off (same weights, local window "
+                                  "only), backbone (the frozen LM alone). A context longer than the local window is "
+                                  "split: its earlier part is written into a fresh memory, window by window, and the "
+                                  "continuation is scored in the last window; few-shot demonstrations that overflow "
+                                  "the window thus go to memory. Needs pip install 'longmem[eval]'.",
+                      epilog="--output layout: {\"modes\": {MEMORY: the harness's results (results, configs, "
+                             "versions, n-shot, ...)}, \"meta\": {...}}. Model arguments: pretrained=DIR, "
+                             "memory=on|off|backbone, memory_size=, chunk_size=, topk_chunks=, device=, dtype=, "
+                             "batch_size=, prefix_cache= (see longmem.eval.harness).")
+    h.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
+                   help="harness task or group names (space or comma separated), or task YAML files")
+    h.add_argument("--model-args", default="", metavar="K=V,...",
+                   help="model arguments, e.g. pretrained=models/longmem-tiny,memory_size=65536 (default: the shipped "
+                        "model); memory=on|off|backbone runs that mode only")
+    h.add_argument("--memory", nargs="+", choices=["on", "off", "backbone"], default=["on", "off", "backbone"],
+                   help="memory modes to run (default: all three)")
+    h.add_argument("--include-path", action="append", metavar="DIR", help="a folder of your own task YAMLs; repeatable")
+    h.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot demonstrations per example (default: the task's)")
+    h.add_argument("--limit", metavar="N", help="evaluate only the first N examples of each task (or a fraction)")
+    h.add_argument("--metadata", metavar="JSON", help="task metadata, as the harness's --metadata (e.g. RULER's "
+                   "'{\"max_seq_lengths\": [4096]}'); the tokenizer folder is passed as \"tokenizer\"")
+    h.add_argument("--output", metavar="OUT.json", help="also write the results to this JSON file")
+    h.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or harness logs")
+    h.set_defaults(func=_run_harness)

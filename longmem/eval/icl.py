@@ -217,8 +217,10 @@ def local_context(demos: list[np.ndarray], prompt: np.ndarray, budget: int) -> t
 
 def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[Example], *, k: int = 20,
                  memory_demos: int = 2000, seeds: int = 6, seed: int = 1, modes=MODES, memory_kwargs: dict | None = None,
-                 progress: bool = False, warn=None) -> dict:
+                 progress: bool = False, warn=None, keep_scores: bool = False) -> dict:
     """Accuracy of each mode by both rules, per seed (seeds ``seed .. seed + seeds - 1``), mean and std.
+
+    ``keep_scores``: also report, per mode, ``scores[seed][example]`` = each label's summed log-probability.
 
     ``memory_kwargs``: memory overrides; chunk size defaults to 2 (the paper's ICL setting) and the
     memory size to the model's, enlarged to hold all N demonstrations.
@@ -242,7 +244,7 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
     kw.setdefault("chunk_size", 2)
     was_training = model.training
     model.eval()
-    per_seed = {m: {"greedy": [], "likelihood": [], "local_demos": [], "memory_tokens": []} for m in modes}
+    per_seed = {m: {"greedy": [], "likelihood": [], "local_demos": [], "memory_tokens": [], "scores": []} for m in modes}
     bar = tqdm(total=seeds * len(test), desc=f"icl {task.name}", unit="ex", disable=not progress, leave=False)
     for s in range(seed, seed + seeds):
         rng = random.Random(s)
@@ -255,6 +257,7 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
         if "longmem" in modes:
             memory = _demo_memory(model, len(labels), mem_stream, kw, warn)
         right = {m: {"greedy": 0, "likelihood": 0, "local_demos": 0} for m in modes}
+        scores = {m: [] for m in modes}
         for ex, prompt in zip(test, prompts):
             context, kept = local_context(local_ids, prompt, budget)
             for mode in modes:
@@ -262,11 +265,13 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
                 right[mode]["greedy"] += predict_greedy(labels, sc.greedy) == ex.label
                 right[mode]["likelihood"] += predict_likelihood(sc.logprobs) == ex.label
                 right[mode]["local_demos"] += kept
+                scores[mode].append([float(lp.sum()) for lp in sc.logprobs])
             bar.update(1)
         for mode in modes:
             per_seed[mode]["greedy"].append(right[mode]["greedy"] / len(test))
             per_seed[mode]["likelihood"].append(right[mode]["likelihood"] / len(test))
             per_seed[mode]["local_demos"].append(right[mode]["local_demos"] / len(test))
+            per_seed[mode]["scores"].append(scores[mode])
             if mode == "longmem":  # read after every test prompt was scored: they must not be there
                 per_seed[mode]["memory_tokens"].append(memory.num_tokens(0) + memory.num_pending(0))
     bar.close()
@@ -280,6 +285,8 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
                         "local_demos": float(np.mean(r["local_demos"]))}
         if mode == "longmem":
             report[mode]["memory_tokens"] = r["memory_tokens"]
+        if keep_scores:
+            report[mode]["scores"] = r["scores"]
     return report
 
 
