@@ -9,6 +9,7 @@ stdlib files, so nothing here equals a held-out file), and writes one document p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -30,9 +31,14 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@functools.cache
+def _distributions() -> dict:
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once
+
+
 def _version(name: str) -> str:
     """The installed distribution's version (module and distribution names differ for a few: _pytest, PIL)."""
-    for dist in (name, *importlib.metadata.packages_distributions().get(name, [])):
+    for dist in (name, *_distributions().get(name, [])):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
