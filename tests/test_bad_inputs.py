@@ -99,6 +99,14 @@ CASES = [
     cli("data-min-bytes-enormous", f"no .py files of {HUGE} bytes", "data", "code", "--min-bytes", HUGE, "--out", "{out}/data"),
     cli("data-austen-dir-missing", "Rdata.rdx is missing", "data", "books", "--austen-dir", "{missing}", "--out", "{out}/data"),
     cli("data-austen-dir-garbage", "could not decode the R data", "data", "books", "--austen-dir", "{rdata}", "--out", "{out}/data"),
+    cli("data-all-austen-dir-missing", "Rdata.rdx is missing", "data", "all", "--austen-dir", "{missing}", "--out", "{out}/data"),
+    cli("data-recall-missing-input", "is not a file", "data", "recall", "{missing}", "--out", "{out}/r.jsonl"),
+    cli("data-recall-not-jsonl", "is not a JSON object with a 'text' field", "data", "recall", "{text}", "--out", "{out}/r.jsonl"),
+    cli("data-recall-dense-short-documents", "no document longer than 4,000 characters", "data", "recall", "{short_jsonl}",
+        "--dense", "3", "--out", "{out}/r.jsonl"),
+    cli("data-recall-piece-chars-zero", "must be >= 1", "data", "recall", "{missing}", "--piece-chars", "0", "--out", "{out}/r.jsonl"),
+    cli("data-pycode-missing-package", "is not installed", "data", "pycode", "--packages", "no_such_package_xyz",
+        "--out", "{out}/p.jsonl"),
     cli("tokenizer-empty-file", "no text in", "tokenizer", "--data", "{empty}", "--out", "{out}/tok"),
     cli("tokenizer-binary-file", "looks binary", "tokenizer", "--data", "{binary}", "--out", "{out}/tok"),
     cli("tokenizer-missing-file", "does not exist", "tokenizer", "--data", "{missing}", "--out", "{out}/tok"),
@@ -436,6 +444,7 @@ def world(templates, tiny_checkpoint, tiny_assets, tmp_path, monkeypatch):
     text = sorted(tiny_assets["train"].iterdir())[0].read_text()
     (inp / "text.txt").write_text(text)
     (inp / "short.txt").write_text("alpha beta\n")
+    (inp / "short.jsonl").write_text(json.dumps({"id": "a", "text": "alpha beta"}) + "\n")
     (inp / "empty.txt").write_bytes(b"")
     (inp / "binary.bin").write_bytes(bytes(range(256)) * 8)
     (inp / "latin1.txt").write_bytes("Caf\u00e9 cr\u00e8me br\u00fbl\u00e9e, na\u00efve fa\u00e7ade.\n".encode("latin-1") * 20)
@@ -459,7 +468,7 @@ def world(templates, tiny_checkpoint, tiny_assets, tmp_path, monkeypatch):
         "result_future": t / "result-future.json", "backbone": tiny_assets["backbone"], "tok": tiny_assets["root"] / "tok",
         "ckpt_damaged": t / "ckpt-damaged", "ckpt_binary_config": t / "ckpt-binary-config", "ckpt_list_config": t / "ckpt-list-config",
         "ckpt_unknown_method": t / "ckpt-unknown-method", "flipped_memory": t / "flipped.safetensors",
-        "text": inp / "text.txt", "short": inp / "short.txt", "empty": inp / "empty.txt", "binary": inp / "binary.bin",
+        "text": inp / "text.txt", "short": inp / "short.txt", "short_jsonl": inp / "short.jsonl", "empty": inp / "empty.txt", "binary": inp / "binary.bin",
         "latin1": inp / "latin1.txt", "empty_tsv": inp / "empty.tsv", "binary_tsv": inp / "binary.tsv", "folder": inp / "folder",
         "rdata": inp / "rdata", "missing": inp / "does-not-exist", "home": w / "home", "newhome": w / "new-home", "out": out,
         "runs": runs, "book": FIXTURES / "book_chapters.txt", "chapterbreak": FIXTURES / "chapterbreak_tiny.json",

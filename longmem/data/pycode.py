@@ -9,6 +9,7 @@ stdlib files, so nothing here equals a held-out file), and writes one document p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -18,6 +19,7 @@ import sysconfig
 from pathlib import Path
 
 from longmem.errors import LongMemError
+from longmem.io import atomic_write
 
 PACKAGES = ("torch", "transformers", "sympy", "numpy", "matplotlib", "networkx", "pip", "setuptools", "jinja2")
 
@@ -30,9 +32,14 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+@functools.cache
+def _distributions() -> dict:
+    return importlib.metadata.packages_distributions()  # scans every installed distribution: once
+
+
 def _version(name: str) -> str:
     """The installed distribution's version (module and distribution names differ for a few: _pytest, PIL)."""
-    for dist in (name, *importlib.metadata.packages_distributions().get(name, [])):
+    for dist in (name, *_distributions().get(name, [])):
         try:
             return importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -43,39 +50,44 @@ def _version(name: str) -> str:
 def write_package_code(out: Path, packages=PACKAGES, min_bytes: int = 8192, skip_missing: bool = False) -> dict:
     """Write the corpus to ``out`` (JSONL) and ``manifest.json`` beside it; returns the manifest. With
     ``skip_missing``, packages that are not installed are left out (and listed in the manifest) instead of refused."""
+    roots, missing = {}, []
+    for name in packages:  # every package found before anything is written
+        try:
+            roots[name] = package_dir(name)
+        except LongMemError:
+            if not skip_missing:
+                raise
+            missing.append(name)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     stdlib_hashes = {hashlib.sha1(f.read_bytes()).hexdigest() for f in stdlib.rglob("*.py")
                      if "site-packages" not in f.parts}
     seen: set[str] = set()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    manifest = {"packages": {}, "missing": [], "min_bytes": min_bytes, "python": sys.version.split()[0]}
-    n = chars = dropped = 0
-    with open(out, "w") as f:
-        for name in packages:
-            try:
-                root = package_dir(name)
-            except LongMemError:
-                if not skip_missing:
-                    raise
-                manifest["missing"].append(name)
-                continue
-            count = 0
-            for path in sorted(root.rglob("*.py")):
-                if path.stat().st_size < min_bytes:
-                    continue
-                raw = path.read_bytes()
-                h = hashlib.sha1(raw).hexdigest()
-                if h in seen or h in stdlib_hashes:
-                    dropped += 1
-                    continue
-                seen.add(h)
-                text = raw.decode("utf-8", errors="replace")
-                f.write(json.dumps({"id": f"{name}/{path.relative_to(root)}", "text": text}) + "\n")
-                n += 1
-                count += 1
-                chars += len(text)
-            manifest["packages"][name] = {"version": _version(name), "files": count}
-    manifest.update(documents=n, characters=chars, duplicates_dropped=dropped)
-    out.with_name("manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    manifest = {"packages": {}, "missing": missing, "min_bytes": min_bytes, "python": sys.version.split()[0]}
+    counts = {"documents": 0, "characters": 0, "duplicates_dropped": 0}
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for name, root in roots.items():
+                count = 0
+                for path in sorted(root.rglob("*.py")):
+                    if path.stat().st_size < min_bytes:
+                        continue
+                    raw = path.read_bytes()
+                    h = hashlib.sha1(raw).hexdigest()
+                    if h in seen or h in stdlib_hashes:
+                        counts["duplicates_dropped"] += 1
+                        continue
+                    seen.add(h)
+                    text = raw.decode("utf-8", errors="replace")
+                    f.write(json.dumps({"id": f"{name}/{path.relative_to(root)}", "text": text}) + "\n")
+                    counts["documents"] += 1
+                    count += 1
+                    counts["characters"] += len(text)
+                manifest["packages"][name] = {"version": _version(name), "files": count}
+
+    atomic_write(out, write)
+    manifest.update(counts)
+    atomic_write(out.with_name("manifest.json"), lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1) + "\n"))
     return manifest

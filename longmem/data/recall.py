@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 
 from longmem.errors import LongMemError
+from longmem.io import atomic_write
 
 _CONSONANTS, _VOWELS = "bcdfghjklmnprstvwxz", "aeiou"
 
@@ -62,51 +63,77 @@ def augment(text: str, rng: random.Random, piece_chars: int, passages: int, pass
         yield piece + "\n\n" + "\n\n".join(copies)
 
 
+def read_texts(path) -> list[tuple[object, str]]:
+    """(id, text) of every line of a JSONL file; a missing file or a bad line is one clear error."""
+    if not Path(path).is_file():
+        raise LongMemError(f"{path} is not a file; give JSONL files with a 'text' field")
+    docs = []
+    with open(path, encoding="utf-8", errors="replace") as src:
+        for i, line in enumerate(src):
+            try:
+                doc = json.loads(line)
+                docs.append((doc.get("id", i), doc["text"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise LongMemError(f"line {i + 1} of {path} is not a JSON object with a 'text' field") from None
+    return docs
+
+
 def write_recall_corpus(inputs, out: Path, piece_chars: int, passages: int, passage_chars: int, min_back: int,
                         seed: int, every: int = 1, random_lines: int = 0) -> tuple[int, int]:
-    """Augment every ``every``-th document of the JSONL ``inputs`` into ``out``; returns (documents, characters)."""
+    """Augment every ``every``-th document of the JSONL ``inputs`` into ``out`` (written whole or not at all);
+    returns (documents, characters)."""
+    if min(piece_chars, passage_chars, every) < 1 or min(passages, min_back, random_lines) < 0:
+        raise LongMemError(f"piece_chars, passage_chars and every must be >= 1, passages, min_back and random_lines "
+                           f">= 0; got {piece_chars}, {passage_chars}, {every}, {passages}, {min_back}, {random_lines}")
+    for path in inputs:  # every input checked before anything is written
+        if not Path(path).is_file():
+            raise LongMemError(f"{path} is not a file; give JSONL files with a 'text' field")
     rng = random.Random(seed)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    n = chars = 0
-    with open(out, "w") as f:
-        for path in inputs:
-            with open(path) as src:
-                for i, line in enumerate(src):
+    counts = [0, 0]
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            for path in inputs:
+                for i, (doc_id, text) in enumerate(read_texts(path)):
                     if i % every:
                         continue
-                    doc = json.loads(line)
-                    for j, piece in enumerate(augment(doc["text"], rng, piece_chars, passages, passage_chars,
-                                                      min_back, random_lines)):
-                        f.write(json.dumps({"id": f"{doc.get('id', i)}#{j}", "text": piece}) + "\n")
-                        n += 1
-                        chars += len(piece)
-    return n, chars
+                    for j, piece in enumerate(augment(text, rng, piece_chars, passages, passage_chars, min_back,
+                                                      random_lines)):
+                        f.write(json.dumps({"id": f"{doc_id}#{j}", "text": piece}) + "\n")
+                        counts[0] += 1
+                        counts[1] += len(piece)
+
+    atomic_write(out, write)
+    return counts[0], counts[1]
 
 
 def write_dense_corpus(inputs, out: Path, documents: int, lines: int, seed: int) -> tuple[int, int]:
     """``documents`` copy-dense documents (module docstring) drawn from the JSONL ``inputs`` (their texts longer than
     4,000 characters); returns (documents, characters)."""
     rng = random.Random(seed)
-    texts = []
-    for path in inputs:
-        with open(path) as src:
-            texts += [t for t in (json.loads(line)["text"] for line in src) if len(t) > 4000]
+    texts = [t for path in inputs for _, t in read_texts(path) if len(t) > 4000]
     if not texts:
         raise LongMemError(f"no document longer than 4,000 characters in {', '.join(map(str, inputs))}; "
                            "copy-dense documents need longer ones")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     chars = 0
-    with open(out, "w") as f:
-        for i in range(documents):
-            t = rng.choice(texts)
-            s = rng.randrange(0, len(t) - 3200)
-            invented = [made_up_line(rng) for _ in range(lines)]
-            repeated = invented[:]
-            rng.shuffle(repeated)
-            doc = (t[s:s + 1500] + "\n" + "\n".join(invented) + "\n" + t[s + 1500:s + 3000] + "\n"
-                   + "\n".join(repeated) + "\n")
-            f.write(json.dumps({"id": f"dense{i}", "text": doc}) + "\n")
-            chars += len(doc)
+
+    def write(tmp: str) -> None:
+        nonlocal chars
+        with open(tmp, "w") as f:
+            for i in range(documents):
+                t = rng.choice(texts)
+                s = rng.randrange(0, len(t) - 3200)
+                invented = [made_up_line(rng) for _ in range(lines)]
+                repeated = invented[:]
+                rng.shuffle(repeated)
+                doc = (t[s:s + 1500] + "\n" + "\n".join(invented) + "\n" + t[s + 1500:s + 3000] + "\n"
+                       + "\n".join(repeated) + "\n")
+                f.write(json.dumps({"id": f"dense{i}", "text": doc}) + "\n")
+                chars += len(doc)
+
+    atomic_write(out, write)
     return documents, chars
