@@ -83,3 +83,15 @@ def test_no_import_cycles():
     for name in graph:
         if name not in state:
             visit(name, [name])
+
+
+def test_modules_are_imported_by_name_only_where_allowed():
+    """``importlib.import_module`` would hide a dependency from the tests above: the one use is the CLI loading
+    the optional lm-evaluation-harness model when `longmem eval harness` runs (seconds of imports otherwise paid
+    by every command)."""
+    allowed = {("longmem.cli.eval", "importlib")}
+    for name, tree in MODULES.items():
+        for target, line, _ in imports(tree):
+            if target in ("importlib", "__import__"):
+                assert (name, target) in allowed, f"{name}:{line} imports modules by name"
+    assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")

@@ -25,6 +25,7 @@ file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import sys
@@ -42,12 +43,20 @@ from longmem.eval.scoring import MODES
 from longmem.io import check_output, write_json, write_result
 from longmem.loading import load_model_and_tokenizer, resolve_device
 
-try:  # lm-evaluation-harness is optional: `pip install 'longmem[eval]'`
-    from longmem.eval import harness
-except ModuleNotFoundError as e:
-    if not (e.name or "").startswith("lm_eval"):
-        raise
-    harness = None
+# lm-evaluation-harness is optional (`pip install 'longmem[eval]'`) and takes seconds to import (datasets, pandas):
+# ``longmem.eval.harness`` is loaded by name when `eval harness` runs, not by every `longmem` command. This is the
+# package's one import by name (tests/test_layering.py allows exactly this one).
+HARNESS_MODULE = "longmem.eval.harness"
+
+
+def load_harness():
+    """The harness module, or one line saying how to install lm-evaluation-harness."""
+    try:
+        return importlib.import_module(HARNESS_MODULE)
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise LongMemError("longmem eval harness needs lm-evaluation-harness; install it with pip install 'longmem[eval]'") from None
 
 
 def warn(msg: str) -> None:
@@ -263,8 +272,7 @@ def _limit(text: str):
 
 
 def _run_harness(args) -> int:
-    if harness is None:
-        raise LongMemError("longmem eval harness needs lm-evaluation-harness; install it with pip install 'longmem[eval]'")
+    harness = load_harness()
     if args.num_fewshot is not None and args.num_fewshot < 0:
         raise LongMemError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
     for path in args.include_path or []:

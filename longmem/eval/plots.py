@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (not by every command:
+    it takes about half a second)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel: str, title: str, hline=None,
@@ -16,6 +23,7 @@ def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel:
     """One line per entry of ``lines`` over the categories ``xs`` (None values skipped); labels holding
     ``dashed`` are drawn dashed."""
 
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, ys in lines.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
@@ -37,6 +45,7 @@ def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel:
 
 def plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[str, list] | None, ylabel: str, title: str,
                hline=None):
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     width = 0.8 / max(1, len(series))
     x = np.arange(len(groups))

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt  # noqa: E402
 import torch
 
 from longmem.errors import LongMemError
+from longmem.eval.plots import pyplot
 from longmem.memory import MemoryBank
 
-matplotlib.use("Agg")
 
 
 @torch.no_grad()
@@ -61,6 +59,7 @@ def staleness_curve(metrics_path: Path) -> dict[int, float]:
 
 def plot_staleness(curves: dict[str, dict[int, float]], path) -> None:
     """One line per run: mean cosine(stored key, fresh key) by age."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, curve in curves.items():
         ax.plot(list(curve), list(curve.values()), "o-", label=name)

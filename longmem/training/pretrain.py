@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
@@ -160,6 +160,8 @@ def sample_batch(streams: list[torch.Tensor], batch_size: int, seq_len: int,
 
 
 def build_model(cfg: PretrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM  # loads Llama's modeling code (seconds): only here
+
     eos = tokenizer.eos_token_id
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
