@@ -23,7 +23,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -268,18 +268,107 @@ def plot_losses(records: list[dict], path: Path) -> None:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass
+class PretrainRun:
+    """Everything one pretraining run carries from step to step (what a checkpoint saves, and its files)."""
+
+    cfg: PretrainConfig
+    out: Path
+    tokenizer: object
+    model: torch.nn.Module
+    optim: Optimization
+    gen: torch.Generator  # the batch sampler's RNG
+    train_streams: list
+    val_streams: dict
+    records: list = field(default_factory=list)
+    step: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint" / "state.pt"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out / "metrics.jsonl"
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     """Train (or resume) the backbone described by ``cfg``; return the last metrics record."""
+    run = set_up(cfg, progress)
+    start, stop_reason = time.monotonic(), "max_steps"
+    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="pretrain", disable=not progress, mininterval=5, dynamic_ncols=True)
+    window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
+    n_tok = cfg.batch_size * cfg.seq_len
+    while run.step < cfg.max_steps:
+        if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
+            stop_reason = "max_minutes"
+            break
+        t0 = time.monotonic()
+        windows = sample_batch(run.train_streams, cfg.batch_size, cfg.seq_len, run.gen, cfg.weights)
+        stats = train_step(run.model, [MicroBatch(windows[:, :-1], windows[:, 1:])], run.optim)
+        if not stats.finite:
+            raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last checkpoint is kept in {run.out}/checkpoint. "
+                               "Lower --lr or use --precision fp32")
+        run.step += 1
+        run.tokens_seen += n_tok
+        run.train_seconds += time.monotonic() - t0
+        window_loss, window_tokens = window_loss + stats.loss, window_tokens + n_tok
+        bar.update(1)
+        if run.step % cfg.log_every == 0 or run.step % cfg.eval_every == 0 or run.step == cfg.max_steps:
+            tps = window_tokens / max(1e-9, time.monotonic() - window_t0)
+            rec = {"step": run.step, "loss": round(window_loss / (window_tokens // n_tok), 4),
+                   "lr": run.optim.scheduler.get_last_lr()[0], "grad_norm": round(stats.grad_norm, 3),
+                   "tokens": run.tokens_seen, "tok_per_s": round(tps, 1), "seconds": round(run.train_seconds, 1)}
+            bar.set_postfix(loss=rec["loss"], tok_s=int(tps), lr=f"{rec['lr']:.2e}")
+            if run.step % cfg.eval_every == 0 and run.val_streams:
+                rec.update(validate(run))
+                bar.write(" ".join(f"{k}={v}" for k, v in rec.items()))
+                plot_losses(run.records + [rec], run.out / "loss.png")
+            log(run, rec)
+            window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
+        if run.step % cfg.save_every == 0:
+            checkpoint(run)
+    bar.close()
+    return finish(run, stop_reason)
+
+
+def set_up(cfg: PretrainConfig, progress: bool) -> PretrainRun:
+    """Data (checked before anything is written), model, optimizer; the checkpoint's state when resuming."""
     torch.set_num_threads(os.cpu_count() or 1)
     out = Path(cfg.out)
     ckpt_path = out / "checkpoint" / "state.pt"
     if ckpt_path.exists() and not cfg.resume:
         raise LongMemError(f"{out} already holds a checkpoint; pass --resume to continue it or "
                            "choose another --out")
-
     device = resolve_device(cfg.device)  # before the (long) tokenization
     tokenizer = load_tokenizer(cfg.tokenizer)
-    val_paths = cfg.val_data if cfg.val_data is not None else _default_val(cfg.data)
+    train_streams, val_streams = load_streams(cfg, tokenizer, progress)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, tokenizer)
+    resuming = cfg.resume and ckpt_path.exists()
+    if cfg.init_from and not resuming:
+        load_init(model, cfg.init_from)
+    model.to(device)
+    opt = adamw(model.parameters(), cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
+                fused=device.type == "cuda")
+    sched = schedule(opt, warmup=cfg.warmup, total=cfg.max_steps, decay="cosine", final=cfg.min_lr_ratio)
+    amp = torch.bfloat16 if cfg.precision == "bf16" else None
+    optim = Optimization(opt, sched, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
+                         cfg.grad_clip, amp)
+    run = PretrainRun(cfg, out, tokenizer, model, optim, torch.Generator().manual_seed(cfg.seed), train_streams, val_streams)
+    out.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        resume(run, device)
+    atomic_write(run.metrics_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.records)))
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    model.train()
+    return run
+
+
+def load_streams(cfg: PretrainConfig, tokenizer, progress: bool) -> tuple[list, dict]:
+    """The training streams (one per data set) and the validation streams, each long enough for a window."""
     train_streams, val_streams = [], {}
     for p in tqdm(cfg.data, desc="tokenizing train", disable=not progress):
         s = torch.from_numpy(token_stream(p, tokenizer))
@@ -291,117 +380,62 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.batch_size * cfg.seq_len > total:  # before anything is written (and before an enormous batch is allocated)
         raise LongMemError(f"a batch of --batch-size {cfg.batch_size} x --seq-len {cfg.seq_len} tokens is more than the "
                            f"training data holds ({total}); give a smaller --batch-size or more text")
-    for p in val_paths:
+    for p in cfg.val_data if cfg.val_data is not None else _default_val(cfg.data):
         s = val_streams[f"val/{_name(p)}"] = torch.from_numpy(token_stream(p, tokenizer))
         if len(s) < cfg.seq_len + 1:  # found now, not at the first evaluation
             raise LongMemError(f"validation set {p} has {len(s)} tokens, fewer than one window of {cfg.seq_len + 1}; "
                                "give more text or a smaller --seq-len")
+    return train_streams, val_streams
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, tokenizer)
-    if cfg.init_from and not (cfg.resume and ckpt_path.exists()):
-        load_init(model, cfg.init_from)
-    model.to(device)
-    opt = adamw(model.parameters(), cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
-                fused=device.type == "cuda")
-    sched = schedule(opt, warmup=cfg.warmup, total=cfg.max_steps, decay="cosine", final=cfg.min_lr_ratio)
-    amp = torch.bfloat16 if cfg.precision == "bf16" else None
-    optim = Optimization(opt, sched, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
-                         cfg.grad_clip, amp)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    step, tokens_seen, train_seconds = 0, 0, 0.0
 
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-    records: list[dict] = []
-    if cfg.resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, weights_only=False, map_location=device)
-        saved = state["config"]
-        diff = [k for k in _SHAPE_FIELDS if saved[k] != getattr(cfg, k)]
-        if diff:
-            raise LongMemError(f"the checkpoint in {out} has a different {', '.join(diff)}; "
-                               "resume with the same shape flags or use another --out")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        gen.set_state(state["sampler_rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
-        step, tokens_seen, train_seconds = state["step"], state["tokens_seen"], state["seconds"]
-        if metrics_path.exists():  # drop what the killed run logged after its checkpoint
-            with open(metrics_path) as f:
-                records = [r for r in map(json.loads, f) if r["step"] <= step]
-    with open(metrics_path.with_name(".metrics.tmp"), "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(metrics_path.with_name(".metrics.tmp"), metrics_path)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+def resume(run: PretrainRun, device: torch.device) -> None:
+    """Model, optimizer, schedule, RNGs and counters from the checkpoint; the metrics logged after it dropped."""
+    state = torch.load(run.checkpoint_path, weights_only=False, map_location=device)
+    diff = [k for k in _SHAPE_FIELDS if state["config"][k] != getattr(run.cfg, k)]
+    if diff:
+        raise LongMemError(f"the checkpoint in {run.out} has a different {', '.join(diff)}; "
+                           "resume with the same shape flags or use another --out")
+    run.model.load_state_dict(state["model"])
+    run.optim.optimizer.load_state_dict(state["optimizer"])
+    run.optim.scheduler.load_state_dict(state["scheduler"])
+    run.gen.set_state(state["sampler_rng"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    run.step, run.tokens_seen, run.train_seconds = state["step"], state["tokens_seen"], state["seconds"]
+    if run.metrics_path.exists():  # drop what the killed run logged after its checkpoint
+        with open(run.metrics_path) as f:
+            run.records = [r for r in map(json.loads, f) if r["step"] <= run.step]
 
-    def log(record: dict) -> None:
-        records.append(record)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
-    def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "sampler_rng": gen.get_state(),
-            "torch_rng": torch.get_rng_state(), "step": step, "tokens_seen": tokens_seen,
-            "seconds": train_seconds, "config": asdict(cfg),
-        })
+def log(run: PretrainRun, record: dict) -> None:
+    run.records.append(record)
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
-    def run_eval() -> dict:
-        return {k: round(evaluate(model, s, cfg.seq_len, cfg.eval_tokens, cfg.batch_size,
-                                  cfg.precision)[0], 4)
-                for k, s in val_streams.items()}
 
-    model.train()
-    start = time.monotonic()
-    stop_reason = "max_steps"
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="pretrain", disable=not progress,
-               mininterval=5, dynamic_ncols=True)
-    window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
-    while step < cfg.max_steps:
-        if cfg.max_minutes is not None and time.monotonic() - start > cfg.max_minutes * 60:
-            stop_reason = "max_minutes"
-            break
-        t0 = time.monotonic()
-        windows = sample_batch(train_streams, cfg.batch_size, cfg.seq_len, gen, cfg.weights)
-        stats = train_step(model, [MicroBatch(windows[:, :-1], windows[:, 1:])], optim)
-        if not stats.finite:
-            raise LongMemError(f"loss became {stats.loss} at step {step}; the last checkpoint is kept in {out}/checkpoint. "
-                               "Lower --lr or use --precision fp32")
-        step += 1
-        n_tok = cfg.batch_size * cfg.seq_len
-        tokens_seen += n_tok
-        window_loss += stats.loss
-        train_seconds += time.monotonic() - t0
-        window_tokens += n_tok
-        bar.update(1)
-        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            k = window_tokens // n_tok  # steps since the last record
-            tps = window_tokens / max(1e-9, time.monotonic() - window_t0)
-            rec = {"step": step, "loss": round(window_loss / k, 4),
-                   "lr": sched.get_last_lr()[0], "grad_norm": round(stats.grad_norm, 3),
-                   "tokens": tokens_seen, "tok_per_s": round(tps, 1),
-                   "seconds": round(train_seconds, 1)}
-            bar.set_postfix(loss=rec["loss"], tok_s=int(tps), lr=f"{rec['lr']:.2e}")
-            if step % cfg.eval_every == 0 and val_streams:
-                rec.update(run_eval())
-                bar.write(" ".join(f"{k}={v}" for k, v in rec.items()))
-                plot_losses(records + [rec], out / "loss.png")
-            log(rec)
-            window_loss, window_tokens, window_t0 = 0.0, 0, time.monotonic()
-        if step % cfg.save_every == 0:
-            checkpoint()
-    bar.close()
+def checkpoint(run: PretrainRun) -> None:
+    save_checkpoint(run.checkpoint_path, {
+        "model": run.model.state_dict(), "optimizer": run.optim.optimizer.state_dict(),
+        "scheduler": run.optim.scheduler.state_dict(), "sampler_rng": run.gen.get_state(),
+        "torch_rng": torch.get_rng_state(), "step": run.step, "tokens_seen": run.tokens_seen,
+        "seconds": run.train_seconds, "config": asdict(run.cfg),
+    })
 
-    final = {"step": step, "stopped": stop_reason, "tokens": tokens_seen,
-             "seconds": round(train_seconds, 1)}
-    if val_streams:
-        final.update(run_eval())
-    log(final)
-    checkpoint()
-    save_model(model, tokenizer, out)
-    plot_losses(records, out / "loss.png")
+
+def validate(run: PretrainRun) -> dict:
+    cfg = run.cfg
+    return {k: round(evaluate(run.model, s, cfg.seq_len, cfg.eval_tokens, cfg.batch_size, cfg.precision)[0], 4)
+            for k, s in run.val_streams.items()}
+
+
+def finish(run: PretrainRun, stop_reason: str) -> dict:
+    """The final record (with validation), a last checkpoint, the exported model and the loss plot."""
+    final = {"step": run.step, "stopped": stop_reason, "tokens": run.tokens_seen, "seconds": round(run.train_seconds, 1)}
+    if run.val_streams:
+        final.update(validate(run))
+    log(run, final)
+    checkpoint(run)
+    save_model(run.model, run.tokenizer, run.out)
+    plot_losses(run.records, run.out / "loss.png")
     return final
 
 
