@@ -259,10 +259,8 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name("." + path.name)
-    fig.savefig(tmp, dpi=110, format="png")
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- training
@@ -470,9 +468,7 @@ def export_backbone(run_dir: str | os.PathLike, dest: str | os.PathLike) -> dict
     save_model(model, tokenizer, dest)
     for src, name in (("metrics.jsonl", "pretrain-metrics.jsonl"), ("loss.png", "pretrain-loss.png")):
         if (run / src).is_file():
-            tmp = dest / f".{name}.tmp"
-            shutil.copyfile(run / src, tmp)
-            os.replace(tmp, dest / name)
+            atomic_write(dest / name, lambda tmp, src=src: shutil.copyfile(run / src, tmp))
     return {"step": state["step"], "tokens": state["tokens_seen"], "seconds": state["seconds"]}
 
 

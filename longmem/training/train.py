@@ -31,7 +31,7 @@ from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
 from longmem.eval.staleness import staleness
-from longmem.io import file_sha256
+from longmem.io import atomic_write, file_sha256
 from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
 from longmem.model import LongMem
 from longmem.training.scale import (OPTIMIZER_FORMAT, STRATEGIES, add_lora, full_state, full_tensor, init_distributed,
@@ -542,7 +542,5 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
-    os.replace(tmp, png)
