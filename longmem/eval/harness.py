@@ -46,10 +46,10 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+import lm_eval
 import numpy as np
 import torch
 import torch.nn.functional as F
-import lm_eval
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager

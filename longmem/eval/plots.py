@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from longmem.io import atomic_write
+
 
 def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn (not by every command:
@@ -16,6 +18,13 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, path, dpi: int = 120) -> None:
+    """Write ``fig`` as a PNG atomically (folders created) and free it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    pyplot().close(fig)
 
 
 def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel: str, title: str, hline=None,
@@ -38,9 +47,7 @@ def plot_lines(path, xs: list[str], lines: dict[str, list], xlabel: str, ylabel:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[str, list] | None, ylabel: str, title: str,
@@ -62,6 +69,4 @@ def plot_bars(path, groups: list[str], series: dict[str, list], errors: dict[str
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

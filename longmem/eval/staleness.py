@@ -12,9 +12,8 @@ from pathlib import Path
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.plots import pyplot
+from longmem.eval.plots import pyplot, save_figure
 from longmem.memory import MemoryBank
-
 
 
 @torch.no_grad()
@@ -69,5 +68,4 @@ def plot_staleness(curves: dict[str, dict[int, float]], path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)

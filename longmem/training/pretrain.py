@@ -34,6 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
+from longmem.eval.plots import pyplot, save_figure
 from longmem.io import atomic_write
 from longmem.loading import load_tokenizer, resolve_device
 from longmem.model import next_token_loss
@@ -242,11 +243,7 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     if train:
@@ -259,8 +256,7 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------- training

@@ -30,12 +30,24 @@ from longmem.config import LongMemConfig
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
+from longmem.eval.plots import pyplot, save_figure
 from longmem.eval.staleness import staleness
-from longmem.io import atomic_write, file_sha256
+from longmem.io import file_sha256
 from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
 from longmem.model import LongMem
-from longmem.training.scale import (OPTIMIZER_FORMAT, STRATEGIES, add_lora, full_state, full_tensor, init_distributed,
-                                    load_optimizer_state, lora_layers, merge_lora, optimizer_state, shard)
+from longmem.training.scale import (
+    OPTIMIZER_FORMAT,
+    STRATEGIES,
+    add_lora,
+    full_state,
+    full_tensor,
+    init_distributed,
+    load_optimizer_state,
+    lora_layers,
+    merge_lora,
+    optimizer_state,
+    shard,
+)
 from longmem.training.step import Optimization, adamw, schedule, train_step
 
 
@@ -517,11 +529,7 @@ def finish(run: Run, last: dict, stop_reason: str) -> dict:
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
     train_rows = [r for r in rows if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -542,5 +550,4 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
+    save_figure(fig, png, dpi=110)
