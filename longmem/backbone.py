@@ -46,6 +46,7 @@ from transformers.pytorch_utils import Conv1D
 
 from longmem.attention import causal_attention
 from longmem.errors import LongMemError
+from longmem.gguf import gguf_folder, is_gguf
 
 ATTN_NAME = "longmem"  # the name under which LongMem's attention function is registered in transformers
 
@@ -225,6 +226,8 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = str(model_or_path)
+    if is_gguf(name):
+        name = str(gguf_folder(name))  # converted once into the user's cache
     try:
         config = AutoConfig.from_pretrained(name)
     except (OSError, ValueError) as e:

@@ -19,6 +19,7 @@ from longmem.errors import LongMemError
 BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("ip", "cosine")
 QUERIES = ("query", "key")
+INITS = ("paper", "identity")
 
 
 @dataclass
@@ -40,6 +41,9 @@ class LongMemConfig:
     # found holds the token seen before, and the one to copy is its successor, in the next chunk 1 time in csz
     # (RESULTS.md, "Why recall is hard for this model"). K doubles; a successor that is itself retrieved is taken once.
     retrieval_next: bool = False
+    # how the SideNet starts: "paper" = copies of the backbone's odd blocks (section 3.2); "identity" = the same copies
+    # behind a residual scale alpha_i = 0 each, so that the untrained SideNet's logits are the backbone's (not in the paper)
+    sidenet_init: str = "paper"
 
     def __post_init__(self):
         if self.memory_layer is not None:
@@ -64,6 +68,8 @@ class LongMemConfig:
             raise LongMemError(f"retrieval_query must be one of {QUERIES}, got {self.retrieval_query!r}")
         if not isinstance(self.retrieval_next, bool):
             raise LongMemError(f"retrieval_next must be true or false, got {self.retrieval_next!r}")
+        if self.sidenet_init not in INITS:
+            raise LongMemError(f"sidenet_init must be one of {INITS}, got {self.sidenet_init!r}")
         if self.retrieval_backend not in BACKENDS:
             raise LongMemError(f"retrieval_backend must be one of {BACKENDS}, got {self.retrieval_backend!r}")
 

@@ -119,10 +119,25 @@ class MemoryLM(nn.Module):
             raise LongMemError(f"write_memory takes (1 or {R}, tokens) ids for {R} memory row(s), got shape {tuple(input_ids.shape)}")
         T = self.segment_length
         for start in range(0, input_ids.shape[1], T):
-            seg = input_ids[:, start:start + T].to(self.device)
-            self.check_inputs(seg)
-            kv = self.backbone(seg, self.memory_layer, upto=self.memory_layer)
-            memory.add(kv.keys.expand(R, -1, -1, -1), kv.values.expand(R, -1, -1, -1), rows=rows)  # (R, Hkv, t, Dh)
+            keys, values = self.memory_entries(input_ids[:, start:start + T])
+            memory.add(keys.expand(R, -1, -1, -1), values.expand(R, -1, -1, -1), rows=rows)  # (R, Hkv, t, Dh)
+
+    @torch.no_grad()
+    def memory_entries(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What writing one segment to a memory stores: the frozen backbone's block-m keys (pre-rotary) and values.
+
+        They depend on the backbone alone, so they can be computed once and added to many memories
+        (``memory.add(keys, values)``).
+
+        Args:
+            input_ids: (R, t) token ids, t <= the backbone's context.
+        Returns:
+            keys, values: (R, Hkv, t, Dh) each.
+        """
+        seg = input_ids.to(self.device)
+        self.check_inputs(seg)
+        kv = self.backbone(seg, self.memory_layer, upto=self.memory_layer)
+        return kv.keys, kv.values
 
     @torch.no_grad()
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -180,7 +195,7 @@ class LongMem(MemoryLM):
         super().__init__()
         self.config = resolve_config(config, backbone.num_layers, backbone.max_positions)
         self.backbone = backbone
-        self.sidenet = sidenet if sidenet is not None else SideNet(backbone, self.config.memory_layer)
+        self.sidenet = sidenet if sidenet is not None else SideNet(backbone, self.config.memory_layer, self.config.sidenet_init)
 
     # -- construction ------------------------------------------------------------------------------
 

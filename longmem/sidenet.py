@@ -10,6 +10,11 @@ L backbone layers, L_s = L // 2 SideNet layers, j = (m - 1) / 2 the memory-augme
 Block_i is a copy of backbone block 2i+1. The last residual uses the raw output of the last
 backbone block Hb[L] (the official code used the final-normed state), which
 for an odd L also covers block L-1.
+
+Identity start (``LongMemConfig.sidenet_init="identity"``, not in the paper): block i gets a residual
+scale alpha_i, initialised to 0, and computes ``x + alpha_i * (Block_i(x) - x)``. With every alpha at 0,
+x_i = Hb[2i] by induction and the logits are the backbone's own, so adaptation starts from the
+backbone's language instead of relearning it. A block whose alpha is 0 and not trained is skipped.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from longmem.backbone import Backbone, LayerInputs
 
 
 class SideNet(nn.Module):
-    def __init__(self, backbone: Backbone, memory_layer: int):
+    def __init__(self, backbone: Backbone, memory_layer: int, init: str = "paper"):
         super().__init__()
         L = backbone.num_layers
         self.num_layers = L // 2
@@ -32,6 +37,9 @@ class SideNet(nn.Module):
         self.blocks = nn.ModuleList(backbone.copy_block(2 * i + 1) for i in range(self.num_layers))
         self.norm = backbone.copy_norm()
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
+        # alpha_i, one scalar per block (identity start only): each its own parameter, so one block's can train alone
+        self.scales = (nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(self.num_layers))
+                       if init == "identity" else None)
         self.requires_grad_(True)
         # recompute block activations in the backward pass instead of keeping them (training only)
         self.grad_checkpointing = False
@@ -66,14 +74,25 @@ class SideNet(nn.Module):
             return core
 
         dtype = self.gate.dtype  # the SideNet's own (fp32 over a bf16 backbone, say); a no-op when they agree
+        skipped = self.skipped_blocks()
         x = hidden[0].to(dtype)
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
             use_memory = i == self.memory_index and retrieve is not None
-            # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
-            if self.grad_checkpointing and torch.is_grad_enabled() and not use_memory:
-                y = checkpoint(backbone.block_forward, block, x, layer_inputs[2 * i + 1], core_for(i), use_reentrant=False)
-            else:
-                y = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
-            x = y + (hidden[hi] - hidden[lo]).to(dtype)  # eq (2)
+            if i not in skipped:
+                # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
+                if self.grad_checkpointing and torch.is_grad_enabled() and not use_memory:
+                    y = checkpoint(backbone.block_forward, block, x, layer_inputs[2 * i + 1], core_for(i), use_reentrant=False)
+                else:
+                    y = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
+                x = y if self.scales is None else x + self.scales[i].to(dtype) * (y - x)  # identity start: alpha_i
+            x = x + (hidden[hi] - hidden[lo]).to(dtype)  # eq (2)
         return backbone.logits(x, norm=self.norm)
+
+    def skipped_blocks(self) -> set[int]:
+        """Identity start: the blocks whose alpha is exactly 0 and not being trained (they add nothing)."""
+        if self.scales is None:
+            return set()
+        training = torch.is_grad_enabled()
+        values = torch.stack([a.detach() for a in self.scales]).tolist()  # one device sync per forward
+        return {i for i, (a, v) in enumerate(zip(self.scales, values)) if v == 0.0 and not (training and a.requires_grad)}

@@ -10,7 +10,7 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "longmem"
 TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
-        "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
+        "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
 BASE = ("longmem.config", "longmem.errors", "longmem.io")
 
 

