@@ -24,6 +24,7 @@ from torch import nn
 
 from longmem.attention import joint_attention
 from longmem.backbone import Backbone, load_causal_lm
+from longmem.cache import WindowCache
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.io import CHECKPOINT_VERSION, atomic_write, read_checkpoint_meta, write_checkpoint_meta
@@ -137,3 +138,33 @@ class FinetunedLM(_TrainedBackbone):
 
 
 BASELINES = {cls.method: cls for cls in (CoupledMemoryLM, FinetunedLM)}
+
+
+class PlainBackbone(MemoryLM):
+    """The frozen backbone alone, behind the same ``forward(ids, memory=, cache=)`` as LongMem: the paper's
+    baseline, decoded with a KV cache by the same ``Decoder``. It has no memory; a memory passed is ignored,
+    so one evaluation loop serves every mode.
+
+    ``PlainBackbone(model)`` shares ``model``'s backbone (no copy); its window is ``model``'s unless ``window``
+    (up to the backbone's context, e.g. the whole of a prompt that fits) is given.
+    """
+
+    method = "backbone"
+
+    def __init__(self, model: MemoryLM, window: int | None = None):
+        super().__init__()
+        self.config = model.config if window is None else model.config.replace(segment_length=window)
+        self.backbone = model.backbone
+
+    def new_cache(self) -> WindowCache:
+        return WindowCache(self.backbone.num_layers, 0, self.segment_length, self.memory_layer)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
+                update_memory: bool = True, cache: WindowCache | None = None) -> LongMemOutput:
+        self.check_inputs(input_ids, labels)
+        start = len(cache) if cache is not None else 0
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        bb = self.backbone(input_ids, self.memory_layer, positions, cache=None if cache is None else cache.backbone)
+        logits = self.backbone.logits(bb.hidden_states[-1])
+        return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))

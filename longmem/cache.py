@@ -11,6 +11,8 @@ reused after ``reset``, so a decoding step copies only its own token's keys and 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -54,6 +56,10 @@ class KVCache:
         self._buffers[layer] = buf
         return buf
 
+    def clone(self) -> "KVCache":
+        """An independent copy (its own buffers): extending it leaves this cache as it is."""
+        return copy.deepcopy(self)
+
     def reset(self) -> None:
         """Empty the window; the buffers are kept for the next tokens."""
         n = len(self.keys)
@@ -80,6 +86,9 @@ class WindowCache:
     def memory_kv(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         m = self.memory_layer
         return self.backbone.raw_keys[m], self.backbone.values[m]
+
+    def clone(self) -> "WindowCache":
+        return copy.deepcopy(self)
 
     def reset(self) -> None:
         self.backbone.reset()

@@ -15,6 +15,7 @@ Glossary: B rows (prompts, each with its own memory row), W window tokens, S tok
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -73,8 +74,9 @@ class Decoder:
         return self.moved + self.tokens.shape[1]
 
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
-        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one.
+    def feed(self, ids: torch.Tensor, check: bool = True, every: bool = False) -> torch.Tensor:
+        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one, or with
+        ``every`` the logits (B, n, V) after each of them.
 
         ``check=False`` skips validating ``ids`` up front (for tokens the model itself just produced);
         ``forward`` still checks each piece.
@@ -82,20 +84,30 @@ class Decoder:
         if check:
             for piece in ids.split(self.W, dim=1):  # each piece fits the window; nothing is fed if one is bad
                 self.model.check_inputs(piece)
-        logits = None
+        pieces = []
         while ids.shape[1]:
             room = self.W - self.tokens.shape[1]
             if room == 0:
                 self._slide()
                 room = self.W - self.tokens.shape[1]
-            logits = self._forward(ids[:, :room])
+            pieces.append(self._forward(ids[:, :room], every))
             ids = ids[:, room:]
-        return logits
+        if not pieces:
+            return None
+        return torch.cat(pieces, dim=1) if every else pieces[-1]
 
-    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def fork(self) -> "Decoder":
+        """A decoder that has read the same tokens, with its own copy of the window's cache (the memory is
+        shared and read-only while neither slides): score several continuations of one prefix, each from the
+        prefix's cache, without reading the prefix again."""
+        other = copy.copy(self)
+        other.cache = self.cache.clone()
+        return other
+
+    def _forward(self, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
         out = self.model(ids, memory=self.memory, update_memory=False, cache=self.cache)
         self.tokens = torch.cat([self.tokens, ids], dim=1)
-        return out.logits[:, -1].float()
+        return out.logits.float() if every else out.logits[:, -1].float()
 
     def flush(self) -> None:
         """Write the window's tokens into the memory too (e.g. at the end of a chat); the window stays."""
@@ -137,8 +149,11 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
 
 def generate_stream(model, input_ids: torch.Tensor, memory=None, cfg: SamplingConfig | None = None,
                     generator: torch.Generator | None = None, tokenizer=None, window: int | None = None,
-                    keep: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield (B,) new tokens step by step. Finished rows (a stop id or string) repeat their stop token."""
+                    keep: int | None = None, decoder: Decoder | None = None) -> Iterator[torch.Tensor]:
+    """Yield (B,) new tokens step by step. Finished rows (a stop id or string) repeat their stop token.
+
+    ``decoder``: go on from a ``Decoder`` that has already read the start of the prompt (``input_ids`` is
+    then the rest of it, at least one token); ``memory``, ``window`` and ``keep`` are the decoder's own."""
     cfg = cfg or SamplingConfig()
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise LongMemError("input_ids must be a non-empty (batch, tokens) tensor of token ids; pad prompts to one length or generate them one by one")
@@ -146,7 +161,7 @@ def generate_stream(model, input_ids: torch.Tensor, memory=None, cfg: SamplingCo
         raise LongMemError("stop_strings need the tokenizer (pass tokenizer=...)")
     was_training = model.training
     model.eval()
-    dec = Decoder(model, input_ids.shape[0], memory, window, keep)
+    dec = decoder or Decoder(model, input_ids.shape[0], memory, window, keep)
     logits = dec.feed(input_ids.to(model.device))
     B = input_ids.shape[0]
     finished = torch.zeros(B, dtype=torch.bool, device=logits.device)

@@ -35,6 +35,7 @@ from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
 from longmem.eval.chapterbreak import build_examples, evaluate_chapterbreak, load_chapterbreak, read_book
 from longmem.eval.icl import evaluate_icl, get_task, load_examples
+from longmem.eval.passkey import FULL as PASSKEY_FULL
 from longmem.eval.passkey import evaluate_passkey
 from longmem.eval.perplexity import BUCKETS, bucket_name, format_ppl, run_ppl
 from longmem.eval.plots import plot_bars, plot_lines
@@ -197,23 +198,28 @@ def _run_passkey(args) -> int:
     check_output(args.json)
     check_output(args.plot, "--plot")
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
-    report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed,
+    modes = MODES + ((PASSKEY_FULL,) if args.full_context else ())
+    report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed, modes=modes,
                               memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, progress=args.progress, warn=warn)
     report["meta"] = {"model": str(args.model or "(shipped default)")}
     print(f"pass key: {args.trials} trials per distance, local window {report['segment_length']}, "
           f"memory {report['memory_size']} tokens")
-    print(f"accuracy greedy (exact digits) / choice (most likely of {args.candidates} keys)")
-    print(f"{'distance':>10}" + "".join(f"{m:>20}" for m in MODES))
+    print(f"accuracy greedy (exact digits) / choice (most likely of {args.candidates} keys); n/a: the prompt does "
+          "not fit the backbone's context")
+
+    def cell(r):
+        return f"{'n/a':>20}" if r["trials"] == 0 else f"{r['accuracy_greedy']:>13.2f} / {r['accuracy_choice']:.2f}"
+
+    print(f"{'distance':>10}" + "".join(f"{m:>20}" for m in modes))
     for d in args.distances:
-        print(f"{d:>10}" + "".join(f"{report[m]['by_distance'][str(d)]['accuracy_greedy']:>13.2f} / "
-                                   f"{report[m]['by_distance'][str(d)]['accuracy_choice']:.2f}" for m in MODES))
+        print(f"{d:>10}" + "".join(cell(report[m]["by_distance"][str(d)]) for m in modes))
     if args.json:
         write_result(args.json, report)
     if args.plot:
         xs = [str(d) for d in args.distances]
         lines = {}
-        for m in MODES:
+        for m in modes:
             lines[f"{m} greedy"] = [report[m]["by_distance"][x]["accuracy_greedy"] for x in xs]
             lines[f"{m} choice"] = [report[m]["by_distance"][x]["accuracy_choice"] for x in xs]
         plot_lines(args.plot, xs, lines, "distance of the key (tokens)", "accuracy", "Pass-key retrieval",
@@ -428,6 +434,8 @@ def add_parser(sub) -> None:
     k.add_argument("--max-new-tokens", type=int, default=8, metavar="N",
                    help="tokens generated for the greedy answer (default: 8)")
     k.add_argument("--seed", type=int, default=0, metavar="S", help="seed for keys and lead-ins (default: 0)")
+    k.add_argument("--full-context", action="store_true",
+                   help="also run the backbone with the whole prompt in its own context, where it fits (backbone_full)")
     _model_flags(k)
     _memory_flags(k)
     _output_flags(k, "accuracy by distance, one line per mode and rule")

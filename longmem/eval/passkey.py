@@ -18,6 +18,11 @@ Two rules, both reported:
 
 ``greedy``  exact match: the model greedily generates ``max_new_tokens`` tokens (not written to
             memory); the first run of digits in the decoded text must equal the key.
+Modes: ``longmem`` (local window + memory), ``no_memory`` (same weights, window only), ``backbone`` (the
+frozen backbone on the same window) and, when asked, ``backbone_full`` (the backbone with the whole prompt in
+its own context, for prompts that fit it). Each prompt is read once through the KV-cached decoder: the greedy
+answer and every candidate's score come from that one read.
+
 ``choice``  the key must be strictly the most likely (summed log-probability as the continuation
             of the question) among itself and ``candidates - 1`` other random 5-digit numbers.
 """
@@ -33,7 +38,9 @@ import torch
 from tqdm import tqdm
 
 from longmem.errors import LongMemError
-from longmem.eval.scoring import MODES, encode, fill_memory, score_continuations, split_context, window_logits
+from longmem.baselines import PlainBackbone
+from longmem.eval.scoring import MODES, encode, fill_memory, split_context
+from longmem.generation import Decoder, SamplingConfig, generate_stream
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.")
@@ -44,6 +51,7 @@ QUESTION = " What is the pass key? The pass key is"
 ANSWER = " {key}"
 LEAD_IN = 3  # at most this many filler sentences before the key
 KEYS = 90_000  # 5-digit keys, 10000-99999
+FULL = "backbone_full"  # the backbone with the whole prompt in its own context (where it fits)
 MAX_DISTANCE = 10_000_000  # a bound against typos: the prompt's ids are built in RAM and read through the model
 
 
@@ -64,16 +72,26 @@ def build_prompt(tokenizer, key: str, distance: int, lead_in: int) -> tuple[np.n
 
 
 @torch.no_grad()
-def greedy_generate(model, mode: str, context: np.ndarray, steps: int, memory=None) -> list[int]:
-    """``steps`` greedy tokens after ``context`` in one local window (recomputed each step; the memory
-    is read, never written)."""
-    ids = torch.as_tensor(context, dtype=torch.long, device=model.device).view(1, -1)
-    out = []
-    for _ in range(steps):
-        nxt = window_logits(model, mode, ids, memory)[0, -1].argmax()
-        out.append(int(nxt))
-        ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
-    return out
+def read_and_answer(net, context: np.ndarray, answers: list[np.ndarray], max_new_tokens: int, memory=None) -> tuple[list[int], list[float]]:
+    """Read ``context`` once through a KV-cached ``Decoder``; from that one read, score each candidate answer
+    (summed log-probability, each on its own fork of the cache) and generate ``max_new_tokens`` greedily.
+    The memory is read, never written.
+
+    Returns:
+        the greedy tokens and each answer's summed log-probability.
+    """
+    ctx = torch.as_tensor(context, dtype=torch.long, device=net.device).view(1, -1)
+    dec = Decoder(net, 1, memory)
+    if ctx.shape[1] > 1:
+        dec.feed(ctx[:, :-1])
+    sums = []
+    for answer in answers:
+        a = torch.as_tensor(answer, dtype=torch.long, device=net.device).view(1, -1)
+        logits = dec.fork().feed(torch.cat([ctx[:, -1:], a[:, :-1]], dim=1), every=True)[0]  # (len(a), V)
+        sums.append(float(torch.log_softmax(logits.double(), dim=-1).gather(1, a.view(-1, 1)).sum()))
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens)
+    generated = [int(t) for t in generate_stream(net, ctx[:, -1:], cfg=cfg, decoder=dec)]
+    return generated, sums
 
 
 def answer_digits(text: str) -> str:
@@ -106,7 +124,7 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
     meta = {}
     bar = tqdm(total=len(distances) * trials, desc="passkey", unit="trial", disable=not progress, leave=False)
     for distance in distances:
-        tally = {mode: {"greedy": 0, "choice": 0, "key_logprob": 0.0} for mode in modes}
+        tally = {mode: {"greedy": 0, "choice": 0, "key_logprob": 0.0, "skipped": 0} for mode in modes}
         actual, in_window = [], 0
         for _ in range(trials):
             key = f"{rng.randrange(10000, 100000)}"
@@ -124,13 +142,19 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
             mem_ids, local = split_context(ids, local_len, chunk)
             in_window += key_end > len(mem_ids)  # the key itself is in the local window
             for mode in modes:
-                memory = None
+                memory, net, context = None, model, local
                 if mode == "longmem":
                     memory = model.new_memory(1, **memory_kwargs)
                     fill_memory(model, memory, mem_ids)
-                generated = greedy_generate(model, mode, local, max_new_tokens, memory)
+                elif mode == "backbone":
+                    net = PlainBackbone(model)
+                elif mode == FULL:
+                    if len(ids) + max_new_tokens > model.backbone.max_positions:
+                        tally[mode]["skipped"] += 1
+                        continue
+                    net, context = PlainBackbone(model, window=model.backbone.max_positions), ids
+                generated, sums = read_and_answer(net, context, answers, max_new_tokens, memory)
                 tally[mode]["greedy"] += answer_digits(tokenizer.decode(generated)) == key
-                sums = [float(lp.sum()) for lp in score_continuations(model, mode, local, answers, memory).logprobs]
                 tally[mode]["choice"] += sums[0] > max(sums[1:])
                 tally[mode]["key_logprob"] += sums[0]
             bar.update(1)
@@ -142,8 +166,13 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
         meta[str(distance)] = {"actual_distance": float(np.mean(actual)), "key_in_local_window": in_window}
         for mode in modes:
             t = tally[mode]
-            results[mode][str(distance)] = {"accuracy_greedy": t["greedy"] / trials, "accuracy_choice": t["choice"] / trials,
-                                            "key_logprob": t["key_logprob"] / trials, "trials": trials}
+            done = trials - t["skipped"]
+            if not done:  # the whole prompt does not fit the backbone's context: no figure, not a zero
+                results[mode][str(distance)] = {"accuracy_greedy": None, "accuracy_choice": None, "key_logprob": None,
+                                                "trials": 0}
+                continue
+            results[mode][str(distance)] = {"accuracy_greedy": t["greedy"] / done, "accuracy_choice": t["choice"] / done,
+                                            "key_logprob": t["key_logprob"] / done, "trials": done}
     bar.close()
     model.train(was_training)
     report = {"distances": list(distances), "trials": trials, "segment_length": T, "memory_size": M,
@@ -151,10 +180,12 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
               "by_distance": meta,
               "rules": {"accuracy_greedy": "greedy generation, first digit run equals the key",
                         "accuracy_choice": f"key most likely among {candidates} 5-digit candidates"}}
+    report["modes"] = list(modes)
     for mode in modes:
+        measured = [r for r in results[mode].values() if r["trials"]]
         report[mode] = {
             "by_distance": results[mode],
-            "accuracy_greedy": float(np.mean([r["accuracy_greedy"] for r in results[mode].values()])),
-            "accuracy_choice": float(np.mean([r["accuracy_choice"] for r in results[mode].values()])),
+            "accuracy_greedy": float(np.mean([r["accuracy_greedy"] for r in measured])) if measured else None,
+            "accuracy_choice": float(np.mean([r["accuracy_choice"] for r in measured])) if measured else None,
         }
     return report
