@@ -119,3 +119,20 @@ def gguf_folder(path, progress=None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+PACKAGE_REF = "package:"  # a backbone reference "package:DIST:SUFFIX": the file a pip distribution ships
+
+
+def package_reference(package: str, suffix: str) -> str:
+    return f"{PACKAGE_REF}{package}:{suffix}"
+
+
+def resolve_reference(ref: str) -> str:
+    """A checkpoint's backbone reference as something ``from_pretrained`` loads: a ``package:DIST:SUFFIX`` reference
+    or a ``.gguf`` file becomes the converted folder; anything else (a folder, a hub id) is returned unchanged."""
+    ref = str(ref)
+    if ref.startswith(PACKAGE_REF):
+        package, _, suffix = ref[len(PACKAGE_REF):].partition(":")
+        ref = str(package_file(package, suffix))
+    return str(gguf_folder(ref)) if is_gguf(ref) else ref

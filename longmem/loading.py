@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 from longmem.backbone import parse_dtype
 from longmem.baselines import BASELINES
 from longmem.errors import LongMemError
+from longmem.gguf import resolve_reference
 from longmem.io import CONFIG_FILE, read_checkpoint_meta
 from longmem.model import LongMem, MemoryLM
 
@@ -89,5 +90,5 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None,
     if device is not None:
         model = model.to(device)
     ref = meta["backbone"]["path"]
-    tok_dir = path / ref if (path / ref).is_dir() else Path(ref)
+    tok_dir = path / ref if (path / ref).is_dir() else Path(resolve_reference(ref))
     return model.eval(), load_tokenizer(str(tok_dir))

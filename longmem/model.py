@@ -32,6 +32,7 @@ from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
 from longmem.generation import generate
+from longmem.gguf import resolve_reference
 from longmem.io import CHECKPOINT_VERSION, atomic_write, file_sha256, read_checkpoint_meta, write_checkpoint_meta
 from longmem.memory import MemoryBank
 from longmem.sidenet import SideNet
@@ -274,12 +275,16 @@ class LongMem(MemoryLM):
 
     # -- persistence -------------------------------------------------------------------------------
 
-    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None, state: dict | None = None) -> None:
+    def save_pretrained(self, path, save_backbone: bool = False, tokenizer=None, state: dict | None = None,
+                        only: list[str] | None = None, dtype=None, backbone_ref: str | None = None) -> None:
         """Save the SideNet (the only trained part) and the config; the backbone by reference.
 
         ``save_backbone=True`` also writes the backbone (and ``tokenizer``) into ``path/backbone`` so
         the folder is self-contained and relocatable. ``state``: the SideNet weights to write instead of
         ``sidenet.state_dict()`` (distributed training passes them gathered from the shards, LoRA merged).
+        ``only``: write just these SideNet tensors (those that trained); loading rebuilds the others from the
+        backbone as the config's initialisation makes them. ``dtype``: store the tensors in this type (e.g. bf16).
+        ``backbone_ref``: the reference to record instead of the backbone's path (e.g. a ``package:`` reference).
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
@@ -288,6 +293,8 @@ class LongMem(MemoryLM):
             if tokenizer is not None:
                 tokenizer.save_pretrained(path / "backbone")
             ref = "backbone"
+        elif backbone_ref is not None:
+            ref = backbone_ref
         else:
             name = self.backbone.name
             ref = os.path.abspath(name) if os.path.isdir(name) else name
@@ -299,7 +306,15 @@ class LongMem(MemoryLM):
             "backbone": {"path": ref, "model_type": self.backbone.model_type, "fingerprint": self.backbone.fingerprint(),
                          "dtype": str(self.backbone.dtype).removeprefix("torch.")},  # the type the fingerprint was taken in
         }
-        state = {k: v.detach().contiguous().cpu() for k, v in (state or self.sidenet.state_dict()).items()}
+        state = state or self.sidenet.state_dict()
+        if only is not None:
+            unknown = sorted(set(only) - set(state))
+            if unknown:
+                raise LongMemError(f"cannot save SideNet tensors {unknown[:3]}: the SideNet has no such tensors")
+            state = {k: state[k] for k in only}
+            meta["partial"] = True  # the other tensors come from the backbone, as initialised
+        store = parse_dtype(dtype)
+        state = {k: (v if store is None else v.to(store)).detach().contiguous().cpu() for k, v in state.items()}
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(state, tmp, metadata={"format": "longmem-sidenet"}))
         meta["weights_sha256"] = file_sha256(path / WEIGHTS_FILE)
         write_checkpoint_meta(path, meta)
@@ -318,7 +333,7 @@ class LongMem(MemoryLM):
             raise LongMemError(f"{path} holds a {meta['method']!r} baseline, not a LongMem model; load it with longmem.load_model")
         if backbone is None:
             ref = meta["backbone"]["path"]
-            backbone = path / ref if (path / ref).is_dir() else ref
+            backbone = path / ref if (path / ref).is_dir() else resolve_reference(ref)
         stored = meta["backbone"].get("dtype", "float32")  # checkpoints before this field: fp32
         bb = Backbone(load_causal_lm(backbone, None if isinstance(backbone, nn.Module) else stored))
         want = meta["backbone"]["fingerprint"]
@@ -339,8 +354,8 @@ class LongMem(MemoryLM):
             state = load_file(str(path / WEIGHTS_FILE))
         except (SafetensorError, OSError) as e:
             raise LongMemError(f"cannot read {path / WEIGHTS_FILE}: {e}; the checkpoint is damaged or incomplete") from None
-        missing, unexpected = model.sidenet.load_state_dict(state, strict=False)
-        if missing or unexpected:
+        missing, unexpected = model.sidenet.load_state_dict(state, strict=False)  # cast to the SideNet's dtype
+        if (missing and not meta.get("partial")) or unexpected:
             raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return model.to(parse_dtype(dtype)) if dtype is not None else model
 

