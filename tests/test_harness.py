@@ -292,3 +292,22 @@ def test_the_harness_builds_the_model_from_an_argument_string(checkpoint):
     lm = get_model("longmem").create_from_arg_string(f"pretrained={checkpoint},memory=off,memory_size=64",
                                                      {"batch_size": None, "max_batch_size": None, "device": "cpu"})
     assert isinstance(lm, LongMemLM) and lm.mode == "no_memory" and lm.memory_kwargs == {"memory_size": 64}
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_a_score_does_not_depend_on_the_other_requests_of_its_batch(loaded, memory):
+    model, tok = loaded
+    rng = random.Random(11)
+    long_ctx = _demos(10, seed=6) + " Review: alpha Sentiment:"
+    assert len(encode(tok, long_ctx)) > 4 * model.segment_length
+    conts = [" positive", " negative", " " + _sentence(rng, 3), " " + _sentence(rng, 6), ""]
+    pairs = [(ctx, c) for ctx in (long_ctx, " Review: beta Sentiment:") for c in conts]
+    pairs.append((long_ctx, " " + _sentence(rng, 2 * model.segment_length)))  # longer than the window: streamed
+    together = dict(zip(pairs, _ll(_lm(loaded, memory=memory, batch_size=8), pairs)))
+    alone = {p: _ll(_lm(loaded, memory=memory, batch_size=1), [p])[0] for p in pairs}
+    order = pairs[:]
+    random.Random(3).shuffle(order)
+    split = {}
+    for part in (order[:3], order[3:7], order[7:]):  # shuffled, in three batches of another size
+        split.update(zip(part, _ll(_lm(loaded, memory=memory, batch_size=2), part)))
+    assert together == alone == split

@@ -13,11 +13,13 @@ Model arguments (``--model-args k=v,...``):
 
 How a long context is read (the same rule for every request type, LONGMEM.md s3.7):
 
-- ``loglikelihood``: the continuations of one context are scored together. The context's last
-  ``T - longest continuation`` tokens stay in the local window (T = the model's segment length); the
-  earlier part is written into a fresh memory, one local window at a time, oldest first (write after
-  read, as ``longmem eval ppl`` streams a document), and the continuations are scored in the last
-  window reading it. ``memory=off`` and ``backbone`` see the same local window without the memory. A
+- ``loglikelihood``: a request's score depends on its own context and continuation only, never on
+  the other requests of its batch. The context's last ``T - len(continuation)`` tokens stay in the
+  local window (T = the model's segment length), as the harness's HF model keeps the last tokens that
+  fit with the continuation; the earlier part is written into a fresh memory, one local window at a
+  time, oldest first (write after read, as ``longmem eval ppl`` streams a document), and the
+  continuation is scored in the last window reading it. Continuations of one context and one length
+  share that split and are scored side by side. ``memory=off`` and ``backbone`` see the same local window without the memory. A
   context that fits the window needs no memory: all modes but ``backbone`` then give LongMem's
   no-memory scores. A continuation longer than the window is scored by streaming context and
   continuation window by window, as ``loglikelihood_rolling`` does.
@@ -230,17 +232,18 @@ class LongMemLM(TemplateLM):
         return split_context(np.asarray(context, dtype=np.int64), self.model.segment_length - room, self.chunk_size)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """Score (context, continuation) token pairs; the continuations of one context are scored together."""
+        """Score (context, continuation) token pairs; the continuations of one context and one length (hence one
+        split of the context) are scored together."""
         disable_tqdm = disable_tqdm or not self.progress
         groups: dict[tuple, list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
-            groups.setdefault(tuple(ctx), []).append(i)
+            groups.setdefault((tuple(ctx), len(cont)), []).append(i)
         T = self.model.segment_length
         results: list = [None] * len(requests)
         # contexts sharing a long prefix follow each other, shortest first: each extends the last cached prefix
-        order = sorted(groups, key=lambda c: (len(c), c))
-        for ctx in tqdm(order, desc=f"longmem {self.memory} loglikelihood", disable=disable_tqdm, leave=False):
-            idxs = groups[ctx]
+        order = sorted(groups, key=lambda g: (len(g[0]), g))
+        for key in tqdm(order, desc=f"longmem {self.memory} loglikelihood", disable=disable_tqdm, leave=False):
+            ctx, idxs = key[0], groups[key]
             short = []
             for i in idxs:
                 cont = np.asarray(requests[i][2], dtype=np.int64)
@@ -261,8 +264,11 @@ class LongMemLM(TemplateLM):
 
     @torch.no_grad()
     def score(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
-        """(summed log-probability, greedy) of each continuation (shorter than the window) after ``context``."""
-        mem_ids, local = self.split(context, max(len(c) for c in continuations))
+        """(summed log-probability, greedy) of each continuation after ``context``: continuations of one length,
+        shorter than the window (the context's split leaves room for that length)."""
+        if len({len(c) for c in continuations}) != 1:
+            raise LongMemError("score() takes continuations of one length (the split of the context depends on it)")
+        mem_ids, local = self.split(context, len(continuations[0]))
         use_memory = self.mode == "longmem" and len(mem_ids) > 0
         mode = self.mode if self.mode != "longmem" or use_memory else "no_memory"  # nothing to remember
         out = []
