@@ -241,7 +241,7 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
     """
     dtype = parse_dtype(dtype)
     if isinstance(model_or_path, nn.Module):
-        return model_or_path.to(dtype) if dtype is not None else model_or_path
+        return to_dtype(model_or_path, dtype) if dtype is not None else model_or_path
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = str(model_or_path)
@@ -259,6 +259,20 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise LongMemError(f"cannot load backbone weights from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def to_dtype(module: nn.Module, dtype) -> nn.Module:
+    """Convert a loaded model (an HF model, a Backbone, a LongMem) to ``dtype`` in place, exactly as
+    ``from_pretrained(dtype=...)`` loads it: parameters and saved buffers converted, the buffers a model computes
+    for itself (non-persistent: the rotary frequencies ``inv_freq``) kept as computed (fp32). ``module.to(dtype)``
+    would round the rotary frequencies too, and the two ways to a bf16 model would give different logits."""
+    dtype = parse_dtype(dtype)
+    computed = [(m, name, buf) for m in module.modules() for name, buf in m._buffers.items()
+                if buf is not None and name in m._non_persistent_buffers_set]
+    module.to(dtype)
+    for m, name, buf in computed:
+        m._buffers[name] = buf.to(device=m._buffers[name].device)  # the device may have changed, never the values
+    return module
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,

@@ -106,3 +106,20 @@ def test_memory_attention_equals_local_attention_for_the_same_token_under_scaled
     for q, k, q_raw, k_raw in seen:
         k, k_raw = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, k_raw))  # (B, H, T, Dh)
         assert_close((q_raw * k_raw).sum(-1), (q * k).sum(-1), rtol=1e-5, atol=1e-5)  # memory vs local, same token
+
+
+def test_both_ways_to_a_bf16_backbone_give_the_same_logits(tmp_path):
+    # from_pretrained(dtype=bf16) computes the rotary frequencies in fp32; converting a loaded model must not round them
+    from longmem import LongMem, LongMemConfig
+
+    make_llama().save_pretrained(tmp_path / "bb")
+    ids = torch.randint(0, VOCAB, (1, 120))
+    direct = load_causal_lm(tmp_path / "bb", dtype="bf16")
+    converted = load_causal_lm(load_causal_lm(tmp_path / "bb"), dtype="bf16")
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    assert torch.equal(direct(ids).logits, converted(ids).logits)
+    cfg = LongMemConfig(chunk_size=2, memory_size=32, topk_chunks=2, segment_length=120)
+    LongMem.from_backbone(tmp_path / "bb", cfg).save_pretrained(tmp_path / "m")  # fp32, then loaded as bf16
+    a = LongMem.from_backbone(tmp_path / "bb", cfg, dtype=torch.bfloat16)
+    b = LongMem.from_pretrained(tmp_path / "m", dtype="bf16")
+    assert torch.equal(a.backbone_logits(ids), b.backbone_logits(ids))

@@ -62,6 +62,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
+from longmem.backbone import to_dtype
 from longmem.errors import LongMemError
 from longmem.eval.scoring import encode, fill_memory, score_continuations, split_context, window_logits
 from longmem.generation import SamplingConfig, sample_next
@@ -103,7 +104,7 @@ class LongMemLM(TemplateLM):
         self._check_memory(memory)
         model, tokenizer = load_model_and_tokenizer(pretrained, resolve_device(device))
         if DTYPES[dtype] is not None:
-            model = model.to(DTYPES[dtype])
+            model = to_dtype(model, DTYPES[dtype])
         self._configure(model, tokenizer, memory=memory, memory_size=memory_size, chunk_size=chunk_size,
                         topk_chunks=topk_chunks, batch_size=batch_size, prefix_cache=prefix_cache)
         self.pretrained = str(pretrained or "(shipped default)")
