@@ -15,9 +15,12 @@ the same positions through the same code:
     logits(h)                                 -> final norm + LM head (+ the family's logit scaling)
 
 Pre-rotary queries/keys (what the memory stores and searches with, LONGMEM.md section 3): the layer
-is run once more with an identity rotation (cos = 1, sin = 0, exact in floating point), and the
+is run once more with an identity rotation (cos = a, sin = 0, exact in floating point), and the
 attention function receives exactly the family's q/k projections after its q/k norms and before any
-rotary, whatever the layout (fused q/k/v, partial or interleaved rotary). That extra pass stops at
+rotary, whatever the layout (fused q/k/v, partial or interleaved rotary). ``a`` is the rotation's
+own magnitude, sqrt(cos^2 + sin^2), read at position 0 in the probe pass: 1 for plain rotary, the
+attention factor that scaled rotary (YaRN, LongRoPE) puts on cos and sin, so that a query meets a
+key in memory at the scale it meets the same key locally. That extra pass stops at
 the attention function (no output projection, no MLP) and runs only for the layers that need it
 (block m; the SideNet's memory layer). Families without rotary (learned or no positions) skip it.
 
@@ -72,6 +75,7 @@ class LayerInputs:
 
     args: tuple
     kwargs: dict
+    rotary_scale: torch.Tensor | None = None  # the rotation's magnitude at position 0, per rotary dim (see _identity_rotation)
 
     @property
     def rotary(self) -> bool:
@@ -111,9 +115,10 @@ class _Stop(Exception):
 class _Pass:
     """One backbone forward: records Hb[i] and each layer's inputs, and picks each layer's core."""
 
-    def __init__(self, layers, core_for, raw_layers, upto, window=None):
+    def __init__(self, layers, core_for, raw_layers, upto, window=None, rotary_scales=None):
         self.index = {id(layer): i for i, layer in enumerate(layers)}
         self.window = window
+        self.rotary_scales = rotary_scales  # per layer: the magnitude of its rotation (None in the probe pass)
         self.core_for, self.raw_layers, self.upto = core_for, raw_layers, upto
         self.hidden: list[torch.Tensor] = []
         self.inputs: list[LayerInputs] = []
@@ -157,7 +162,8 @@ def _pre_hook(layer, args, kwargs):
     if run.upto is not None and i > run.upto:
         raise _Stop
     x = args[0] if args else kwargs["hidden_states"]
-    inputs = LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+    inputs = LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"},
+                         run.rotary_scales[i] if run.rotary_scales is not None else None)
     run.hidden.append(x)  # Hb[i]
     run.inputs.append(inputs)
     raw = _pre_rotary(layer, x, inputs) if i in run.raw_layers else None
@@ -173,11 +179,24 @@ def _post_hook(layer, args, kwargs, output):
     return None
 
 
-def _identity_rotation(pe):
+def _rotation_scale(pe) -> torch.Tensor:
+    """(Dr,) the magnitude sqrt(cos^2 + sin^2) of a rotation at its first position, taken at position 0 (where
+    sin = 0, so the magnitude is exactly |cos|): 1 for plain rotary, the attention factor of YaRN / LongRoPE."""
+    if isinstance(pe, (tuple, list)) and len(pe) == 2:  # (cos, sin), each (B, T, Dr)
+        return pe[0][0, 0].abs()
+    if isinstance(pe, torch.Tensor) and pe.is_complex():  # freqs_cis (Llama 4), (B, T, Dr) or (T, Dr)
+        return pe.reshape(-1, pe.shape[-1])[0].abs()
+    raise LongMemError(f"unknown rotary embedding format {type(pe).__name__}; {_UNSUPPORTED_HINT}")
+
+
+def _identity_rotation(pe, scale: torch.Tensor | None):
+    """A rotation by angle 0 with the magnitude ``scale`` (None: 1) of the family's own rotation: exact."""
     if isinstance(pe, (tuple, list)) and len(pe) == 2:  # (cos, sin)
-        return torch.ones_like(pe[0]), torch.zeros_like(pe[1])
+        ones = torch.ones_like(pe[0])
+        return (ones if scale is None else ones * scale.to(ones)), torch.zeros_like(pe[1])
     if isinstance(pe, torch.Tensor) and pe.is_complex():  # freqs_cis (Llama 4)
-        return torch.ones_like(pe)
+        ones = torch.ones_like(pe)
+        return ones if scale is None else ones * scale.to(ones)
     raise LongMemError(f"unknown rotary embedding format {type(pe).__name__}; {_UNSUPPORTED_HINT}")
 
 
@@ -185,7 +204,7 @@ def _pre_rotary(layer, x, inputs: LayerInputs):
     """(q_raw (B, H, T, Dh), k_raw (B, Hkv, T, Dh)): the layer's q/k with an identity rotation (exact)."""
     if not inputs.rotary:
         return None  # no rotary: the attention function's q/k are already position-free projections
-    kwargs = {**inputs.kwargs, "position_embeddings": _identity_rotation(inputs.kwargs["position_embeddings"])}
+    kwargs = {**inputs.kwargs, "position_embeddings": _identity_rotation(inputs.kwargs["position_embeddings"], inputs.rotary_scale)}
     run_token, call_token = _PASS.set(None), _CALL.set(_Call(None))
     try:
         layer(x, *inputs.args, **kwargs)
@@ -222,7 +241,7 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
     """
     dtype = parse_dtype(dtype)
     if isinstance(model_or_path, nn.Module):
-        return model_or_path.to(dtype) if dtype is not None else model_or_path
+        return to_dtype(model_or_path, dtype) if dtype is not None else model_or_path
     from transformers import AutoConfig, AutoModelForCausalLM
 
     name = str(model_or_path)
@@ -240,6 +259,20 @@ def load_causal_lm(model_or_path, dtype: torch.dtype | None = None) -> nn.Module
         return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError) as e:
         raise LongMemError(f"cannot load backbone weights from {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def to_dtype(module: nn.Module, dtype) -> nn.Module:
+    """Convert a loaded model (an HF model, a Backbone, a LongMem) to ``dtype`` in place, exactly as
+    ``from_pretrained(dtype=...)`` loads it: parameters and saved buffers converted, the buffers a model computes
+    for itself (non-persistent: the rotary frequencies ``inv_freq``) kept as computed (fp32). ``module.to(dtype)``
+    would round the rotary frequencies too, and the two ways to a bf16 model would give different logits."""
+    dtype = parse_dtype(dtype)
+    computed = [(m, name, buf) for m in module.modules() for name, buf in m._buffers.items()
+                if buf is not None and name in m._non_persistent_buffers_set]
+    module.to(dtype)
+    for m, name, buf in computed:
+        m._buffers[name] = buf.to(device=m._buffers[name].device)  # the device may have changed, never the values
+    return module
 
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -281,6 +314,7 @@ class _Layout:
     scales: list = field(default_factory=list)
     windows: list = field(default_factory=list)
     rotary: bool = False
+    rotary_scales: list = field(default_factory=list)  # per layer: its rotation's magnitude (None: no rotary)
 
 
 def linear_layer_names(module: nn.Module) -> list[str]:
@@ -334,6 +368,7 @@ class Backbone(nn.Module):
         self.max_positions = int(getattr(self.text_config, "max_position_embeddings", None) or 2048)
         self._fingerprint = None
         self.mask_window = None
+        self.rotary_scales = None  # per layer, measured by the probe
         try:
             layout = self._probe()
         except LongMemError:
@@ -351,6 +386,7 @@ class Backbone(nn.Module):
         windows = [w for w in layout.windows if w]
         self.sliding_window = min(windows) if windows else None  # narrowest window of any layer (info only)
         self.rotary = layout.rotary
+        self.rotary_scales = layout.rotary_scales
 
     def _find_layers(self) -> nn.ModuleList:
         L = getattr(self.text_config, "num_hidden_layers", None)
@@ -407,7 +443,9 @@ class Backbone(nn.Module):
             raise LongMemError(f"backbone type {self.model_type!r}: LongMem's pass does not reproduce the model's logits (max abs diff "
                                f"{diff:.3g}); its causal-LM head or layers do something this adapter does not know")
         rotary = any(inp.rotary for inp in out.layer_inputs)
-        return _Layout(seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"], [s["scale"] for s in seen], [s["window"] for s in seen], rotary)
+        scales = [_rotation_scale(inp.kwargs["position_embeddings"]) if inp.rotary else None for inp in out.layer_inputs]
+        return _Layout(seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"], [s["scale"] for s in seen], [s["window"] for s in seen],
+                       rotary, scales)
 
     def train(self, mode: bool = True):
         return super().train(mode and not self.frozen)  # frozen: dropout stays off whatever the caller asks
@@ -511,7 +549,7 @@ class Backbone(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         positions = positions.view(1, -1).expand(B, -1)
-        run = _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window)
+        run = _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window, self.rotary_scales)
         run_token, call_token = _PASS.set(run), _CALL.set(None)
         # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
         # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)

@@ -35,19 +35,39 @@ CONFIG_FILE = "longmem.json"
 # --------------------------------------------------------------------------- writing and hashing
 
 
-def atomic_write(target: str | os.PathLike, write: Callable[[str], None], fsync: bool = False) -> None:
+def atomic_write(target: str | os.PathLike, write: Callable[[str], None], fsync: bool = True) -> None:
     """``write(tmp)`` fills a temporary file beside ``target``, which then replaces ``target`` in one step.
-    ``fsync``: flush the temporary to disk first (for files whose loss would cost a rebuild)."""
+    ``fsync`` (default): the temporary is flushed to disk before the rename and the folder after it, so that a
+    power loss leaves the old file or the new one (checkpoints, memories, results); False only for files that
+    are cheap to make again."""
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         write(tmp)
         if fsync:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_path(tmp)
         os.replace(tmp, target)
+        if fsync:
+            fsync_path(Path(target).parent)  # the rename itself is durable only once its folder is
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file or a folder (its entries: renames, new files) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file and folder under ``folder``, and ``folder`` itself, to disk."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(root)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

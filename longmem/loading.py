@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer
 
-from longmem.backbone import parse_dtype
+from longmem.backbone import to_dtype
 from longmem.baselines import BASELINES
 from longmem.errors import LongMemError
 from longmem.gguf import resolve_reference
@@ -46,7 +46,7 @@ def load_model(path, backbone=None, dtype=None) -> MemoryLM:
     if method not in BASELINES:
         raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
     model = BASELINES[method].from_pretrained(path)
-    return model.to(parse_dtype(dtype)) if dtype is not None else model
+    return to_dtype(model, dtype) if dtype is not None else model
 
 
 def load_tokenizer(path: str | os.PathLike):

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longmem.backbone import Backbone, load_causal_lm, parse_dtype
+from longmem.backbone import Backbone, load_causal_lm, to_dtype
 from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
@@ -357,7 +357,7 @@ class LongMem(MemoryLM):
         missing, unexpected = model.sidenet.load_state_dict(state, strict=False)  # cast to the SideNet's dtype
         if (missing and not meta.get("partial")) or unexpected:
             raise LongMemError(f"{path / WEIGHTS_FILE} does not fit this backbone (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        return model.to(parse_dtype(dtype)) if dtype is not None else model
+        return to_dtype(model, dtype) if dtype is not None else model
 
 
 def resolve_config(config: LongMemConfig, L: int, context: int | None = None) -> LongMemConfig:

@@ -6,6 +6,7 @@ from torch.testing import assert_close
 
 from conftest import VOCAB, make_gpt2, make_llama
 from longmem import LongMemError
+from longmem.attention import causal_attention
 from longmem.backbone import Backbone, load_causal_lm
 
 
@@ -73,3 +74,52 @@ def test_loads_a_saved_model_from_a_local_folder(tmp_path):
     assert_close(bb.logits(bb(ids, 3).hidden_states[-1]), hf(ids).logits)
     assert bb.fingerprint() == Backbone(hf).fingerprint()
     assert bb.fingerprint() != Backbone(make_llama(seed=1)).fingerprint()
+
+
+# every scaled rotary type transformers has; a new type without an entry here fails the test below
+ROPE_SCALINGS = {
+    "linear": {"factor": 4.0},
+    "dynamic": {"factor": 4.0},
+    "yarn": {"factor": 4.0, "original_max_position_embeddings": 32},
+    "longrope": {"short_factor": [1.0] * 4, "long_factor": [1.0, 2.0, 4.0, 8.0], "original_max_position_embeddings": 32},
+    "llama3": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    "proportional": {"factor": 4.0, "partial_rotary_factor": 0.5},
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(__import__("transformers").modeling_rope_utils.ROPE_INIT_FUNCTIONS))
+def test_memory_attention_equals_local_attention_for_the_same_token_under_scaled_rotary(rope_type):
+    # YaRN and LongRoPE multiply cos and sin by an attention factor; the pre-rotary keys/queries (what memory
+    # attention uses) must keep it: a token's score against its own key is the same locally and in memory
+    assert rope_type in ROPE_SCALINGS, f"add the scaled rotary type {rope_type!r} to ROPE_SCALINGS"
+    rope = {"rope_type": rope_type, "rope_theta": 10000.0, **ROPE_SCALINGS[rope_type]}
+    bb = Backbone(make_llama(rope_parameters=rope, attn_implementation="eager"))
+    seen = []
+
+    def core(q, k, v, q_raw, k_raw, **local):
+        seen.append((q, k, q_raw, k_raw))
+        return causal_attention(q, k, v, **local)
+
+    ids = torch.randint(0, VOCAB, (2, 8))
+    out = bb(ids, 2, positions=torch.arange(8) + 100, memory_core=core)  # past the original context: long factors
+    bb.block_forward(bb.copy_block(2), out.hidden_states[2], out.layer_inputs[2], core, raw=True)  # the SideNet's way
+    for q, k, q_raw, k_raw in seen:
+        k, k_raw = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, k_raw))  # (B, H, T, Dh)
+        assert_close((q_raw * k_raw).sum(-1), (q * k).sum(-1), rtol=1e-5, atol=1e-5)  # memory vs local, same token
+
+
+def test_both_ways_to_a_bf16_backbone_give_the_same_logits(tmp_path):
+    # from_pretrained(dtype=bf16) computes the rotary frequencies in fp32; converting a loaded model must not round them
+    from longmem import LongMem, LongMemConfig
+
+    make_llama().save_pretrained(tmp_path / "bb")
+    ids = torch.randint(0, VOCAB, (1, 120))
+    direct = load_causal_lm(tmp_path / "bb", dtype="bf16")
+    converted = load_causal_lm(load_causal_lm(tmp_path / "bb"), dtype="bf16")
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    assert torch.equal(direct(ids).logits, converted(ids).logits)
+    cfg = LongMemConfig(chunk_size=2, memory_size=32, topk_chunks=2, segment_length=120)
+    LongMem.from_backbone(tmp_path / "bb", cfg).save_pretrained(tmp_path / "m")  # fp32, then loaded as bf16
+    a = LongMem.from_backbone(tmp_path / "bb", cfg, dtype=torch.bfloat16)
+    b = LongMem.from_pretrained(tmp_path / "m", dtype="bf16")
+    assert torch.equal(a.backbone_logits(ids), b.backbone_logits(ids))

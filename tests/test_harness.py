@@ -190,8 +190,8 @@ def test_memory_matters_only_beyond_the_window(loaded):
     assert on == off  # nothing to remember: LongMem's no-memory scores, exactly
     ctx = encode(tok, " Review: alpha")
     conts = [encode(tok, c) for _, c in short]
-    sc = score_continuations(model, "no_memory", ctx[-(T - max(map(len, conts))):], conts)
-    assert [lp for lp, _ in on] == [float(x.sum()) for x in sc.logprobs]
+    assert [lp for lp, _ in on] == [float(score_continuations(model, "no_memory", ctx[-(T + 1 - len(c)):], [c]).logprobs[0].sum())
+                                    for c in conts]
     # demonstrations overflowing the window: the memory holds the oldest, and changes the scores
     long = [(_demos(12) + " Review: alpha beta", " Sentiment: positive"), (_demos(12) + " Review: gamma", " Sentiment: negative")]
     assert len(encode(tok, long[0][0])) > 4 * T
@@ -216,24 +216,37 @@ def test_prefix_cache_equals_recomputation(loaded):
     assert a == b and a[0] == a[1]
 
 
-def test_loglikelihood_rolling_is_longmem_eval_ppl(checkpoint, loaded, cli, tmp_path):
+def _rolling(loaded, text):
+    return {m: _lm(loaded, memory=m).loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)],
+                                                           disable_tqdm=True)[0] for m in MODES}
+
+
+def test_loglikelihood_rolling_uses_lm_evals_rolling_windows(loaded):
+    """lm-eval's windows (one token of context, disjoint predictions) read the document after end-of-text in windows
+    of T; the last one reads the last T tokens. ``backbone`` equals the HF backbone itself on those windows; on a
+    document of whole windows, every mode equals ``longmem eval ppl``'s stream of that same sequence."""
     model, tok = loaded
-    text = _demos(8, seed=5)
-    ids = encode(tok, text)
-    assert len(ids) > 8 * model.segment_length
-    (tmp_path / "doc.jsonl").write_text(json.dumps({"text": text}) + "\n")
-    out = tmp_path / "ppl.json"
-    assert cli("ppl", "--data", tmp_path / "doc.jsonl", "--model", checkpoint, "--device", "cpu", "--json", out,
-               "--no-progress") == 0
-    ppl = json.loads(out.read_text())
+    T = model.segment_length
+    ids = encode(tok, _demos(8, seed=5))
+    n = 8 * T + 5  # a last partial window
+    ids, text = ids[:n], tok.decode(ids[:n])
+    assert np.array_equal(encode(tok, text), ids)
+    stream = np.concatenate([[tok.eos_token_id], ids])  # (n + 1,)
+    plain = 0.0
+    for start in range(0, n, T):
+        first = min(start, n - T)  # the last window reads the last T inputs, scoring what is left
+        x = torch.as_tensor(stream[first:first + T]).view(1, -1)
+        logp = torch.log_softmax(model.backbone.model(x).logits[0].float(), -1)[start - first:]
+        plain += float(logp.gather(-1, torch.as_tensor(ids[start:first + T]).view(-1, 1)).double().sum())
+    assert _rolling(loaded, text)["backbone"] == pytest.approx(plain, rel=1e-5)
+    ids, text = ids[:8 * T], tok.decode(ids[:8 * T])  # whole windows: exactly `longmem eval ppl`'s windows
+    assert np.array_equal(encode(tok, text), ids)
+    rolling = _rolling(loaded, text)
     for memory, mode in zip(MODES, ("longmem", "no_memory", "backbone")):
-        lm = _lm(loaded, memory=memory)
-        [ll] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
-        first = score_continuations(model, "no_memory" if mode == "longmem" else mode, np.array([tok.eos_token_id]),
-                                    [ids[:1]]).logprobs[0].sum()  # the first token, after end-of-text
-        n = len(ids) - 1
-        assert ppl[mode]["tokens"] == n
-        assert np.exp(-(ll - first) / n) == pytest.approx(ppl[mode]["ppl"], rel=1e-9)
+        nll = stream_nll(model, [np.concatenate([[tok.eos_token_id], ids])], mode)
+        assert nll.tokens == len(ids)
+        assert rolling[memory] == pytest.approx(-nll.total, rel=1e-6), memory
+    assert rolling["on"] != rolling["off"]
 
 
 def test_same_scores_as_longmem_eval_icl(tiny_assets, tmp_path):
@@ -253,7 +266,10 @@ def test_same_scores_as_longmem_eval_icl(tiny_assets, tmp_path):
                  if sum(len(demo(e)) for e in random.Random(seed).sample(pool, k + n)[k:]) % 2 == 0)
     r = random.Random(seed)
     local_demos, mem_demos = r.sample(pool, k), r.sample(pool, n_mem)
-    T = sum(len(demo(e)) for e in local_demos) + P + max(map(len, labels))
+    # the harness splits a context by its continuation's length, `longmem eval icl` by the longest label's: they
+    # agree on the longest label (a shorter one keeps more of the context local in the harness)
+    longest = [i for i, x in enumerate(labels) if len(x) == max(map(len, labels))]
+    T = sum(len(demo(e)) for e in local_demos) + P + len(labels[longest[0]]) - 1  # the last label token is only predicted
     mem_tokens = sum(len(demo(e)) for e in mem_demos)
     path = tmp_path / "icl-model"
     LongMem.from_backbone(tiny_assets["backbone"], LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4,
@@ -267,10 +283,10 @@ def test_same_scores_as_longmem_eval_icl(tiny_assets, tmp_path):
     context = "".join(task.demonstration(e.text, e.label) for e in mem_demos + local_demos)
     for memory, mode in zip(MODES, ("longmem", "no_memory", "backbone")):
         lm = LongMemLM.from_model(model, tok, memory=memory, chunk_size=2, memory_size=memory_size)
-        pairs = [(context + task.prompt(e.text), c) for e in test for c in task.label_continuations()]
+        pairs = [(context + task.prompt(e.text), task.label_continuations()[i]) for e in test for i in longest]
         scores = [lp for lp, _ in _ll(lm, pairs)]
-        assert scores == [s for ex in report[mode]["scores"][0] for s in ex], mode
-    assert lm.split(encode(tok, pairs[0][0]), max(map(len, labels)))[0].shape[0] == mem_tokens
+        assert scores == [ex[i] for ex in report[mode]["scores"][0] for i in longest], mode
+    assert lm.window(encode(tok, pairs[0][0]), len(labels[longest[0]]))[0].shape[0] == mem_tokens
     with torch.no_grad():  # and the memory mattered
         assert report["longmem"]["scores"] != report["no_memory"]["scores"]
 
@@ -292,3 +308,45 @@ def test_the_harness_builds_the_model_from_an_argument_string(checkpoint):
     lm = get_model("longmem").create_from_arg_string(f"pretrained={checkpoint},memory=off,memory_size=64",
                                                      {"batch_size": None, "max_batch_size": None, "device": "cpu"})
     assert isinstance(lm, LongMemLM) and lm.mode == "no_memory" and lm.memory_kwargs == {"memory_size": 64}
+
+
+@pytest.mark.parametrize("memory", MODES)
+def test_a_score_does_not_depend_on_the_other_requests_of_its_batch(loaded, memory):
+    model, tok = loaded
+    rng = random.Random(11)
+    long_ctx = _demos(10, seed=6) + " Review: alpha Sentiment:"
+    assert len(encode(tok, long_ctx)) > 4 * model.segment_length
+    conts = [" positive", " negative", " " + _sentence(rng, 3), " " + _sentence(rng, 6), ""]
+    pairs = [(ctx, c) for ctx in (long_ctx, " Review: beta Sentiment:") for c in conts]
+    pairs.append((long_ctx, " " + _sentence(rng, 2 * model.segment_length)))  # longer than the window: streamed
+    together = dict(zip(pairs, _ll(_lm(loaded, memory=memory, batch_size=8), pairs)))
+    alone = {p: _ll(_lm(loaded, memory=memory, batch_size=1), [p])[0] for p in pairs}
+    order = pairs[:]
+    random.Random(3).shuffle(order)
+    split = {}
+    for part in (order[:3], order[3:7], order[7:]):  # shuffled, in three batches of another size
+        split.update(zip(part, _ll(_lm(loaded, memory=memory, batch_size=2), part)))
+    assert together == alone == split
+
+
+def test_off_and_backbone_are_the_plain_model_on_the_same_tokens(loaded):
+    """With memory off, a score is the plain model's on the tokens the harness's own HF model reads: the last
+    T + 1 tokens of context + continuation but the last (no token fewer, no rounding to whole chunks)."""
+    model, tok = loaded
+    T = model.segment_length
+    rng = random.Random(5)
+    for n_ctx in (3, T - 2, T + 1, 3 * T + 1, 3 * T + 2):  # fits, fits with no room to spare, overflows (odd, even)
+        ctx = encode(tok, _demos(6, seed=n_ctx))[:n_ctx]
+        assert len(ctx) == n_ctx
+        for n_cont in (1, 2, 5, T):
+            cont = encode(tok, " " + _sentence(rng, 2 * T))[:n_cont]
+            text_ctx, text_cont = tok.decode(ctx), tok.decode(cont)
+            assert np.array_equal(encode(tok, text_ctx + text_cont), np.concatenate([ctx, cont]))  # same tokens back
+            window = np.concatenate([ctx, cont])[-(T + 1):]
+            x = torch.as_tensor(window[:-1]).view(1, -1)  # (1, <= T): what the plain model reads
+            target = torch.as_tensor(window[1:])[-n_cont:]
+            plain = {"off": model(x).logits, "backbone": model.backbone.model(x).logits}  # the HF model itself
+            for memory, logits in plain.items():
+                logp = torch.log_softmax(logits[0, -n_cont:].float(), -1).gather(-1, target.view(-1, 1))
+                [(lp, _)] = _ll(_lm(loaded, memory=memory), [(text_ctx, text_cont)])
+                assert lp == pytest.approx(float(logp.double().sum()), rel=1e-5, abs=1e-5), (memory, n_ctx, n_cont)

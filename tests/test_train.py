@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from longmem import LongMem
 from longmem.cli import main
+from longmem.loading import load_model
 
 TINY = ["--batch-size", "2", "--segment-length", "16", "--memory-size", "128", "--chunk-size", "2",
         "--topk-chunks", "4", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--eval-docs", "2",
@@ -42,18 +43,43 @@ def test_train_cli_end_to_end(tiny_assets, tmp_path):
     assert (out / "sidenet.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_resume_is_exact(tiny_assets, tmp_path):
+@pytest.mark.parametrize("method", ["longmem", "memtrm", "finetune"])
+def test_resume_is_exact(tiny_assets, tmp_path, method):
     a = tiny_assets
     full, split = tmp_path / "full", tmp_path / "split"
-    assert main(train_args(a, full, "--max-steps", "8", "--eval-every", "0", "--save-every", "4")) == 0
-    assert main(train_args(a, split, "--max-steps", "8", "--eval-every", "0", "--save-every", "4", "--max-minutes", "0")) == 0
+    run = ("--max-steps", "8", "--eval-every", "0", "--save-every", "4", "--method", method)
+    assert main(train_args(a, full, *run)) == 0
+    assert main(train_args(a, split, *run, "--max-minutes", "0")) == 0
     # the run above stopped after its first step (max-minutes 0) with a checkpoint; resume to the end
-    assert main(train_args(a, split, "--max-steps", "8", "--eval-every", "0", "--save-every", "4", "--resume")) == 0
+    assert main(train_args(a, split, *run, "--resume")) == 0
     loss = lambda out: [json.loads(line)["loss"] for line in open(out / "metrics.jsonl") if '"loss"' in line]  # noqa: E731
     assert_close(torch.tensor(loss(split)), torch.tensor(loss(full)), rtol=1e-5, atol=1e-6)
-    ma, mb = LongMem.from_pretrained(full), LongMem.from_pretrained(split)
-    for (k, v), (_, w) in zip(ma.sidenet.state_dict().items(), mb.sidenet.state_dict().items()):
+    ma, mb = load_model(full), load_model(split)
+    for (k, v), (_, w) in zip(ma.state_dict().items(), mb.state_dict().items()):
         assert_close(v, w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_logs_each_step_once(tiny_assets, tmp_path):
+    a = tiny_assets
+    out = tmp_path / "run"
+    assert main(train_args(a, out, "--max-steps", "4", "--eval-every", "0", "--save-every", "4")) == 0
+    with open(out / "metrics.jsonl", "a") as f:  # a run killed after its checkpoint at step 4 had logged 5 and 6
+        f.write(json.dumps({"step": 5, "loss": 9.0}) + "\n" + json.dumps({"step": 6, "loss": 9.0}) + "\n")
+    assert main(train_args(a, out, "--max-steps", "6", "--eval-every", "0", "--save-every", "4", "--resume")) == 0
+    steps = [json.loads(line)["step"] for line in open(out / "metrics.jsonl") if '"loss"' in line]
+    assert steps == list(range(1, 7))
+
+
+def test_checkpoint_files_and_folders_reach_the_disk(tiny_assets, tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    out = tmp_path / "run"
+    assert main(train_args(tiny_assets, out, "--max-steps", "2", "--eval-every", "0", "--save-every", "1")) == 0
+    assert str(out) in synced  # the folder, after the checkpoint's swap and after the final weights' renames
+    for name in ("trainer.pt", "sidenet.safetensors", "longmem.json"):
+        assert any(p.startswith(str(out / "checkpoint.tmp")) and p.endswith(name) for p in synced), name
+    assert str(out / "checkpoint.tmp") in synced
 
 
 def test_two_process_torchrun_on_cpu_is_killed_resumes_and_keeps_learning(tiny_assets, tmp_path):

@@ -13,17 +13,23 @@ Model arguments (``--model-args k=v,...``):
 
 How a long context is read (the same rule for every request type, LONGMEM.md s3.7):
 
-- ``loglikelihood``: the continuations of one context are scored together. The context's last
-  ``T - longest continuation`` tokens stay in the local window (T = the model's segment length); the
-  earlier part is written into a fresh memory, one local window at a time, oldest first (write after
-  read, as ``longmem eval ppl`` streams a document), and the continuations are scored in the last
-  window reading it. ``memory=off`` and ``backbone`` see the same local window without the memory. A
-  context that fits the window needs no memory: all modes but ``backbone`` then give LongMem's
-  no-memory scores. A continuation longer than the window is scored by streaming context and
-  continuation window by window, as ``loglikelihood_rolling`` does.
-- ``loglikelihood_rolling``: the document is streamed exactly as ``longmem eval ppl`` streams it
-  (``stream_nll``: windows of T from its start, memory written after each is read); its first token
-  is scored after the end-of-text token, as the harness's own HF model does.
+- ``loglikelihood``: a request's score depends on its own context and continuation only, never on the
+  other requests of its batch. The local window is what the harness's HF model reads: the last
+  ``T + 1`` tokens of context + continuation but the last (T = the model's segment length), so the
+  context's last ``T + 1 - len(continuation)`` tokens. ``memory=off`` and ``backbone`` are the plain
+  model (the SideNet alone, the backbone alone) on exactly those tokens. With ``memory=on`` the
+  earlier part of the context is written into a fresh memory, one local window at a time, oldest
+  first (write after read, as ``longmem eval ppl`` streams a document; a last partial chunk waits
+  unsearchable), and the continuation is scored in the same window reading it. A context that fits
+  the window needs no memory: ``on`` then gives ``off``'s scores. Continuations of one context and
+  one length share a split and are scored side by side. A continuation longer than the window is
+  scored by streaming context and continuation window by window, as ``loglikelihood_rolling`` does.
+- ``loglikelihood_rolling``: lm-eval's own rolling windows (``get_rolling_token_windows`` with one
+  token of context, ``make_disjoint_window``), as for every other harness model: the document after
+  the end-of-text token, cut into disjoint windows of T inputs (the last reads the last T tokens,
+  scoring only the new ones). ``memory=on`` streams them, each window's tokens written into the
+  document's memory after the window is read (as ``longmem eval ppl`` streams a document; the last
+  window's re-read tokens are then in memory too); ``off`` and ``backbone`` score each window alone.
 - ``generate_until``: the context's last ``T - min(max_gen_toks, T/2)`` tokens start the local window,
   the rest goes to memory; LongMem generates with its KV-cached generator (``LongMem.generate``, whose
   window slides into the memory). ``backbone`` mode and the baselines recompute their window per token.
@@ -53,12 +59,11 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.tasks import TaskManager
-from lm_eval.utils import handle_non_serializable, simple_parse_args_string
+from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, make_disjoint_window, simple_parse_args_string
 from tqdm import tqdm
 
-from longmem.data.corpora import text_pieces
+from longmem.backbone import to_dtype
 from longmem.errors import LongMemError
-from longmem.eval.perplexity import stream_nll
 from longmem.eval.scoring import encode, fill_memory, score_continuations, split_context, window_logits
 from longmem.generation import SamplingConfig, sample_next
 from longmem.loading import load_model_and_tokenizer, resolve_device
@@ -99,7 +104,7 @@ class LongMemLM(TemplateLM):
         self._check_memory(memory)
         model, tokenizer = load_model_and_tokenizer(pretrained, resolve_device(device))
         if DTYPES[dtype] is not None:
-            model = model.to(DTYPES[dtype])
+            model = to_dtype(model, DTYPES[dtype])
         self._configure(model, tokenizer, memory=memory, memory_size=memory_size, chunk_size=chunk_size,
                         topk_chunks=topk_chunks, batch_size=batch_size, prefix_cache=prefix_cache)
         self.pretrained = str(pretrained or "(shipped default)")
@@ -226,27 +231,36 @@ class LongMemLM(TemplateLM):
     # -- loglikelihood --------------------------------------------------------------------------------
 
     def split(self, context: np.ndarray, room: int) -> tuple[np.ndarray, np.ndarray]:
-        """(memory part, local part) of a context that leaves ``room`` tokens of the window free."""
+        """(memory part, local part) of a context that leaves ``room`` tokens of the window free (generation)."""
         return split_context(np.asarray(context, dtype=np.int64), self.model.segment_length - room, self.chunk_size)
 
+    def window(self, context: np.ndarray, n_cont: int) -> tuple[np.ndarray, np.ndarray]:
+        """(memory part, local part) of a context before a continuation of ``n_cont`` <= T tokens: the local part
+        is the context's last T + 1 - n_cont tokens, which with the continuation but its last token fill the
+        window's T inputs, as the harness's HF model fills its window; the memory part is all before it."""
+        context = np.asarray(context, dtype=np.int64)
+        n_mem = max(0, len(context) - (self.model.segment_length + 1 - n_cont))
+        return context[:n_mem], context[n_mem:]
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
-        """Score (context, continuation) token pairs; the continuations of one context are scored together."""
+        """Score (context, continuation) token pairs; the continuations of one context and one length (hence one
+        split of the context) are scored together."""
         disable_tqdm = disable_tqdm or not self.progress
         groups: dict[tuple, list[int]] = {}
         for i, (_, ctx, cont) in enumerate(requests):
-            groups.setdefault(tuple(ctx), []).append(i)
+            groups.setdefault((tuple(ctx), len(cont)), []).append(i)
         T = self.model.segment_length
         results: list = [None] * len(requests)
         # contexts sharing a long prefix follow each other, shortest first: each extends the last cached prefix
-        order = sorted(groups, key=lambda c: (len(c), c))
-        for ctx in tqdm(order, desc=f"longmem {self.memory} loglikelihood", disable=disable_tqdm, leave=False):
-            idxs = groups[ctx]
+        order = sorted(groups, key=lambda g: (len(g[0]), g))
+        for key in tqdm(order, desc=f"longmem {self.memory} loglikelihood", disable=disable_tqdm, leave=False):
+            ctx, idxs = key[0], groups[key]
             short = []
             for i in idxs:
                 cont = np.asarray(requests[i][2], dtype=np.int64)
                 if len(cont) == 0:
                     results[i] = (0.0, True)
-                elif len(cont) >= T:
+                elif len(cont) > T:
                     results[i] = self._score_streamed(np.asarray(ctx, dtype=np.int64), cont)
                 else:
                     short.append(i)
@@ -261,8 +275,11 @@ class LongMemLM(TemplateLM):
 
     @torch.no_grad()
     def score(self, context: np.ndarray, continuations: list[np.ndarray]) -> list[tuple[float, bool]]:
-        """(summed log-probability, greedy) of each continuation (shorter than the window) after ``context``."""
-        mem_ids, local = self.split(context, max(len(c) for c in continuations))
+        """(summed log-probability, greedy) of each continuation after ``context``: continuations of one length,
+        at most the window's (the context's split depends on that length)."""
+        if len({len(c) for c in continuations}) != 1:
+            raise LongMemError("score() takes continuations of one length (the split of the context depends on it)")
+        mem_ids, local = self.window(context, len(continuations[0]))
         use_memory = self.mode == "longmem" and len(mem_ids) > 0
         mode = self.mode if self.mode != "longmem" or use_memory else "no_memory"  # nothing to remember
         out = []
@@ -294,35 +311,25 @@ class LongMemLM(TemplateLM):
 
     # -- loglikelihood_rolling ------------------------------------------------------------------------
 
-    def encode_document(self, text: str) -> np.ndarray:
-        """A document's ids, tokenized as ``longmem eval ppl`` tokenizes documents (pieces cut after newlines)."""
-        pieces = [encode(self.tokenizer, p) for p in text_pieces(text)]
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-
     @torch.no_grad()
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        """Log-likelihood of whole documents: the first token after end-of-text, the rest as ``stream_nll``."""
+        """Log-likelihood of whole documents over lm-eval's rolling windows (see the module docstring)."""
         disable_tqdm = disable_tqdm or not self.progress
-        docs = [self.encode_document(req.args[0]) for req in requests]
-        totals = np.zeros(len(docs))
-        firsts = [i for i, d in enumerate(docs) if len(d)]
-        base = "no_memory" if self.mode == "longmem" else self.mode  # one token: nothing to remember
-        eot = np.array([self.eot_token_id], dtype=np.int64)
-        for start in range(0, len(firsts), self.batch_size):
-            group = firsts[start:start + self.batch_size]
-            sc = score_continuations(self.model, base, eot, [docs[i][:1] for i in group])
-            for i, lp in zip(group, sc.logprobs):
-                totals[i] += float(lp.sum())
-        longer = [i for i, d in enumerate(docs) if len(d) >= 2]
-        if longer:
-            stats = stream_nll(self.model, [docs[i] for i in longer], self.mode, batch_size=self.batch_size,
-                               memory_kwargs=self.memory_kwargs, progress=not disable_tqdm,
-                               desc=f"longmem {self.memory} rolling", keep_tokens=True)
-            for doc, _, nll in stats.per_token:
-                np.subtract.at(totals, np.asarray(longer)[doc.numpy()], nll.numpy())
-        results = [float(t) for t in totals]
-        for req, res in zip(requests, results):
-            self.cache_hook.add_partial("loglikelihood_rolling", req.args, res)
+        T, results = self.model.segment_length, []
+        for req in tqdm(requests, desc=f"longmem {self.memory} rolling", disable=disable_tqdm, leave=False):
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(req.args[0]), prefix_token=self.eot_token_id, max_seq_len=T, context_len=1))
+            memory = self._new_memory(1) if self.mode == "longmem" else None
+            total = 0.0
+            for context, continuation in windows:
+                ids = np.asarray(context + continuation[:-1], dtype=np.int64)  # (<= T,) what the window reads
+                x = torch.as_tensor(ids, device=self.model.device).view(1, -1)
+                logits = (self.model(x, memory=memory).logits if memory is not None  # read, then written
+                          else window_logits(self.model, self.mode, x)).float()[0, -len(continuation):]  # (n, V)
+                target = torch.as_tensor(continuation, device=logits.device).view(-1, 1)
+                total += float(F.log_softmax(logits, dim=-1).gather(-1, target).double().sum())
+            results.append(total)
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
         return results
 
     # -- generate_until -------------------------------------------------------------------------------

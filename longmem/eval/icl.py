@@ -234,9 +234,9 @@ def evaluate_icl(model, tokenizer, task: Task, test: list[Example], pool: list[E
         warn(f"the training pool has {len(pool)} examples, fewer than --memory-demos {memory_demos}; the whole pool goes to memory")
     T = model.segment_length
     labels = [encode(tokenizer, c) for c in task.label_continuations()]
-    budget = T - max(len(x) for x in labels)
+    budget = T + 1 - max(len(x) for x in labels)  # the window reads the prompt and each label but its last token
     if budget < 1:
-        raise LongMemError(f"the label words need {T - budget} tokens: no room for a prompt in the {T}-token local window")
+        raise LongMemError(f"the label words need {T + 1 - budget} tokens: no room for a prompt in the {T}-token local window")
     prompts = [encode(tokenizer, task.prompt(ex.text)) for ex in test]
     if any(len(p) > budget for p in prompts):
         warn(f"some test prompts are longer than the local window leaves room for ({budget} tokens); their beginning is cut")

@@ -67,9 +67,11 @@ def score_continuations(model, mode: str, context: np.ndarray, continuations: li
                         memory=None, pad_id: int = 0) -> Scores:
     """Log-probability of each continuation after ``context``, all in one local window.
 
+    The window reads the context and each continuation but its last token (which is only predicted).
+
     Args:
         context: (n,) the local context, n >= 1.
-        continuations: token arrays; n + the longest must fit the model's window.
+        continuations: token arrays; n + the longest - 1 must fit the model's window.
         memory: for ``longmem`` mode, a memory whose B rows all hold the same past: the
             continuations are read B at a time (the memory is not changed).
     Returns:
@@ -81,8 +83,8 @@ def score_continuations(model, mode: str, context: np.ndarray, continuations: li
     longest = max(len(c) for c in continuations)
     if n < 1 or min(len(c) for c in continuations) < 1:
         raise LongMemError("a context and every continuation need at least one token")
-    if n + longest > model.segment_length:
-        raise LongMemError(f"context ({n}) + continuation ({longest}) tokens exceed the local window ({model.segment_length})")
+    if n + longest - 1 > model.segment_length:
+        raise LongMemError(f"context ({n}) + continuation ({longest}) tokens, less the last, exceed the local window ({model.segment_length})")
     if mode == "longmem" and memory is None:
         raise LongMemError("longmem mode reads a memory: pass one (model.new_memory) filled with fill_memory")
     rows = memory.batch_size if mode == "longmem" else len(continuations)
@@ -91,11 +93,11 @@ def score_continuations(model, mode: str, context: np.ndarray, continuations: li
         group = list(continuations[start:start + rows])
         real = len(group)
         group += [group[-1]] * (rows - real)  # the memory has a fixed number of rows: pad with copies
-        L = n + max(len(c) for c in group)
+        L = n + max(len(c) for c in group) - 1  # the last token of the longest is predicted, never read
         ids = torch.full((rows, L), pad_id, dtype=torch.long)
         ids[:, :n] = torch.as_tensor(context, dtype=torch.long)
         for r, c in enumerate(group):
-            ids[r, n:n + len(c)] = torch.as_tensor(c, dtype=torch.long)
+            ids[r, n:n + len(c) - 1] = torch.as_tensor(c[:-1], dtype=torch.long)
         logits = window_logits(model, mode, ids.to(model.device), memory).float()  # (rows, L, V)
         logp = F.log_softmax(logits, dim=-1)
         for r, c in enumerate(group[:real]):

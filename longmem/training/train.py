@@ -5,10 +5,12 @@ Each batch row streams one document; the row's memory is reset when its document
 ``torchrun`` every rank owns its rows and memories; DistributedDataParallel averages the SideNet's
 gradients, or FSDP2 shards it (``--strategy fsdp``, see ``training.scale``; gloo on CPU, nccl on GPU).
 
-Resuming is exact: the checkpoint holds the SideNet, optimizer (by parameter name, so either strategy
-resumes it), schedule, RNG and stream positions of every process.
-Memories are not saved: because the backbone is frozen, a row's memory is a pure function of the
-segments it has read, so it is rebuilt by replaying them through the backbone.
+Resuming is exact, for every method: the checkpoint holds the SideNet (or the trained backbone),
+optimizer (by parameter name, so either strategy resumes it), schedule, CPU and device RNG and stream
+positions of every process. LongMem's memories are not saved: because the backbone is frozen, a row's
+memory is a pure function of the segments it has read, so it is rebuilt by replaying them through the
+backbone. MemTRM's memory holds keys of the backbone it trains, each written by the weights of its
+step, so the checkpoint stores it (``keeps_memory``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +35,9 @@ from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
 from longmem.eval.plots import pyplot, save_figure
 from longmem.eval.staleness import staleness
-from longmem.io import file_sha256
+from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
 from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
+from longmem.memory import MemoryBank
 from longmem.model import LongMem
 from longmem.training.scale import (
     OPTIMIZER_FORMAT,
@@ -165,15 +169,18 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None, weigh
     else:
         model.save_pretrained(tmp, tokenizer=tokenizer, state=weights)
     torch.save(trainer_state, tmp / "trainer.pt")
+    fsync_tree(tmp)  # every file (weights, tokenizer, trainer state) on disk before the marker says it is whole
     with open(tmp / "COMPLETE", "w") as f:  # written last: its presence marks a whole checkpoint
         f.write(json.dumps({"format": "longmem-train-checkpoint", "version": 1,
                             "trainer_sha256": file_sha256(tmp / "trainer.pt")}) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
+    fsync_path(out)  # the swap is durable
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -242,7 +249,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     stop_reason, last, window_t = "max_steps", {}, time.time()
     while run.step < cfg.max_steps:
         stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.grad_accum)], run.optim, memory=run.memory)
-        if not stats.finite:
+        if not all_ranks(stats.finite, run.world):  # every process stops at the same step
             raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last good checkpoint is kept in "
                                f"{run.out}/checkpoint. Lower --lr or use --precision fp32")
         run.step += 1
@@ -397,10 +404,19 @@ def make_optimization(cfg: TrainConfig, params: list, amp: torch.dtype | None) -
 
 
 def start_outputs(run: Run, fresh: bool) -> None:
+    """A fresh run's empty metrics and its config; a resumed run's metrics cut back to the checkpoint's step (a run
+    killed after its last checkpoint logged steps that the resumed run does again)."""
     run.out.mkdir(parents=True, exist_ok=True)
-    if fresh and run.rank == 0:
-        (run.out / "metrics.jsonl").write_text("")
-        (run.out / "train_config.json").write_text(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n")
+    if run.rank != 0:
+        return
+    metrics = run.out / "metrics.jsonl"
+    if fresh:
+        atomic_write(metrics, lambda tmp: open(tmp, "w").close())
+        atomic_write(run.out / "train_config.json",
+                     lambda tmp: open(tmp, "w").write(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n"))
+    elif metrics.is_file():
+        kept = [line for line in open(metrics) if line.strip() and json.loads(line).get("step", 0) <= run.step]
+        atomic_write(metrics, lambda tmp: open(tmp, "w").write("".join(kept)))
 
 
 # -- resume and checkpoints ------------------------------------------------------------------------
@@ -411,7 +427,16 @@ def resume_streams(run: Run, state: dict) -> None:
     run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed"]
     run.streams.load_state_dict(state["streams"][run.rank])
     torch.set_rng_state(state["rng"][run.rank])
-    rebuild_memory(run)
+    device_rng = state.get("device_rng", [None] * run.world)[run.rank]  # checkpoints before it: none
+    if device_rng is not None:
+        torch.get_device_module(run.device).set_rng_state(device_rng, run.device)
+    memories = state.get("memories")
+    if memories is not None:  # the memory depends on trained weights: restored as it was (see keeps_memory)
+        with tempfile.TemporaryDirectory(dir=run.out) as d:
+            (Path(d) / "memory.safetensors").write_bytes(memories[run.rank])
+            run.memory = MemoryBank.load(Path(d) / "memory.safetensors", device=run.device)
+    else:
+        rebuild_memory(run)
 
 
 def resume_optimizer(run: Run, state: dict) -> None:
@@ -427,7 +452,8 @@ def resume_optimizer(run: Run, state: dict) -> None:
 
 def checkpoint(run: Run) -> None:
     """Every process's RNG and stream positions, the model and optimizer, written by rank 0 atomically."""
-    mine = (torch.get_rng_state(), run.streams.state_dict())
+    mine = (torch.get_rng_state(), run.streams.state_dict(), device_rng_state(run.device),
+            memory_bytes(run) if keeps_memory(run.cfg) else None)
     gathered = [mine]
     if run.world > 1:
         gathered = [None] * run.world
@@ -436,7 +462,10 @@ def checkpoint(run: Run) -> None:
     trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
                **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
                "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
-               "rng": [g[0] for g in gathered], "strategy": run.cfg.strategy, "lora": lora_settings(run.cfg)}
+               "rng": [g[0] for g in gathered], "device_rng": [g[2] for g in gathered], "strategy": run.cfg.strategy,
+               "lora": lora_settings(run.cfg)}
+    if keeps_memory(run.cfg):
+        trainer["memories"] = [g[3] for g in gathered]
     if unmerged is not None:
         trainer["lora_sidenet"] = unmerged
     if run.rank == 0:
@@ -444,6 +473,27 @@ def checkpoint(run: Run) -> None:
         run.log({"step": run.step, "checkpoint": "saved"})  # written after the swap: a step reported here is never lost
     if run.world > 1:
         torch.distributed.barrier()
+
+
+def keeps_memory(cfg: TrainConfig) -> bool:
+    """Whether the checkpoint stores the memories: MemTRM's memory holds keys of the backbone it trains, written by
+    the weights of each step, so replaying the segments with the checkpoint's weights would not give it back.
+    LongMem's memory is a pure function of the segments read (the backbone is frozen) and is rebuilt instead."""
+    return cfg.method == "memtrm"
+
+
+def memory_bytes(run: Run) -> bytes:
+    """This process's memory as the bytes of a memory file (``MemoryBank.save``)."""
+    with tempfile.TemporaryDirectory(dir=run.out) as d:
+        run.memory.save(Path(d) / "memory.safetensors")
+        return (Path(d) / "memory.safetensors").read_bytes()
+
+
+def device_rng_state(device: torch.device):
+    """The accelerator's RNG state of this process's device (None on CPU)."""
+    if device.type == "cpu":
+        return None
+    return torch.get_device_module(device).get_rng_state(device)
 
 
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
@@ -494,6 +544,15 @@ def measure_staleness(run: Run) -> None:
     amp = run.amp
     with torch.autocast(run.device.type, dtype=amp, enabled=amp is not None):
         run.log({"step": run.step, "staleness": staleness(run.model, run.memory, run.streams.replay_segments(0)[-32:])})
+
+
+def all_ranks(flag: bool, world: int) -> bool:
+    """Whether ``flag`` holds on every process (one all-reduce; the flag itself in one process)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def over_time_limit(run: Run) -> bool:
