@@ -79,23 +79,28 @@ class Decoder:
         ``check=False`` skips validating ``ids`` up front (for tokens the model itself just produced);
         ``forward`` still checks each piece.
         """
+        return self.feed_all(ids, check)[:, -1]
+
+    @torch.no_grad()
+    def feed_all(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """As ``feed``, but returns the logits (B, n, V) after every one of the n tokens (for scoring a text)."""
         if check:
             for piece in ids.split(self.W, dim=1):  # each piece fits the window; nothing is fed if one is bad
                 self.model.check_inputs(piece)
-        logits = None
+        pieces = []
         while ids.shape[1]:
             room = self.W - self.tokens.shape[1]
             if room == 0:
                 self._slide()
                 room = self.W - self.tokens.shape[1]
-            logits = self._forward(ids[:, :room])
+            pieces.append(self._forward(ids[:, :room]))
             ids = ids[:, room:]
-        return logits
+        return torch.cat(pieces, dim=1)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(ids, memory=self.memory, update_memory=False, cache=self.cache)
         self.tokens = torch.cat([self.tokens, ids], dim=1)
-        return out.logits[:, -1].float()
+        return out.logits.float()  # (B, n, V)
 
     def flush(self) -> None:
         """Write the window's tokens into the memory too (e.g. at the end of a chat); the window stays."""
