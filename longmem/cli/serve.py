@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -79,6 +80,10 @@ def _serve(args) -> int:
           f"{store}); Ctrl-C stops", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level="warning" if args.quiet else "info", timeout_graceful_shutdown=5,
                             access_log=not args.quiet)
+    # uvicorn stops gracefully on Ctrl-C / SIGTERM, then raises the signal again under the handlers it found: these
+    # (doing nothing) make that a clean exit with status 0 instead of a KeyboardInterrupt or death by SIGTERM
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
     print("longmem serve: stopped", file=sys.stderr)
     return 0

@@ -346,11 +346,12 @@ def create_app(engine: Engine, api_keys: dict[str, str] | None = None) -> FastAP
     async def health():
         return {"status": "ok", "model": engine.model_id, "requests": slots.admitted}
 
-    @app.get("/{page:path}")
-    async def page(page: str):
-        if page not in PAGES:
-            raise APIError(404, f"unknown URL: GET /{page}", code="unknown_url")
-        file, media = PAGES[page]
-        return FileResponse(STATIC / file, media_type=media)
+    def page(file: str, media: str):
+        async def serve_file():
+            return FileResponse(STATIC / file, media_type=media)
+        return serve_file
+
+    for route, (file, media) in PAGES.items():
+        app.get(f"/{route}")(page(file, media))
 
     return app
