@@ -74,13 +74,17 @@ class Decoder:
         return self.moved + self.tokens.shape[1]
 
     @torch.no_grad()
-    def feed(self, ids: torch.Tensor, check: bool = True, every: bool = False) -> torch.Tensor:
-        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one, or with
-        ``every`` the logits (B, n, V) after each of them.
+    def feed(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """Append (B, n) tokens to the stream; returns the logits (B, V) after the last one.
 
         ``check=False`` skips validating ``ids`` up front (for tokens the model itself just produced);
         ``forward`` still checks each piece.
         """
+        return self.feed_all(ids, check)[:, -1]
+
+    @torch.no_grad()
+    def feed_all(self, ids: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """As ``feed``, but returns the logits (B, n, V) after every one of the n tokens (for scoring a text)."""
         if check:
             for piece in ids.split(self.W, dim=1):  # each piece fits the window; nothing is fed if one is bad
                 self.model.check_inputs(piece)
@@ -90,11 +94,9 @@ class Decoder:
             if room == 0:
                 self._slide()
                 room = self.W - self.tokens.shape[1]
-            pieces.append(self._forward(ids[:, :room], every))
+            pieces.append(self._forward(ids[:, :room]))
             ids = ids[:, room:]
-        if not pieces:
-            return None
-        return torch.cat(pieces, dim=1) if every else pieces[-1]
+        return torch.cat(pieces, dim=1)
 
     def fork(self) -> "Decoder":
         """A decoder that has read the same tokens, with its own copy of the window's cache (the memory is
@@ -104,10 +106,10 @@ class Decoder:
         other.cache = self.cache.clone()
         return other
 
-    def _forward(self, ids: torch.Tensor, every: bool = False) -> torch.Tensor:
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(ids, memory=self.memory, update_memory=False, cache=self.cache)
         self.tokens = torch.cat([self.tokens, ids], dim=1)
-        return out.logits.float() if every else out.logits[:, -1].float()
+        return out.logits.float()  # (B, n, V)
 
     def flush(self) -> None:
         """Write the window's tokens into the memory too (e.g. at the end of a chat); the window stays."""

@@ -110,6 +110,7 @@ class MemoryStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.path(name))
         bank.save(self.path(name))
+        fsync_dir(self.dir)  # the rename itself is on disk too: a saved memory survives a power cut
 
     def header(self, name: str) -> dict:
         path = self.path(name)
@@ -131,6 +132,15 @@ class MemoryStore:
             raise LongMemError(f"no memory named {name!r} in {self.dir}")
         with self.lock(name):
             path.unlink()
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (a file renamed into it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -161,20 +171,27 @@ def check_text_file(path: Path) -> None:
 
 def read_pieces(path: Path, size: int = READ_BYTES):
     """The file's text in pieces of about ``size`` bytes, cut after a newline (undecodable bytes replaced)."""
-    carry = ""
     with open(path, encoding="utf-8", errors="replace", newline="") as f:
-        while True:
-            block = f.read(size)
-            if not block:
-                break
-            text = carry + block
-            cut = text.rfind("\n")
-            if cut < 0 or cut < len(text) // 2:
-                carry, text = "", text
-            else:
-                carry, text = text[cut + 1:], text[: cut + 1]
-            if text:
-                yield text
+        yield from cut_pieces(iter(lambda: f.read(size), ""))
+
+
+def text_pieces(text: str, size: int = READ_BYTES):
+    """A string in the pieces ``read_pieces`` makes of a file holding it (so both give the same tokens)."""
+    yield from cut_pieces(text[i:i + size] for i in range(0, len(text), size))
+
+
+def cut_pieces(blocks):
+    """Blocks of text re-cut after their last newline (when it is in the second half), so no word is split."""
+    carry = ""
+    for block in blocks:
+        text = carry + block
+        cut = text.rfind("\n")
+        if cut < 0 or cut < len(text) // 2:
+            carry, text = "", text
+        else:
+            carry, text = text[cut + 1:], text[: cut + 1]
+        if text:
+            yield text
     if carry:
         yield carry
 
@@ -185,10 +202,20 @@ def ingest_file(model, tokenizer, bank: MemoryBank, path: Path, row: int = 0, pr
     The file is read in pieces, so a file of any size streams in bounded RAM (the bank itself is
     bounded by its FIFO). Returns the number of tokens written.
     """
+    return ingest_pieces(model, tokenizer, bank, read_pieces(path), row, progress)
+
+
+def ingest_text(model, tokenizer, bank: MemoryBank, text: str, row: int = 0) -> int:
+    """``ingest_file`` for text already in hand: the same tokens as a file holding ``text``."""
+    return ingest_pieces(model, tokenizer, bank, text_pieces(text), row)
+
+
+def ingest_pieces(model, tokenizer, bank: MemoryBank, pieces, row: int = 0, progress=None) -> int:
+    """Tokenize pieces of text and write them into a memory row, one segment at a time. Returns the tokens written."""
     T = model.segment_length
     buffer = np.zeros(0, dtype=np.int64)
     total = 0
-    for piece in read_pieces(path):
+    for piece in pieces:
         ids = np.asarray(tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids, dtype=np.int64)
         buffer = np.concatenate([buffer, ids])
         while len(buffer) >= T:

@@ -1,6 +1,6 @@
 """The package's layers, read from its imports: no cycles, command-line code only in longmem/cli/,
 transformers internals only in the backbone adapter, every longmem import at the top of its module, and
-no layer importing one above it (cli -> tasks -> model core -> io)."""
+no layer importing one above it (cli -> serve -> tasks -> model core -> io)."""
 
 import ast
 from pathlib import Path
@@ -15,8 +15,9 @@ BASE = ("longmem.config", "longmem.errors", "longmem.io")
 
 
 def layer(module: str) -> int:
-    """0 base (io, config, errors), 1 model core, 2 tasks, 3 cli; the package's __init__ re-exports the core."""
-    for rank, prefixes in ((3, ("longmem.cli",)), (2, TASKS), (1, CORE + ("longmem",)), (0, BASE)):
+    """0 base (io, config, errors), 1 model core, 2 tasks, 3 the server, 4 cli; the package's __init__ re-exports
+    the core."""
+    for rank, prefixes in ((4, ("longmem.cli",)), (3, ("longmem.serve",)), (2, TASKS), (1, CORE + ("longmem",)), (0, BASE)):
         if any(module == p or module.startswith(p + ".") for p in prefixes):
             return rank
     raise AssertionError(f"{module} belongs to no layer: add it to tests/test_layering.py")
@@ -86,12 +87,13 @@ def test_no_import_cycles():
 
 
 def test_modules_are_imported_by_name_only_where_allowed():
-    """``importlib.import_module`` would hide a dependency from the tests above: the one use is the CLI loading
+    """``importlib.import_module`` would hide a dependency from the tests above: the uses are the CLI loading
     the optional lm-evaluation-harness model when `longmem eval harness` runs (seconds of imports otherwise paid
-    by every command)."""
-    allowed = {("longmem.cli.eval", "importlib")}
+    by every command) and the optional server (FastAPI, uvicorn) when `longmem serve` runs."""
+    allowed = {("longmem.cli.eval", "importlib"), ("longmem.cli.serve", "importlib")}
     for name, tree in MODULES.items():
         for target, line, _ in imports(tree):
             if target in ("importlib", "__import__"):
                 assert (name, target) in allowed, f"{name}:{line} imports modules by name"
     assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")
+    assert layer("longmem.serve") <= layer("longmem.cli.serve")

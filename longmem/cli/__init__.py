@@ -13,11 +13,11 @@ import sys
 
 from longmem.cli import adapt, data, demo
 from longmem.cli import eval as evaluate
-from longmem.cli import memory, pretrain, staleness, train
+from longmem.cli import memory, pretrain, serve, staleness, train
 from longmem.errors import LongMemError
 
 # each registers one or more subcommands via add_parser(subparsers), in this order in --help
-COMMANDS = (data, pretrain, train, adapt, demo, memory, staleness, evaluate)
+COMMANDS = (data, pretrain, train, adapt, demo, memory, staleness, evaluate, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -87,7 +87,7 @@ def read_and_answer(net, context: np.ndarray, answers: list[np.ndarray], max_new
     sums = []
     for answer in answers:
         a = torch.as_tensor(answer, dtype=torch.long, device=net.device).view(1, -1)
-        logits = dec.fork().feed(torch.cat([ctx[:, -1:], a[:, :-1]], dim=1), every=True)[0]  # (len(a), V)
+        logits = dec.fork().feed_all(torch.cat([ctx[:, -1:], a[:, :-1]], dim=1))[0]  # (len(a), V)
         sums.append(float(torch.log_softmax(logits.double(), dim=-1).gather(1, a.view(-1, 1)).sum()))
     cfg = SamplingConfig(max_new_tokens=max_new_tokens)
     generated = [int(t) for t in generate_stream(net, ctx[:, -1:], cfg=cfg, decoder=dec)]
