@@ -7,8 +7,9 @@
 - ``finetune``: the backbone fine-tuned on the same data without memory, the control for "is the gain
   just more training?".
 
-Both keep LongMem's streaming interface (``forward(ids, memory=...)``, ``new_memory``, ``write_memory``,
-``backbone_logits``) so the training loop and the evaluations take them unchanged. ``write_memory`` is
+Both implement the model protocol (``longmem.model.MemoryLM``: ``forward(ids, memory=, cache=)``, ``new_cache``,
+``new_memory``, ``write_memory``, ``gate``, ...) so the training loop, the evaluations and the decoder take them
+unchanged. So does ``PlainBackbone``, the frozen backbone alone. ``write_memory`` is
 LongMem's (the backbone up to block m): block m's keys and values are computed before its attention
 reads the memory, so they are the ones the model's own forward writes.
 """
@@ -65,8 +66,13 @@ class _TrainedBackbone(MemoryLM):
     def trainable_parameters(self):
         return [p for p in self.parameters() if p.requires_grad]  # the reference copy is frozen
 
+    @property
+    def frozen_backbone(self) -> Backbone:
+        return self._reference
+
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True) -> LongMemOutput:
+                update_memory: bool = True, cache: WindowCache | None = None) -> LongMemOutput:
+        """As ``LongMem.forward``; the memory (when the method has one) is read and written inside block m."""
         self.check_inputs(input_ids, labels, memory)
         core = None
         if self.uses_memory and memory is not None:
@@ -76,17 +82,11 @@ class _TrainedBackbone(MemoryLM):
                 mem = memory.search(q_raw.detach())
                 return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, **local)
 
-        out = self.backbone(input_ids, self.memory_layer, memory_core=core)
+        out = self.backbone(input_ids, self.memory_layer, cache=None if cache is None else cache.backbone, memory_core=core)
         logits = self.backbone.logits(out.hidden_states[-1])
         if self.uses_memory and memory is not None and update_memory:
             memory.add(out.keys.detach(), out.values.detach())  # written by the weights of this step
         return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))
-
-    @torch.no_grad()
-    def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The original (untrained) backbone, for the same three-mode tables as LongMem."""
-        bb = self._reference(input_ids, self.memory_layer)
-        return self._reference.logits(bb.hidden_states[-1])
 
     def memory_info(self) -> dict:
         return {"model": f"{self.method}:{self._reference.name}", "fingerprint": self._reference.fingerprint() + f"-{self.method}",
@@ -150,14 +150,26 @@ class PlainBackbone(MemoryLM):
     """
 
     method = "backbone"
+    gate = None  # no memory
 
     def __init__(self, model: MemoryLM, window: int | None = None):
         super().__init__()
         self.config = model.config if window is None else model.config.replace(segment_length=window)
-        self.backbone = model.backbone
+        self.backbone = model.frozen_backbone
 
-    def new_cache(self) -> WindowCache:
-        return WindowCache(self.backbone.num_layers, 0, self.segment_length, self.memory_layer)
+    @classmethod
+    def from_causal_lm(cls, hf_model: nn.Module, segment_length: int) -> "PlainBackbone":
+        """Any HF causal LM the adapter takes (e.g. ``longmem eval ppl --baseline``) read through windows of
+        ``segment_length`` tokens."""
+        model = cls.__new__(cls)
+        MemoryLM.__init__(model)
+        model.backbone = Backbone(hf_model)
+        model.config = resolve_config(LongMemConfig(segment_length=segment_length), model.backbone.num_layers,
+                                      model.backbone.max_positions)
+        return model
+
+    def trainable_parameters(self):
+        return []  # nothing trains
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,

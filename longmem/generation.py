@@ -46,14 +46,21 @@ class SamplingConfig:
 
 
 class Decoder:
-    """Feeds tokens through a LongMem model incrementally. ``feed`` returns the last token's logits.
+    """Feeds tokens through a model incrementally: the one decode loop of the package (generation, the CLI chat,
+    the harness, the evaluations and the server all decode through it). ``feed`` returns the last token's logits.
 
-    Only the model's public API is used: ``forward(..., cache=)`` with the cache of ``new_cache()``,
+    Only the model protocol is used: ``forward(..., cache=)`` with the cache of ``new_cache()``,
     ``write_memory``-free slides (the cache already holds the keys that move into memory).
     """
 
-    def __init__(self, model, batch_size: int, memory=None, window: int | None = None, keep: int | None = None):
+    def __init__(self, model, batch_size: int, memory=None, window: int | None = None, keep: int | None = None,
+                 remember: bool = True):
+        """``model``: any model of the protocol (``longmem.model.MemoryLM``). ``memory``: read at every step and, with
+        ``remember``, written as the window slides (``remember=False``: read only; slid-out tokens are forgotten).
+        ``window`` (default: the model's segment length) and ``keep``: the tokens kept when the window slides
+        (default half of it; ``window - 1`` makes every step equal a recompute of the last ``window`` tokens)."""
         self.model = model
+        self.remember = remember
         self.W = window or model.segment_length
         self.keep = self.W // 2 if keep is None else keep
         if not 0 <= self.keep < self.W:
@@ -120,7 +127,7 @@ class Decoder:
     def _slide(self) -> None:
         """Move the oldest W - keep tokens into memory and restart the window with the rest."""
         move = self.W - self.keep
-        if self.memory is not None:
+        if self.memory is not None and self.remember:
             keys, values = self.cache.memory_kv()
             self.memory.add(keys[:, :, :move], values[:, :, :move])  # chunk by chunk
         kept = self.tokens[:, move:]

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longmem.backbone import Backbone, load_causal_lm, to_dtype
+from longmem.backbone import Backbone, load_causal_lm, parse_dtype, to_dtype
 from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
 from longmem.errors import LongMemError
@@ -48,12 +48,37 @@ class LongMemOutput:
 
 
 class MemoryLM(nn.Module):
-    """What every model that streams documents with a memory shares: LongMem and the baselines.
+    """The model protocol: everything a caller (training, the evaluations, the decoder, the server) uses of a
+    model, and all it may use. LongMem, the baselines and the plain backbone (``longmem.baselines``) implement it;
+    callers ask the protocol, never a model's class.
 
-    Subclasses set ``self.config`` (a LongMemConfig with memory_layer resolved) and ``self.backbone``.
+    | member                                              | what it gives                                          |
+    |-----------------------------------------------------|--------------------------------------------------------|
+    | ``forward(ids, memory=, labels=, update_memory=, cache=)`` | ``LongMemOutput``: the window's logits (B, T, V)  |
+    |                                                     | (and loss); with ``cache`` the tokens extend the window |
+    | ``new_cache()``                                     | an empty ``WindowCache`` for one local window           |
+    | ``new_memory(B, ...)``, ``load_memory``, ``check_memory`` | a memory bank this model reads (one row per stream) |
+    | ``write_memory(ids, memory)``, ``memory_entries(ids)`` | what the model writes into a memory                  |
+    | ``trainable_parameters()``                          | the trainable state (the SideNet, or the trained blocks) |
+    | ``trainable_module``                                | the module whose weights ``save_pretrained(state=)`` takes |
+    |                                                     | (LongMem's SideNet), or None (the model saves itself)   |
+    | ``gate``                                            | (H,) memory gate logits, or None (no memory)           |
+    | ``frozen_backbone``                                 | the untrained backbone (the paper's baseline mode)     |
+    | ``backbone_logits(ids)``                            | its logits for one window                              |
+    | ``decode_into_memory``                              | see below                                              |
+    | ``segment_length``, ``memory_layer``, ``device``, ``dtype``, ``memory_info()`` | sizes and identity  |
+
+    ``decode_into_memory``: whether the harness's generation lets the local window slide into the memory (LongMem,
+    as the paper generates: half the window at a time, the memory written) or moves it one token at a time with
+    the memory only read, which equals recomputing the last window per token (the baselines and the plain
+    backbone, as they have always been evaluated; kept so that their figures stand).
+
+    Subclasses set ``self.config`` (a LongMemConfig with memory_layer resolved) and ``self.backbone``, and
+    implement ``forward``.
     """
 
     method = "base"
+    decode_into_memory = False
 
     @property
     def memory_layer(self) -> int:
@@ -67,12 +92,26 @@ class MemoryLM(nn.Module):
         return min(1024, self.backbone.max_positions)  # sliding-window layers apply their own window inside
 
     @property
+    def frozen_backbone(self) -> Backbone:
+        """The backbone as it was before any training (LongMem's is its own: it never trains)."""
+        return self.backbone
+
+    @property
+    def trainable_module(self) -> nn.Module | None:
+        """The module that holds all the trainable state, when one does (see the table above)."""
+        return None
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.model.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.backbone.model.parameters()).dtype
+
+    def new_cache(self) -> WindowCache:
+        """An empty KV cache for one local window (incremental decoding with ``forward(..., cache=)``)."""
+        return WindowCache(self.backbone.num_layers, 0, self.segment_length, self.memory_layer)
 
     def memory_info(self) -> dict:
         """What a memory built by this model records, and what ``forward`` checks before using one."""
@@ -144,8 +183,8 @@ class MemoryLM(nn.Module):
     def backbone_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The frozen backbone's own logits for a segment (the paper's baseline), (B, T, V)."""
         self.check_inputs(input_ids, None, None)
-        bb = self.backbone(input_ids, self.memory_layer)
-        return self.backbone.logits(bb.hidden_states[-1])
+        bb = self.frozen_backbone(input_ids, self.memory_layer)
+        return self.frozen_backbone.logits(bb.hidden_states[-1])
 
     def check_inputs(self, input_ids, labels=None, memory=None) -> None:
         """Raise a LongMemError that says what is wrong with a segment (shape, ids, length), its labels or its memory."""
@@ -191,6 +230,7 @@ class LongMem(MemoryLM):
     """A LongMem language model. Build with ``from_backbone`` or ``from_pretrained``."""
 
     method = "longmem"
+    decode_into_memory = True
 
     def __init__(self, backbone: Backbone, config: LongMemConfig, sidenet: SideNet | None = None):
         super().__init__()
@@ -222,8 +262,17 @@ class LongMem(MemoryLM):
     def trainable_parameters(self):
         return [p for p in self.sidenet.parameters() if p.requires_grad]
 
+    @property
+    def trainable_module(self) -> SideNet:
+        return self.sidenet
+
+    @property
+    def gate(self) -> nn.Parameter:
+        """(H,) the SideNet's memory gate logits."""
+        return self.sidenet.gate
+
     def new_cache(self) -> WindowCache:
-        """An empty KV cache for one local window (incremental decoding with ``forward(..., cache=)``)."""
+        """An empty KV cache for one local window: the backbone's and the SideNet's."""
         return WindowCache(self.backbone.num_layers, self.sidenet.num_layers, self.segment_length, self.memory_layer)
 
     # -- forward -----------------------------------------------------------------------------------

@@ -97,3 +97,133 @@ def test_modules_are_imported_by_name_only_where_allowed():
                 assert (name, target) in allowed, f"{name}:{line} imports modules by name"
     assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")
     assert layer("longmem.serve") <= layer("longmem.cli.serve")
+
+
+# --------------------------------------------------------------------------- one protocol, one decode loop
+
+DECODER = "longmem.generation"  # the one module that decodes token by token
+PROTOCOL = "longmem.model"  # the model protocol (MemoryLM) and LongMem
+PICKS = {"sample_next", "argmax", "multinomial", "topk"}  # ways to choose tokens from logits
+SINKS = {"feed", "feed_all", "forward", "generate", "window_logits", "backbone_logits", "score_continuations"}
+
+
+def _name(func: ast.expr) -> str:
+    return func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+
+
+def _model_call(call: ast.Call) -> bool:
+    """A call that runs a model: a forward-like method, or a call of something named model/net."""
+    name = _name(call.func)
+    return name in SINKS or "model" in name.lower() or name == "net"
+
+
+def _scope(node: ast.AST):
+    """The nodes of a loop body, not descending into functions or classes defined in it."""
+    for child in ast.iter_child_nodes(node):
+        if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            yield child
+            yield from _scope(child)
+
+
+def _stored(target: ast.expr):
+    """The names an assignment target stores into: ``x``, ``a, b``; ``x[i]`` and ``x.f`` store into ``x``, not ``i``."""
+    if isinstance(target, (ast.Tuple, ast.List)):
+        for t in target.elts:
+            yield from _stored(t)
+    elif isinstance(target, ast.Starred):
+        yield from _stored(target.value)
+    else:
+        while isinstance(target, (ast.Subscript, ast.Attribute)):
+            target = target.value
+        if isinstance(target, ast.Name):
+            yield target.id
+
+
+def decode_loops(tree: ast.Module) -> list[int]:
+    """Lines of loops that feed a token chosen from logits back into a model (a token-by-token decode loop).
+
+    Within one loop body, a name is tainted when it is assigned (or appended) from an expression that picks
+    tokens (``PICKS``) or mentions a tainted name; the loop decodes when a tainted name reaches a model call."""
+    found = []
+    for loop in ast.walk(tree):
+        if not isinstance(loop, (ast.For, ast.While)):
+            continue
+        body = list(_scope(loop))
+        tainted: set[str] = set()
+
+        def dirty(expr) -> bool:
+            return any(isinstance(n, ast.Call) and _name(n.func) in PICKS for n in ast.walk(expr)) or \
+                any(isinstance(n, ast.Name) and n.id in tainted for n in ast.walk(expr))
+
+        for _ in range(len(body)):  # to a fixed point: taint flows through any chain of assignments
+            before = len(tainted)
+            for node in body:
+                if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None and dirty(node.value):
+                    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    tainted |= {n for t in targets for n in _stored(t)}
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name) \
+                        and node.func.attr in ("append", "extend", "insert") and any(dirty(a) for a in node.args):
+                    tainted.add(node.func.value.id)
+            if len(tainted) == before:
+                break
+        for node in body:
+            if isinstance(node, ast.Call) and _model_call(node) and any(dirty(a) for a in [*node.args, *(k.value for k in node.keywords)]):
+                found.append(loop.lineno)
+                break
+    return found
+
+
+OLD_RECOMPUTE = '''
+def generate(self, ids, memory, cfg):
+    new = []
+    for _ in range(cfg.max_new_tokens):
+        logits = window_logits(self.model, mode, ids[:, -T:], memory)[:, -1].float()
+        token = int(sample_next(logits, cfg)[0])
+        new.append(token)
+        ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
+    return new
+'''
+OLD_CHAT = '''
+while True:
+    logits = dec.feed(prompt)
+    for _ in range(cfg.max_new_tokens):
+        t = logits.argmax(-1)
+        reply.append(int(t[0]))
+        logits = dec.feed(t.view(1, 1), check=False)
+'''
+TEACHER_FORCED = '''
+for start in range(0, n, T):
+    logits = self.model(x, memory=memory).logits
+    greedy &= bool((logits.argmax(-1) == y).all())
+'''
+
+
+def test_the_decode_loop_check_finds_decode_loops_and_only_them():
+    assert decode_loops(ast.parse(OLD_RECOMPUTE)) and decode_loops(ast.parse(OLD_CHAT))
+    assert not decode_loops(ast.parse(TEACHER_FORCED))  # scoring a given text picks nothing to feed back
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_one_decode_loop(name):
+    """Every caller (CLI, harness, evaluations, server) decodes through ``generation.Decoder`` / ``generate_stream``."""
+    if name != DECODER:
+        assert not decode_loops(MODULES[name]), f"{name}: a token-by-token loop at line(s) {decode_loops(MODULES[name])}; decode with longmem.generation"
+
+
+def model_classes() -> set[str]:
+    return {n.name for mod in (PROTOCOL, "longmem.baselines") for n in ast.walk(MODULES[mod]) if isinstance(n, ast.ClassDef)}
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_callers_ask_the_protocol_not_the_class(name):
+    """No ``isinstance`` / ``issubclass`` on a model class, nor ``hasattr(model, ...)``, outside the protocol's module."""
+    if name == PROTOCOL:
+        return
+    classes = model_classes()
+    for node in ast.walk(MODULES[name]):
+        if isinstance(node, ast.Call) and _name(node.func) in ("isinstance", "issubclass") and len(node.args) == 2:
+            named = {_name(n) for n in ast.walk(node.args[1]) if isinstance(n, (ast.Name, ast.Attribute))}
+            assert not named & classes, f"{name}:{node.lineno} asks a model's class ({', '.join(named & classes)}); use the protocol (longmem.model.MemoryLM)"
+        if isinstance(node, ast.Call) and _name(node.func) in ("hasattr", "getattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("sidenet", "gate", "_reference"):
+            raise AssertionError(f"{name}:{node.lineno} asks whether a model has {node.args[1].value!r}; use the protocol")

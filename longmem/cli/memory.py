@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from longmem.cli.eval import checked, memory_args
 from longmem.errors import LongMemError
-from longmem.generation import Decoder, SamplingConfig, sample_next
+from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.loading import load_model_and_tokenizer, resolve_device
 from longmem.store import MemoryStore, check_name, check_text_file, ingest_file
 
@@ -189,14 +189,12 @@ def _chat(args) -> int:
             if not line or not line.strip():
                 break
             text = f"{args.user_prefix}{line.strip()}\n{args.bot_prefix}"
-            logits = dec.feed(torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids], device=model.device))
-            reply: list[int] = []
-            for _ in range(cfg.max_new_tokens):
-                t = sample_next(logits, cfg, gen)
-                reply.append(int(t[0]))
-                logits = dec.feed(t.view(1, 1), check=False)
-                if "\n" in tok.decode(reply[-4:]):
-                    break
+            said = torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids])
+            seen = dec.tokens_seen + said.shape[1]
+            reply = [int(t[0]) for t in generate_stream(model, said, cfg=cfg, generator=gen, tokenizer=tok, decoder=dec)]
+            unread = reply[dec.tokens_seen - seen:]  # the token the reply stopped on: the conversation goes on after it
+            if unread:
+                dec.feed(torch.tensor([unread], device=model.device), check=False)
             print(f"{args.bot_prefix}{tok.decode(reply).strip()}")
             sys.stdout.flush()
         if args.remember:

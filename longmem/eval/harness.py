@@ -31,8 +31,9 @@ How a long context is read (the same rule for every request type, LONGMEM.md s3.
   document's memory after the window is read (as ``longmem eval ppl`` streams a document; the last
   window's re-read tokens are then in memory too); ``off`` and ``backbone`` score each window alone.
 - ``generate_until``: the context's last ``T - min(max_gen_toks, T/2)`` tokens start the local window,
-  the rest goes to memory; LongMem generates with its KV-cached generator (``LongMem.generate``, whose
-  window slides into the memory). ``backbone`` mode and the baselines recompute their window per token.
+  the rest goes to memory; every model decodes with the KV-cached ``Decoder`` (``generate_stream``). LongMem's
+  window slides into the memory; ``backbone`` mode and the baselines move their window one token at a time and
+  only read the memory, which equals recomputing the last window per token (``MemoryLM.decode_into_memory``).
 
 So a few-shot run whose demonstrations overflow the window is the paper's memory-augmented in-context
 learning (s4.3): the oldest demonstrations in memory, the latest ones and the test input local.
@@ -63,11 +64,11 @@ from lm_eval.utils import get_rolling_token_windows, handle_non_serializable, ma
 from tqdm import tqdm
 
 from longmem.backbone import to_dtype
+from longmem.baselines import PlainBackbone
 from longmem.errors import LongMemError
 from longmem.eval.scoring import encode, fill_memory, score_continuations, split_context, window_logits
-from longmem.generation import SamplingConfig, sample_next
+from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.loading import load_model_and_tokenizer, resolve_device
-from longmem.model import LongMem
 
 log = logging.getLogger(__name__)
 
@@ -361,17 +362,14 @@ class LongMemLM(TemplateLM):
         ctx = np.asarray(self.tok_encode(context) or [self.eot_token_id], dtype=np.int64)
         T = self.model.segment_length
         mem_ids, local = self.split(ctx, max(1, min(max_new, T // 2)))
+        net = PlainBackbone(self.model) if self.mode == "backbone" else self.model
+        slides = net.decode_into_memory  # else: one token at a time, the memory read only (= recomputing the window)
         memory = None
         if self.mode == "longmem" and len(mem_ids):
-            memory = self.memory_for(mem_ids, 1, writable=isinstance(self.model, LongMem))
+            memory = self.memory_for(mem_ids, 1, writable=slides)
         ids = torch.as_tensor(local, device=self.model.device).view(1, -1)
-        if isinstance(self.model, LongMem) and self.mode != "backbone":
-            new = self.model.generate(ids, memory=memory, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
-                                      temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                      stop_token_ids=cfg.stop_token_ids, stop_strings=cfg.stop_strings,
-                                      tokenizer=self.tokenizer)[0, ids.shape[1]:].tolist()
-        else:
-            new = self._generate_recompute(ids, memory, cfg)
+        dec = Decoder(net, 1, memory, keep=None if slides else T - 1, remember=slides)
+        new = [int(t[0]) for t in generate_stream(net, ids, cfg=cfg, tokenizer=self.tokenizer, decoder=dec)]
         if self.eot_token_id in new:
             new = new[:new.index(self.eot_token_id)]
         text = self.tokenizer.decode(new)
@@ -379,20 +377,6 @@ class LongMemLM(TemplateLM):
             if stop:
                 text = text.split(stop)[0]
         return text
-
-    def _generate_recompute(self, ids: torch.Tensor, memory, cfg: SamplingConfig) -> list[int]:
-        """Token by token, each step recomputing the last window (the backbone alone, or a baseline reading its
-        memory without writing to it)."""
-        T, new = self.model.segment_length, []
-        mode = "no_memory" if self.mode == "longmem" and memory is None else self.mode
-        for _ in range(cfg.max_new_tokens):
-            logits = window_logits(self.model, mode, ids[:, -T:], memory)[:, -1].float()  # (1, V)
-            token = int(sample_next(logits, cfg)[0])
-            new.append(token)
-            if token in cfg.stop_token_ids or any(s in self.tokenizer.decode(new[-32:]) for s in cfg.stop_strings):
-                break
-            ids = torch.cat([ids, torch.tensor([[token]], device=ids.device)], dim=1)
-        return new
 
 
 # --------------------------------------------------------------------------- running harness tasks

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from longmem.baselines import PlainBackbone
 from longmem.data.streams import IGNORE, DocumentStreams, encode_documents
 from longmem.errors import LongMemError
 from longmem.eval.scoring import MODES
@@ -122,34 +123,6 @@ def stream_nll(model, docs: list[np.ndarray], mode: str, segment_length: int | N
     bar.close()
     model.train(was_training)
     return stats
-
-
-def perplexity_table(model, docs, modes=MODES, **kwargs) -> dict:
-    """{mode: summary} for each mode on the same documents."""
-    return {mode: stream_nll(model, docs, mode, desc=f"ppl {mode}", **kwargs).summary() for mode in modes}
-
-
-class _PlainLM:
-    """A plain HF causal LM dressed for ``stream_nll``'s backbone mode: each window on its own."""
-
-    training = False
-
-    def __init__(self, hf, segment_length: int):
-        self.hf, self.segment_length = hf, segment_length
-
-    @property
-    def device(self):
-        return next(self.hf.parameters()).device
-
-    def eval(self):
-        return self
-
-    def train(self, mode: bool = True):
-        return self
-
-    def backbone_logits(self, ids):
-        with torch.no_grad():
-            return self.hf(input_ids=ids).logits
 
 
 def _load_baseline(path: str, device):
@@ -254,7 +227,7 @@ def run_ppl(model_paths: list, data: list, *, baselines=(), max_tokens: int | No
                 raise LongMemError(f"baseline {bpath} has another tokenizer than {name}; perplexities over different tokens are "
                                    "not comparable: give a baseline that uses the same tokenizer")
             bname = f"baseline:{Path(bpath).name}"
-            report[prefix + bname] = _score(_PlainLM(hf, T), groups, "backbone", batch_size, None, progress, f"{name} {bname}", T)
+            report[prefix + bname] = _score(PlainBackbone.from_causal_lm(hf, T), groups, "backbone", batch_size, None, progress, f"{name} {bname}", T)
         meta["models"][name] = {"path": str(path) if path else "(shipped default)", "segment_length": T,
                                 "memory_size": kw.get("memory_size", model.config.memory_size),
                                 "chunk_size": kw.get("chunk_size", model.config.chunk_size),

@@ -308,8 +308,8 @@ def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, dict | None]:
     if cfg.dtype == "bf16" and amp is None:
         raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto on bf16 hardware)")
     memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
-    if hasattr(model, "sidenet"):
-        model.sidenet.grad_checkpointing = cfg.grad_checkpointing
+    if model.trainable_module is not None:
+        model.trainable_module.grad_checkpointing = cfg.grad_checkpointing
     return Run(cfg, rank, world, device, out, tokenizer, model, streams, memory, amp, val_docs), state
 
 
@@ -499,7 +499,7 @@ def device_rng_state(device: torch.device):
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
     """(the SideNet weights to save, gathered and LoRA merged; the unmerged LoRA SideNet or None).
     (None, None) for the baselines, which save themselves. Every process must call it."""
-    if not hasattr(run.model, "sidenet"):
+    if run.model.trainable_module is None:
         return None, None
     state = full_state(run.model.sidenet)
     layers = lora_layers(run.model.sidenet)
@@ -566,7 +566,7 @@ def over_time_limit(run: Run) -> bool:
 
 
 def gate_values(model) -> list[float]:
-    gate = full_tensor(model.sidenet.gate if hasattr(model, "sidenet") else model.gate)  # gathered under FSDP
+    gate = full_tensor(model.gate)  # gathered under FSDP
     return [round(float(g), 4) for g in torch.sigmoid(gate.detach())]
 
 
