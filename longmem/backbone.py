@@ -4,17 +4,28 @@ One adapter for every family: the HF model runs its own forward (embeddings, pos
 decoder layers, per-family details all come from transformers), and LongMem swaps only the
 attention computation. transformers' attention-function registry makes that generic: the model is
 switched to ``attn_implementation="longmem"``, a function registered under that name, which each
-attention module calls with its rotated (B, H, T, Dh) queries and (B, Hkv, T, Dh) keys/values. That
-function hands them to the *core* of the layer now running (plain causal attention, the cache, or
-joint attention with the memory). Hooks on the decoder layers record every hidden state and the
-arguments each layer was called with, so that the SideNet can run copies of the same layers with
-the same positions through the same code:
+attention module calls with its rotated (B, H, T, Dh) queries and (B, Hkv, T, Dh) keys/values.
+
+The dispatch, explicitly: every call of a decoder layer that LongMem makes carries a keyword argument
+``longmem_call`` (a ``_Call``: the layer's attention *core* and, where asked for, its pre-rotary q/k);
+transformers passes a layer's keyword arguments down to its attention function, which hands q, k, v to
+that core (plain causal attention, the cache, or joint attention with the memory). A layer called
+without it (someone calls the HF model directly) computes the family's own eager attention. The SideNet
+passes ``longmem_call`` itself (``block_forward``); for the backbone's own layers, which HF's forward
+calls, a forward pre-hook adds it. Those hooks, and one that records each layer's output, are installed
+for one pass (``_run``) and removed when it ends: nothing stays on the caller's model. The registration
+of the attention function under ``"longmem"`` (``_register``) is the single global registration: it is
+how transformers finds an attention function. Two exceptions leave HF's forward early, since its loop
+over layers has no exit: ``_Stop`` after block ``upto`` and ``_Captured`` in the pre-rotary pass below.
+
+The pass records every hidden state and the arguments each layer was called with, so that the SideNet
+can run copies of the same layers with the same positions through the same code:
 
     forward(input_ids, m)                     -> Hb[0..L], block m's pre-rotary keys/values, layer inputs
     block_forward(block, x, inputs, core)     -> the block's output; ``core`` does the attention itself
     logits(h)                                 -> final norm + LM head (+ the family's logit scaling)
 
-Pre-rotary queries/keys (what the memory stores and searches with, LONGMEM.md section 3): the layer
+Pre-rotary queries/keys (what the memory stores and searches with, paper section 3.2): the layer
 is run once more with an identity rotation (cos = a, sin = 0, exact in floating point), and the
 attention function receives exactly the family's q/k projections after its q/k norms and before any
 rotary, whatever the layout (fused q/k/v, partial or interleaved rotary). ``a`` is the rotation's
@@ -39,15 +50,14 @@ import copy
 import hashlib
 import json
 import sys
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from longmem.attention import causal_attention
+from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.gguf import gguf_folder, is_gguf
 
@@ -90,7 +100,7 @@ class BackboneOutput:
     layer_inputs: list[LayerInputs] = field(default_factory=list)  # per block: its positions etc. (for the SideNet)
 
 
-# -- the attention function and the state it reads ----------------------------------------------
+# -- the attention function and what each layer call passes it -----------------------------------
 
 
 @dataclass
@@ -112,29 +122,63 @@ class _Stop(Exception):
     """Ends a backbone pass early (``upto``)."""
 
 
+CALL_KEY = "longmem_call"  # the keyword argument that carries a layer's ``_Call`` down to the attention function
+
+
 class _Pass:
-    """One backbone forward: records Hb[i] and each layer's inputs, and picks each layer's core."""
+    """One backbone forward: its hooks record Hb[i] and each layer's inputs and give each layer its ``_Call``.
+
+    ``with _Pass(...)`` installs the hooks on the layers for the pass and removes them after it."""
 
     def __init__(self, layers, core_for, raw_layers, upto, window=None, rotary_scales=None):
-        self.index = {id(layer): i for i, layer in enumerate(layers)}
+        self.layers = layers
         self.window = window
         self.rotary_scales = rotary_scales  # per layer: the magnitude of its rotation (None in the probe pass)
         self.core_for, self.raw_layers, self.upto = core_for, raw_layers, upto
         self.hidden: list[torch.Tensor] = []
         self.inputs: list[LayerInputs] = []
         self.last = None
+        self._handles = []
 
+    def __enter__(self) -> "_Pass":
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._before(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._after, with_kwargs=True))
+        return self
 
-_PASS: ContextVar[_Pass | None] = ContextVar("longmem_pass", default=None)
-_CALL: ContextVar[_Call | None] = ContextVar("longmem_call", default=None)
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _before(self, i: int):
+        def hook(layer, args, kwargs):
+            if CALL_KEY in kwargs:
+                return None  # a call that brings its own (the pre-rotary pass below)
+            if self.upto is not None and i > self.upto:
+                raise _Stop
+            x = args[0] if args else kwargs["hidden_states"]
+            inputs = LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"},
+                                 self.rotary_scales[i] if self.rotary_scales is not None else None)
+            self.hidden.append(x)  # Hb[i]
+            self.inputs.append(inputs)
+            raw = _pre_rotary(layer, x, inputs) if i in self.raw_layers else None
+            return args, {**kwargs, CALL_KEY: _Call(self.core_for(i), raw, self.window)}
+
+        return hook
+
+    def _after(self, layer, args, kwargs, output):
+        self.last = output[0] if isinstance(output, tuple) else output
+        return None
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The function transformers calls as ``attn_implementation="longmem"``: (B, T, H, Dh), None.
 
-    Outside a LongMem pass (someone calls the HF model directly) it is the family's own eager attention.
+    A layer called without a ``longmem_call`` (someone calls the HF model directly) gets the family's own eager
+    attention.
     """
-    call = _CALL.get()
+    call = kwargs.pop(CALL_KEY, None)
     if call is None:
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:
@@ -152,31 +196,6 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     q_raw, k_raw = call.raw if call.raw is not None else (query, key)
     out = call.core(query, key, value, q_raw, k_raw, **local)  # (B, H, T, Dh)
     return out.transpose(1, 2), None  # (B, T, H, Dh), as transformers expects
-
-
-def _pre_hook(layer, args, kwargs):
-    run = _PASS.get()
-    if run is None or id(layer) not in run.index:
-        return None
-    i = run.index[id(layer)]
-    if run.upto is not None and i > run.upto:
-        raise _Stop
-    x = args[0] if args else kwargs["hidden_states"]
-    inputs = LayerInputs(tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"},
-                         run.rotary_scales[i] if run.rotary_scales is not None else None)
-    run.hidden.append(x)  # Hb[i]
-    run.inputs.append(inputs)
-    raw = _pre_rotary(layer, x, inputs) if i in run.raw_layers else None
-    _CALL.set(_Call(run.core_for(i), raw, run.window))
-    return None
-
-
-def _post_hook(layer, args, kwargs, output):
-    run = _PASS.get()
-    if run is not None and id(layer) in run.index:
-        run.last = output[0] if isinstance(output, tuple) else output
-        _CALL.set(None)
-    return None
 
 
 def _rotation_scale(pe) -> torch.Tensor:
@@ -205,14 +224,10 @@ def _pre_rotary(layer, x, inputs: LayerInputs):
     if not inputs.rotary:
         return None  # no rotary: the attention function's q/k are already position-free projections
     kwargs = {**inputs.kwargs, "position_embeddings": _identity_rotation(inputs.kwargs["position_embeddings"], inputs.rotary_scale)}
-    run_token, call_token = _PASS.set(None), _CALL.set(_Call(None))
     try:
-        layer(x, *inputs.args, **kwargs)
+        layer(x, *inputs.args, **kwargs, **{CALL_KEY: _Call(None)})
     except _Captured as c:
         return c.q, c.k
-    finally:
-        _CALL.reset(call_token)
-        _PASS.reset(run_token)
     raise LongMemError(f"{type(layer).__name__} never called the attention function; {_UNSUPPORTED_HINT}")
 
 
@@ -275,19 +290,6 @@ def to_dtype(module: nn.Module, dtype) -> nn.Module:
     return module
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    """``"bf16"``, ``"fp32"``, ``"fp16"`` (or their torch names, or a torch.dtype) -> torch.dtype; None stays None."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if str(dtype).lower() not in DTYPES:
-        raise LongMemError(f"unknown dtype {dtype!r}; use one of fp32, bf16, fp16")
-    return DTYPES[str(dtype).lower()]
-
-
 def check_config(config) -> None:
     """Refuse, in one line, the model kinds that cannot be a LongMem backbone (before loading weights)."""
     model_type = getattr(config, "model_type", "?")
@@ -315,12 +317,6 @@ class _Layout:
     windows: list = field(default_factory=list)
     rotary: bool = False
     rotary_scales: list = field(default_factory=list)  # per layer: its rotation's magnitude (None: no rotary)
-
-
-def linear_layer_names(module: nn.Module) -> list[str]:
-    """Names of the linear projections inside ``module``: ``nn.Linear``, and GPT-2's ``Conv1D`` (a linear
-    layer that stores its weight as (in, out))."""
-    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
 
 
 class Backbone(nn.Module):
@@ -358,8 +354,6 @@ class Backbone(nn.Module):
         self.text_config = config.get_text_config()
         self.base = model.base_model
         self.blocks = self._find_layers()
-        for block in self.blocks:
-            _install_hooks(block)
         self.norm = self._find_norm()
         self.lm_head = model.get_output_embeddings()
         self.num_layers = len(self.blocks)
@@ -470,9 +464,7 @@ class Backbone(nn.Module):
 
     def copy_block(self, i: int) -> nn.Module:
         """A deep copy of block i (shares no storage), for the SideNet."""
-        block = copy.deepcopy(self.blocks[i])
-        _remove_hooks(block)
-        return block
+        return copy.deepcopy(self.blocks[i])
 
     def copy_norm(self) -> nn.Module:
         """A deep copy of the final norm, for the SideNet."""
@@ -486,11 +478,7 @@ class Backbone(nn.Module):
         ``raw``: give the core the pre-rotary q/k (one extra q/k/v projection of this layer).
         """
         call = _Call(core, _pre_rotary(block, x, inputs) if raw else None, self.mask_window)
-        token = _CALL.set(call)
-        try:
-            out = block(x, *inputs.args, **inputs.kwargs)
-        finally:
-            _CALL.reset(token)
+        out = block(x, *inputs.args, **inputs.kwargs, **{CALL_KEY: call})
         return out[0] if isinstance(out, tuple) else out
 
     def logits(self, h: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
@@ -549,18 +537,14 @@ class Backbone(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
         positions = positions.view(1, -1).expand(B, -1)
-        run = _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window, self.rotary_scales)
-        run_token, call_token = _PASS.set(run), _CALL.set(None)
         # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
         # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)
         unused_mask = torch.zeros(1, 1, 1, 1, device=input_ids.device).expand(B, 1, T, T)
-        try:
-            self.base(input_ids=input_ids, attention_mask=unused_mask, position_ids=positions, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            _CALL.reset(call_token)
-            _PASS.reset(run_token)
+        with _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window, self.rotary_scales) as run:
+            try:
+                self.base(input_ids=input_ids, attention_mask=unused_mask, position_ids=positions, use_cache=False)
+            except _Stop:
+                pass
         return BackboneOutput(hidden_states=run.hidden + [run.last], keys=None, values=None, layer_inputs=run.inputs)
 
     # -- identity ----------------------------------------------------------------------------------
@@ -580,17 +564,3 @@ class Backbone(nn.Module):
                 h.update(sample.tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
-
-
-def _install_hooks(block: nn.Module) -> None:
-    _remove_hooks(block)  # a copied model may carry them already
-    block.register_forward_pre_hook(_pre_hook, with_kwargs=True)
-    block.register_forward_hook(_post_hook, with_kwargs=True)
-
-
-def _remove_hooks(block: nn.Module) -> None:
-    for hooks in (block._forward_pre_hooks, block._forward_hooks):
-        for key in [k for k, fn in hooks.items() if fn in (_pre_hook, _post_hook)]:
-            del hooks[key]
-            block._forward_hooks_with_kwargs.pop(key, None)
-            block._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -31,12 +31,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from longmem.config import BACKENDS, METRICS
+from longmem.dtypes import DTYPES
 from longmem.errors import LongMemError
 from longmem.io import atomic_write, sha256_bytes
 
 FORMAT_VERSION = 1
 INDEXES = ("flat", "ivf")
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -460,7 +460,7 @@ class MemoryBank:
         bank = cls(
             batch_size=header["batch_size"], num_heads=header["num_heads"], head_dim=header["head_dim"],
             chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
-            dtype=_DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
+            dtype=DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
             index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 64),
             metric=header.get("metric", "ip"),
         )

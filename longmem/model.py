@@ -27,9 +27,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from longmem.backbone import Backbone, load_causal_lm, parse_dtype, to_dtype
+from longmem.backbone import Backbone, load_causal_lm, to_dtype
 from longmem.cache import WindowCache
 from longmem.config import LongMemConfig, default_memory_layer
+from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.generation import generate
 from longmem.gguf import resolve_reference

@@ -6,12 +6,17 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from longmem.config import LongMemConfig
+from longmem.model import LongMem
 
 PKG = Path(__file__).resolve().parent.parent / "longmem"
 TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
-BASE = ("longmem.config", "longmem.errors", "longmem.io")
+BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io")
 
 
 def layer(module: str) -> int:
@@ -227,3 +232,30 @@ def test_callers_ask_the_protocol_not_the_class(name):
         if isinstance(node, ast.Call) and _name(node.func) in ("hasattr", "getattr") and len(node.args) >= 2 \
                 and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("sidenet", "gate", "_reference"):
             raise AssertionError(f"{name}:{node.lineno} asks whether a model has {node.args[1].value!r}; use the protocol")
+
+
+def test_no_hooks_or_state_left_on_the_callers_model():
+    """The backbone adapter's hooks live for one pass: after building LongMem and running it (a forward, a memory
+    write, a cached decoding step), the caller's HF model carries no hook; called directly it is the HF model."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=4, n_head=4,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    ids = torch.randint(0, 64, (1, 12))
+    with torch.no_grad():
+        before = hf(ids).logits
+
+    def hooks():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in hf.modules())
+
+    assert hooks() == 0
+    model = LongMem.from_backbone(hf, LongMemConfig(chunk_size=2, memory_size=32, topk_chunks=2, segment_length=16))
+    memory = model.new_memory(1)
+    with torch.no_grad():
+        model(ids, memory=memory)
+        model.write_memory(ids, memory)
+        cache = model.new_cache()
+        model(ids[:, :6], memory=memory, cache=cache, update_memory=False)
+        model(ids[:, 6:7], memory=memory, cache=cache, update_memory=False)
+        after = hf(ids).logits
+    assert hooks() == 0
+    torch.testing.assert_close(after, before)

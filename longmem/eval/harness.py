@@ -11,7 +11,7 @@ Model arguments (``--model-args k=v,...``):
     device, dtype (float32, bfloat16, float16; default: as saved), batch_size (rows scored side by side)
     prefix_cache  memories of shared prefixes kept (default 4; 0 recomputes every prefix)
 
-How a long context is read (the same rule for every request type, LONGMEM.md s3.7):
+How a long context is read (the same rule for every request type; write after read, paper s3.7):
 
 - ``loglikelihood``: a request's score depends on its own context and continuation only, never on the
   other requests of its batch. The local window is what the harness's HF model reads: the last
@@ -65,6 +65,7 @@ from tqdm import tqdm
 
 from longmem.backbone import to_dtype
 from longmem.baselines import PlainBackbone
+from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.eval.scoring import encode, fill_memory, score_continuations, split_context, window_logits
 from longmem.generation import Decoder, SamplingConfig, generate_stream
@@ -73,7 +74,7 @@ from longmem.loading import load_model_and_tokenizer, resolve_device
 log = logging.getLogger(__name__)
 
 MEMORY = {"on": "longmem", "off": "no_memory", "backbone": "backbone"}  # model argument -> scoring mode
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ARGS = ("auto", "float32", "bfloat16", "float16")  # "auto": as saved
 ARGS = ("pretrained", "memory", "memory_size", "chunk_size", "topk_chunks", "device", "dtype", "batch_size", "prefix_cache")
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p")
 DEFAULT_MAX_GEN_TOKS = 256  # the harness's own default
@@ -100,12 +101,12 @@ class LongMemLM(TemplateLM):
         if extra:
             raise LongMemError(f"unknown model argument(s) {', '.join(sorted(extra))} for the longmem model; "
                                f"known: {', '.join(ARGS)}")
-        if dtype not in DTYPES:
-            raise LongMemError(f"model argument dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DTYPE_ARGS:
+            raise LongMemError(f"model argument dtype must be one of {', '.join(DTYPE_ARGS)}, got {dtype!r}")
         self._check_memory(memory)
         model, tokenizer = load_model_and_tokenizer(pretrained, resolve_device(device))
-        if DTYPES[dtype] is not None:
-            model = to_dtype(model, DTYPES[dtype])
+        if dtype != "auto":
+            model = to_dtype(model, parse_dtype(dtype))
         self._configure(model, tokenizer, memory=memory, memory_size=memory_size, chunk_size=chunk_size,
                         topk_chunks=topk_chunks, batch_size=batch_size, prefix_cache=prefix_cache)
         self.pretrained = str(pretrained or "(shipped default)")

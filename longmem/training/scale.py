@@ -25,9 +25,16 @@ import warnings
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from longmem.backbone import linear_layer_names
 from longmem.errors import LongMemError
+
+
+def linear_layer_names(module: nn.Module) -> list[str]:
+    """Names of the linear projections inside ``module``: ``nn.Linear``, and GPT-2's ``Conv1D`` (a linear
+    layer that stores its weight as (in, out)); LoRA wraps them."""
+    return [name for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+
 
 STRATEGIES = ("ddp", "fsdp")
 OPTIMIZER_FORMAT = "full-by-name"  # trainer.pt "optimizer_format": the optimizer state keyed by parameter name
