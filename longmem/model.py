@@ -196,7 +196,7 @@ class MemoryLM(nn.Module):
         if B == 0 or T == 0:
             raise LongMemError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
         vocab = self.backbone.vocab_size
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync per call
         if lo < 0 or hi >= vocab:
             raise LongMemError(f"token ids must lie in [0, {vocab}) for this model, got values in [{lo}, {hi}]; was the text encoded with this model's tokenizer?")
         limit = self.backbone.max_positions

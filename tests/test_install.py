@@ -19,6 +19,7 @@ def test_the_wheel_holds_every_module_and_the_shipped_default(tmp_path):
     model = ROOT / "longmem" / "models" / "longmem-tiny"
     shipped = {p.relative_to(ROOT).as_posix() for p in model.rglob("*") if p.is_file() and "history" not in p.parts}
     assert shipped <= names, sorted(shipped - names)
+    assert not [n for n in names if "/history/" in n], "the model's lineage (history/) is not package data"
     page = {p.relative_to(ROOT).as_posix() for p in (ROOT / "longmem" / "serve" / "static").iterdir()}
     assert page and page <= names, sorted(page - names)  # `longmem serve`'s chat page ships as package data
     entry = next(n for n in names if n.endswith("entry_points.txt"))

@@ -16,7 +16,7 @@ PKG = Path(__file__).resolve().parent.parent / "longmem"
 TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
-BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io")
+BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots")
 
 
 def layer(module: str) -> int:

@@ -38,7 +38,7 @@ from longmem.eval.icl import evaluate_icl, get_task, load_examples
 from longmem.eval.passkey import FULL as PASSKEY_FULL
 from longmem.eval.passkey import evaluate_passkey
 from longmem.eval.perplexity import BUCKETS, bucket_name, format_ppl, run_ppl
-from longmem.eval.plots import plot_bars, plot_lines
+from longmem.plots import plot_bars, plot_lines
 from longmem.eval.recall import names_report
 from longmem.eval.scoring import MODES
 from longmem.io import check_output, write_json, write_result

@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from longmem.data.corpora import iter_documents, text_pieces
 from longmem.errors import LongMemError
-
-IGNORE = -100
+from longmem.model import IGNORE  # the label the loss skips
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from longmem.errors import LongMemError
-from longmem.eval.plots import pyplot, save_figure
+from longmem.plots import pyplot, save_figure
 from longmem.memory import MemoryBank
 
 

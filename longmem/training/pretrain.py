@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
-from longmem.eval.plots import pyplot, save_figure
+from longmem.plots import pyplot, save_figure
 from longmem.io import atomic_write
 from longmem.loading import load_tokenizer, resolve_device
 from longmem.model import next_token_loss
@@ -356,7 +356,7 @@ def set_up(cfg: PretrainConfig, progress: bool) -> PretrainRun:
     if resuming:
         resume(run, device)
     atomic_write(run.metrics_path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in run.records)))
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    atomic_write(out / "train_config.json", lambda tmp: Path(tmp).write_text(json.dumps(asdict(cfg), indent=2)))
     model.train()
     return run
 

@@ -1,4 +1,4 @@
-"""Memory-augmented adaptation (paper s3.4 / LONGMEM.md s5): train the SideNet, never the backbone.
+"""Memory-augmented adaptation (paper s3.4): train the SideNet, never the backbone.
 
 The loop is written out in ``train`` (no framework); one optimizer step is ``training.step.train_step``.
 Each batch row streams one document; the row's memory is reset when its document changes. Under
@@ -33,7 +33,7 @@ from longmem.config import LongMemConfig
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
-from longmem.eval.plots import pyplot, save_figure
+from longmem.plots import pyplot, save_figure
 from longmem.eval.staleness import staleness
 from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
 from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
@@ -186,14 +186,12 @@ def save_checkpoint(out: Path, model, trainer_state: dict, tokenizer=None, weigh
 
 def load_trainer_state(ckpt: Path) -> dict:
     """OUT/checkpoint/trainer.pt after checking it against the checksum in COMPLETE (written by this library)."""
-    marker = (ckpt / "COMPLETE").read_text().strip()
-    if marker != "ok":  # checkpoints from before the checksum say just "ok"
-        try:
-            want = json.loads(marker)["trainer_sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LongMemError(f"{ckpt}/COMPLETE is damaged, so the checkpoint cannot be trusted; start over with another --out") from None
-        if not (ckpt / "trainer.pt").is_file() or file_sha256(ckpt / "trainer.pt") != want:
-            raise LongMemError(f"{ckpt}/trainer.pt is damaged (checksum mismatch); it cannot be resumed: start over with another --out")
+    try:
+        want = json.loads((ckpt / "COMPLETE").read_text())["trainer_sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LongMemError(f"{ckpt}/COMPLETE is damaged, so the checkpoint cannot be trusted; start over with another --out") from None
+    if not (ckpt / "trainer.pt").is_file() or file_sha256(ckpt / "trainer.pt") != want:
+        raise LongMemError(f"{ckpt}/trainer.pt is damaged (checksum mismatch); it cannot be resumed: start over with another --out")
     return torch.load(ckpt / "trainer.pt", weights_only=False)  # our own file, verified above
 
 
@@ -411,12 +409,12 @@ def start_outputs(run: Run, fresh: bool) -> None:
         return
     metrics = run.out / "metrics.jsonl"
     if fresh:
-        atomic_write(metrics, lambda tmp: open(tmp, "w").close())
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text(""))
         atomic_write(run.out / "train_config.json",
-                     lambda tmp: open(tmp, "w").write(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n"))
+                     lambda tmp: Path(tmp).write_text(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n"))
     elif metrics.is_file():
         kept = [line for line in open(metrics) if line.strip() and json.loads(line).get("step", 0) <= run.step]
-        atomic_write(metrics, lambda tmp: open(tmp, "w").write("".join(kept)))
+        atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 # -- resume and checkpoints ------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The evaluations' plots: lines over categories and grouped bars, written as PNG files."""
+"""Plots written as PNG files, for training (loss curves) and the evaluations (lines over categories, grouped
+bars): below both, beside ``io``."""
 
 from __future__ import annotations
 
