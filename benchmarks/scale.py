@@ -96,7 +96,7 @@ def meta_model(cfg: dict):
 def counts(hf, lora_rank: int) -> dict:
     """Parameter counts of the backbone, the SideNet (blocks 1, 3, 5, ... + final norm + gate), its largest FSDP
     unit, and what trains under LoRA (adapters on every linear layer of the blocks, plus norms and gate)."""
-    from longmem.backbone import linear_layer_names
+    from longmem.training.scale import linear_layer_names
 
     cfg = hf.config
     blocks = hf.model.layers

@@ -13,7 +13,9 @@ that core (plain causal attention, the cache, or joint attention with the memory
 without it (someone calls the HF model directly) computes the family's own eager attention. The SideNet
 passes ``longmem_call`` itself (``block_forward``); for the backbone's own layers, which HF's forward
 calls, a forward pre-hook adds it. Those hooks, and one that records each layer's output, are installed
-for one pass (``_run``) and removed when it ends: nothing stays on the caller's model. The registration
+for one pass (``_run``) and removed when it ends: nothing stays on the caller's model. A pass belongs to
+the thread that runs it: the hooks of a pass in another thread (the server runs requests side by side)
+leave this thread's layer calls alone. The registration
 of the attention function under ``"longmem"`` (``_register``) is the single global registration: it is
 how transformers finds an attention function. Two exceptions leave HF's forward early, since its loop
 over layers has no exit: ``_Stop`` after block ``upto`` and ``_Captured`` in the pre-rotary pass below.
@@ -50,6 +52,7 @@ import copy
 import hashlib
 import json
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,6 +142,7 @@ class _Pass:
         self.inputs: list[LayerInputs] = []
         self.last = None
         self._handles = []
+        self._thread = threading.get_ident()  # the thread whose layer calls this pass sees
 
     def __enter__(self) -> "_Pass":
         for i, layer in enumerate(self.layers):
@@ -153,8 +157,8 @@ class _Pass:
 
     def _before(self, i: int):
         def hook(layer, args, kwargs):
-            if CALL_KEY in kwargs:
-                return None  # a call that brings its own (the pre-rotary pass below)
+            if CALL_KEY in kwargs or threading.get_ident() != self._thread:
+                return None  # a call that brings its own (the pre-rotary pass below), or another thread's pass
             if self.upto is not None and i > self.upto:
                 raise _Stop
             x = args[0] if args else kwargs["hidden_states"]
@@ -168,6 +172,8 @@ class _Pass:
         return hook
 
     def _after(self, layer, args, kwargs, output):
+        if threading.get_ident() != self._thread:
+            return None
         self.last = output[0] if isinstance(output, tuple) else output
         return None
 

@@ -3,6 +3,7 @@ transformers internals only in the backbone adapter, every longmem import at the
 no layer importing one above it (cli -> serve -> tasks -> model core -> io)."""
 
 import ast
+import threading
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,33 @@ def test_no_hooks_or_state_left_on_the_callers_model():
         after = hf(ids).logits
     assert hooks() == 0
     torch.testing.assert_close(after, before)
+
+
+def test_passes_in_two_threads_at_once_stay_apart():
+    """The server runs requests side by side on one model: each pass's hooks serve only its own thread."""
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=64, n_embd=32, n_layer=4, n_head=4,
+                                    bos_token_id=0, eos_token_id=0)).eval()
+    model = LongMem.from_backbone(hf, LongMemConfig(chunk_size=2, memory_size=32, topk_chunks=2, segment_length=16))
+    inputs = [torch.randint(0, 64, (1, 16)) for _ in range(2)]
+    with torch.no_grad():
+        alone = [model(ids).logits for ids in inputs]
+    together, errors = [[] for _ in inputs], []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for _ in range(20):
+                    together[i].append(model(inputs[i]).logits)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for i in range(2):
+        for logits in together[i]:
+            torch.testing.assert_close(logits, alone[i])
