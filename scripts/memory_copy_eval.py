@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from longmem.eval.memory_copy import memory_copy_eval
-from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer, resolve_device
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer, resolve_device
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     if a.next_chunks:
         model.config = model.config.replace(retrieval_next=True)
     texts = [json.loads(line)["text"] for path in a.data for line in open(path)]
-    result = {"model": a.model or str(DEFAULT_MODEL),
+    result = {"model": a.model or str(TINY_MODEL),
               **memory_copy_eval(model, tok, texts, a.piece_chars, a.pieces, a.lines, a.min_back, a.cue, a.cue_name,
                                  a.context, a.seed, progress=True)}
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=1))

@@ -304,6 +304,16 @@ CASES = [
         "--memory-size", "0"),
     cli("icl-backbone-swapped", "was trained on another backbone", *ICL, "--data", "{sst2}", "--train", "{sst2}",
         "--model", "{swapped}"),
+    # -- eval facts ----------------------------------------------------------------------------
+    cli("facts-tokens-too-few", "--tokens must be at least 1000", "eval", "facts", *M, "--text", "{text}", "--tokens", "10"),
+    cli("facts-text-missing", "cannot read", "eval", "facts", *M, "--text", "{missing}"),
+    # -- adapt ---------------------------------------------------------------------------------
+    cli("adapt-gguf-missing", "does not exist", "adapt", "--backbone", "{missing}.gguf", "--out", "{out}/adapt"),
+    cli("adapt-unknown-facts", "facts must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
+        "--facts", "poems"),
+    # -- serve ---------------------------------------------------------------------------------
+    cli("serve-public-host-without-keys", "binds to loopback only", "serve", *M, "--host", "0.0.0.0"),
+    cli("serve-api-keys-missing", "no such file", "serve", *M, "--api-keys", "{missing}"),
     # -- eval passkey --------------------------------------------------------------------------
     cli("names-memory-frac-zero", "--memory-frac must be between 0 and 1", *NAMES, "--data", "{text}", "--memory-frac", "0"),
     cli("names-memory-frac-whole", "--memory-frac must be between 0 and 1", *NAMES, "--data", "{text}", "--memory-frac", "1"),

@@ -20,7 +20,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from longmem.cli import main  # noqa: E402
-from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer  # noqa: E402
 from longmem.model import LongMem  # noqa: E402
 from longmem.store import MemoryStore  # noqa: E402
 
@@ -78,7 +78,7 @@ def keyed(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded():
-    return load_model_and_tokenizer(DEFAULT_MODEL, "cpu")
+    return load_model_and_tokenizer(TINY_MODEL, "cpu")
 
 
 def greedy(client, prompt, n=16, memory=None):
@@ -302,7 +302,7 @@ def test_lm_eval_local_completions_scores_as_longmem_eval_harness(keyed, loaded,
 
     monkeypatch.setenv("OPENAI_API_KEY", ALICE)
     served = LocalCompletionsAPI(base_url=f"{keyed.base}/v1/completions", model=MODEL, tokenizer_backend="huggingface",
-                                 tokenizer=str(DEFAULT_MODEL / "backbone"), max_length=257, num_concurrent=1,
+                                 tokenizer=str(TINY_MODEL / "backbone"), max_length=257, num_concurrent=1,
                                  batch_size=1)
     local = LongMemLM.from_model(*loaded)
     pairs = [("It was a truth universally", " acknowledged"), ("The pass key is", " 71432"),

@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from longmem.loading import DEFAULT_MODEL, load_model_and_tokenizer  # noqa: E402
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer  # noqa: E402
 from longmem.store import MemoryStore  # noqa: E402
 
 from test_serve import Server  # noqa: E402
@@ -38,7 +38,7 @@ def document(i: int) -> str:
 
 
 def test_kill_9_during_adds_loses_no_acknowledged_add_and_leaves_every_memory_loadable(tmp_path, capsys):
-    model, _ = load_model_and_tokenizer(DEFAULT_MODEL, "cpu")
+    model, _ = load_model_and_tokenizer(TINY_MODEL, "cpu")
     store = MemoryStore(tmp_path / "store")
     rng = random.Random(SEED)
     acknowledged: dict[str, int] = {}  # source -> tokens the server said it stored

@@ -35,6 +35,7 @@ from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
 from longmem.eval.chapterbreak import build_examples, evaluate_chapterbreak, load_chapterbreak, read_book
 from longmem.eval.icl import evaluate_icl, get_task, load_examples
+from longmem.eval.facts import emma_text, evaluate_facts, read_text_file
 from longmem.eval.passkey import FULL as PASSKEY_FULL
 from longmem.eval.passkey import evaluate_passkey
 from longmem.eval.perplexity import BUCKETS, bucket_name, format_ppl, run_ppl
@@ -224,6 +225,34 @@ def _run_passkey(args) -> int:
             lines[f"{m} choice"] = [report[m]["by_distance"][x]["accuracy_choice"] for x in xs]
         plot_lines(args.plot, xs, lines, "distance of the key (tokens)", "accuracy", "Pass-key retrieval",
                     hline=report["chance_choice"], dashed="choice")
+    return 0
+
+
+# --------------------------------------------------------------------------- facts
+
+
+def _run_facts(args) -> int:
+    check_output(args.json)
+    check_output(args.plot, "--plot")
+    if args.text:
+        name, text = args.text, read_text_file(args.text)
+    else:
+        name, text = "Emma (the books corpus's test novel)", emma_text()
+    model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
+    report = evaluate_facts(model, tok, text, tokens=args.tokens)
+    report["meta"] = {"model": str(args.model or "(shipped default)"), "document": name}
+    print(f"planted facts: {report['of']} facts in the first {report['document_tokens']} tokens of {name}, asked at its end "
+          f"(local window {report['segment_length']})")
+    for row in report["facts"]:
+        print(f"  {row['fact']}  ({row['distance']} tokens back)")
+        for m in report["modes"]:
+            print(f"    {m:<10} {'right' if row[m]['right'] else 'wrong':<6} {row[m]['generated']!r}")
+    print("right: " + ", ".join(f"{m} {report[m]}/{report['of']}" for m in report["modes"]))
+    if args.json:
+        write_result(args.json, report)
+    if args.plot:
+        plot_bars(args.plot, report["modes"], {"facts recalled": [report[m] for m in report["modes"]]}, None,
+                  "facts recalled", f"Planted facts ({report['of']})")
     return 0
 
 
@@ -440,6 +469,17 @@ def add_parser(sub) -> None:
     _memory_flags(k)
     _output_flags(k, "accuracy by distance, one line per mode and rule")
     k.set_defaults(func=_run_passkey)
+
+    f = ev.add_parser("facts", help="made-up facts planted in a long held-out text, asked for at its end",
+                      description="Plant five made-up facts (wordings no training example uses) at evenly spaced depths "
+                                  "of the first --tokens tokens of a text (default: Emma, the books corpus's test "
+                                  "novel, from Debian's r-cran-janeaustenr), then ask for each at the end; greedy "
+                                  "answers with memory, without (same weights) and from the backbone alone.")
+    f.add_argument("--text", metavar="FILE", help="a UTF-8 text file to plant the facts in (default: Emma)")
+    f.add_argument("--tokens", type=int, default=16000, metavar="N", help="tokens of the text to use (default: 16000)")
+    _model_flags(f)
+    _output_flags(f, "facts recalled by mode")
+    f.set_defaults(func=_run_facts)
 
     n = ev.add_parser("names", help="recall of names defined far back in code: completed with and without memory",
                       description="For each document: its first --memory-frac (cut at a line start) goes into a fresh "

@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from longmem.cli.eval import checked, memory_args
+from longmem.data.chat import has_chat_template, user_turn
 from longmem.errors import LongMemError
 from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.loading import load_model_and_tokenizer, resolve_device
@@ -163,10 +164,12 @@ def _read_prompt(path: str) -> str:
 
 
 def _chat(args) -> int:
-    cfg = SamplingConfig(**{**_sampling(args), "stop_strings": ("\n",)})
     store = _store(args)
     check_name(args.memory)
     model, tok = _load(args)
+    templated = has_chat_template(tok) and not args.plain  # an instruct model: its own turns, replies end at its eos
+    stop = {"stop_token_ids": (tok.eos_token_id,)} if templated else {"stop_strings": ("\n",)}
+    cfg = SamplingConfig(**{**_sampling(args), **stop})
     lock = store.lock(args.memory) if args.remember else None
     if lock is not None:
         lock.__enter__()
@@ -188,14 +191,17 @@ def _chat(args) -> int:
             line = sys.stdin.readline()
             if not line or not line.strip():
                 break
-            text = f"{args.user_prefix}{line.strip()}\n{args.bot_prefix}"
-            said = torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids])
+            if templated:
+                said = torch.tensor([user_turn(tok, line.strip(), first=dec.tokens_seen == 0)])
+            else:
+                text = f"{args.user_prefix}{line.strip()}\n{args.bot_prefix}"
+                said = torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids])
             seen = dec.tokens_seen + said.shape[1]
             reply = [int(t[0]) for t in generate_stream(model, said, cfg=cfg, generator=gen, tokenizer=tok, decoder=dec)]
             unread = reply[dec.tokens_seen - seen:]  # the token the reply stopped on: the conversation goes on after it
             if unread:
                 dec.feed(torch.tensor([unread], device=model.device), check=False)
-            print(f"{args.bot_prefix}{tok.decode(reply).strip()}")
+            print(f"{args.bot_prefix}{tok.decode(reply, skip_special_tokens=templated).strip()}")
             sys.stdout.flush()
         if args.remember:
             dec.flush()  # what is still in the window goes to memory too
@@ -276,7 +282,10 @@ def add_parser(sub) -> None:
                                    "conversation is written into the memory when the chat ends.")
     p.add_argument("--memory", required=True, help="memory name (created with --remember if missing)")
     p.add_argument("--remember", action="store_true", help="write what is said into the memory")
-    p.add_argument("--user-prefix", default="User: ", help="text put before each of your lines")
+    p.add_argument("--plain", action="store_true", help="lines with the prefixes below even when the model's tokenizer "
+                                                        "has a chat template (by default its template frames each turn)")
+    p.add_argument("--user-prefix", default="User: ", help="text put before each of your lines (--plain, or a model "
+                                                           "without a chat template)")
     p.add_argument("--bot-prefix", default="Reply: ", help="text put before each reply")
     _sampling_flags(p)
     _common(p)

@@ -50,6 +50,7 @@ EOT = "<|endoftext|>"  # the one special token: document separator, bos, eos and
 MAX_VOCAB = 2**31 - 1  # token ids are stored as int32
 
 AUSTEN_PACKAGE = "r-cran-janeaustenr"
+AUSTEN_DATA = Path("/usr/lib/R/site-library/janeaustenr/data")  # where an installed package keeps the novels
 # R variable name in the package -> (title, split). Fixed: change it and every number moves.
 AUSTEN_NOVELS = {
     "sensesensibility": ("Sense and Sensibility", "train"),

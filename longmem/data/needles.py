@@ -76,12 +76,18 @@ def _number(rng: random.Random) -> str:
     return str(rng.randrange(10 ** (n := rng.randint(4, 7)) // 10, 10 ** n))
 
 
-def episode(rng: random.Random, distractors: int = 0, chat: bool = False) -> Episode:
-    """A random episode with ``distractors`` other statements of the same wording and different keys and values."""
+FACT_SETS = ("passkey", "numbers", "all")  # the pass-key wording only; the numeric wordings; every wording
+
+
+def episode(rng: random.Random, distractors: int = 0, chat: bool = False, facts: str = "all") -> Episode:
+    """A random episode with ``distractors`` other statements of the same wording and different keys and values.
+    ``facts`` narrows the wordings (``FACT_SETS``); chat episodes always use the chat wordings."""
     if chat:
         statement, question, answer = rng.choice(CHAT_FACTS)
         numeric = True
-    elif rng.random() < 0.7:
+    elif facts == "passkey":
+        (statement, question, answer), numeric = NUMBER_FACTS[0], True
+    elif facts == "numbers" or rng.random() < 0.7:
         (statement, question, answer), numeric = rng.choice(NUMBER_FACTS), True
     else:
         (statement, question, answer), numeric = rng.choice(WORD_FACTS), False

@@ -3,7 +3,9 @@
 Streams the document in local windows of T tokens (memory reset at its start), reports perplexity
 in the three modes of ``longmem.evaluate`` on the same tokens, then shows the token where the
 memory helped most among those that the local window could not have supplied: the token appears
-earlier in the document, but only further back than T tokens.
+earlier in the document, but only further back than T tokens. Then a recall question: a pass key
+planted near the document's start, asked for after its end, answered with the document in memory
+and without it (same weights). ``names=True`` adds the identifier probe (``eval.recall``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from longmem.data.corpora import code_splits
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
+from longmem.eval.passkey import answer_digits, read_and_answer
 from longmem.eval.recall import identifier_recall
+from longmem.eval.scoring import encode, fill_memory, split_context
 from longmem.io import check_output, write_result
 from longmem.loading import load_model_and_tokenizer
 
@@ -60,7 +64,31 @@ def memory_example(tokenizer, ids: np.ndarray, with_mem: dict, without: dict, T:
     }
 
 
-def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None, progress=True) -> dict:
+RECALL_KEY = "71432"
+RECALL_FACT = f"\n# The pass key is {RECALL_KEY}. Remember it. {RECALL_KEY} is the pass key.\n"
+RECALL_QUESTION = " What is the pass key? The pass key is"
+
+
+def recall_probe(model, tokenizer, ids: np.ndarray, new_tokens: int = 8) -> dict | None:
+    """A pass key planted near the start of the document, asked for after its end: the document but its last window
+    goes to a fresh memory; greedy answers with that memory and without it (same weights)."""
+    enc = lambda text: np.asarray(encode(tokenizer, text), dtype=np.int64)  # noqa: E731
+    if len(enc(RECALL_QUESTION)) + new_tokens >= model.segment_length:
+        return None  # a window too small to hold the question and its answer
+    cut = min(200, len(ids) // 4)
+    full = np.concatenate([ids[:cut], enc(RECALL_FACT), ids[cut:], enc(RECALL_QUESTION)])
+    mem_ids, local = split_context(full, model.segment_length - new_tokens, model.config.chunk_size)
+    memory = model.new_memory(1)
+    fill_memory(model, memory, mem_ids)
+    answers = {}
+    for mode, mem in (("longmem", memory), ("no_memory", None)):
+        out, _ = read_and_answer(model, local, [], new_tokens, mem)
+        said = tokenizer.decode(out)
+        answers[mode] = {"generated": said, "right": answer_digits(said) == RECALL_KEY}
+    return {"key": RECALL_KEY, "distance": int(len(full) - cut), "memory_tokens": int(len(mem_ids)), **answers}
+
+
+def run_demo(model_path=None, data=None, max_tokens: int = 4096, json_out=None, progress=True, names: bool = False) -> dict:
     t0 = time.time()
     if max_tokens < 2:
         raise LongMemError(f"--max-tokens must be at least 2, got {max_tokens}")
@@ -84,10 +112,11 @@ def run_demo(model_path=None, data=None, max_tokens: int = 16384, json_out=None,
         results[mode] = stats.summary()
         tables[mode] = stats.token_table()
     example = memory_example(tokenizer, ids, tables["longmem"], tables["no_memory"], T)
+    recall = recall_probe(model, tokenizer, ids)
     # generation: names the first half defines, completed in the second half with / without that half in memory
-    identifiers = identifier_recall(model, tokenizer, tokenizer.decode(ids.tolist()))
+    identifiers = identifier_recall(model, tokenizer, tokenizer.decode(ids.tolist())) if names else None
     report = {**results, "document": name, "segment_length": T, "memory_size": model.config.memory_size,
-              "example": example, "identifiers": identifiers, "seconds": round(time.time() - t0, 1)}
+              "example": example, "recall": recall, "identifiers": identifiers, "seconds": round(time.time() - t0, 1)}
     if json_out:
         write_result(json_out, report)  # with longmem_version, format_version and sha256 (see longmem.io)
     return report
@@ -110,6 +139,13 @@ def format_report(r: dict) -> str:
                       f"{ex['distance']} tokens earlier, outside the {r['segment_length']}-token window",
                   f"  context: ...{ex['context']!r}",
                   f"  p(token) with memory {ex['p_with_memory']:.3f}, without {ex['p_without_memory']:.3f}"]
+    rc = r.get("recall")
+    if rc:
+        lines += ["", f"recall: a pass key ({rc['key']}) planted near the start, asked for after the end, "
+                      f"{rc['distance']} tokens later; the document but its last window is in memory "
+                      f"({rc['memory_tokens']} tokens)"]
+        for mode, label in (("longmem", "with memory"), ("no_memory", "without memory")):
+            lines.append(f"  {label:<15} {'right' if rc[mode]['right'] else 'wrong':<6} {rc[mode]['generated']!r}")
     lines += format_identifiers(r.get("identifiers"))
     lines.append(f"\n({r['seconds']} s)")
     return "\n".join(lines)

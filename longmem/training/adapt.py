@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from longmem.data.corpora import AUSTEN_NOVELS, read_austen_rdata
-from longmem.data.needles import FILLER, Episode, episode
+from longmem.data.chat import user_turn
+from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, read_austen_rdata
+from longmem.data.needles import FACT_SETS, FILLER, Episode, episode
 from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.gguf import package_file, package_reference
@@ -60,6 +61,8 @@ class AdaptConfig:
     text_fraction: float = 0.2  # examples of plain text (every token scored)
     chat_fraction: float = 0.15  # recall examples written as chat turns
     max_distractors: int = 3  # other facts of the same wording planted beside the asked one
+    facts: str = "all"  # which wordings: "passkey", "numbers" or "all" (data.needles.FACT_SETS)
+    haystacks: str = "all"  # "filler" (the repeated filler sentences only) or "all" (also novels)
     grad_clip: float = 1.0
     eval_every: int = 50  # optimizer steps between held-out checks
     save_minutes: float = 10.0
@@ -69,6 +72,10 @@ class AdaptConfig:
         if not 0 < self.local_min <= self.local_max or not 0 < self.memory_min <= self.memory_max:
             raise LongMemError(f"need 0 < local_min <= local_max and 0 < memory_min <= memory_max, got "
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
+        if self.facts not in FACT_SETS:
+            raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
+        if self.haystacks not in ("filler", "all"):
+            raise LongMemError(f"haystacks must be filler or all, got {self.haystacks!r}")
         for name in ("text_fraction", "chat_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 raise LongMemError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -145,7 +152,7 @@ def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory
                   for s, a in zip(ep.statements, ep.acks)]
         pieces = [p[p.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1):] if p.count(
             tokenizer.convert_tokens_to_ids("<|im_start|>")) > 2 else p for p in pieces]  # drop the system turn
-        question = render_chat(tokenizer, [{"role": "user", "content": ep.question}], generation_prompt=True)
+        question = user_turn(tokenizer, ep.question, first=True)
         answer = encode(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     else:
         pieces = [encode(tokenizer, " " + s) for s in ep.statements]
@@ -204,6 +211,7 @@ class Adapter:
                                   [params[n] for n in self.trained], cfg.grad_clip, None)
         self.step, self.examples, self.minutes = 0, 0, 0.0
         self.rng = random.Random(cfg.seed)
+        self.phases = [{"from_step": 0, "config": asdict(cfg)}]  # one per run of ``adapt`` with its settings
         self.resume()
 
     # -- data --------------------------------------------------------------------------------------
@@ -215,8 +223,8 @@ class Adapter:
         if self.text and rng.random() < cfg.text_fraction:
             return text_example(self.haystacks[self.text], min(memory, 8192), 256, rng, chunk)
         chat = rng.random() < cfg.chat_fraction
-        ep = episode(rng, distractors=rng.randint(0, cfg.max_distractors), chat=chat)
-        hay = self.haystacks[rng.choice(sorted(self.haystacks))]
+        ep = episode(rng, distractors=rng.randint(0, cfg.max_distractors), chat=chat, facts=cfg.facts)
+        hay = self.haystacks["filler" if cfg.haystacks == "filler" else rng.choice(sorted(self.haystacks))]
         return recall_example(self.model, self.tok, hay, ep, memory, local, rng, chunk)
 
     def micro_batch(self, ex: Example) -> MicroBatch:
@@ -231,9 +239,20 @@ class Adapter:
         """Train until ``max_minutes`` (this call) or ``max_steps`` (in all); returns the last held-out check."""
         self.model.train()
         began = time.monotonic()
-        last_save = began
+        self._last_save = began
         bar = tqdm(desc="adapt", unit="step", initial=self.step, disable=not progress)
         report = {}
+        try:
+            report = self._loop(began, max_minutes, max_steps, bar)
+        finally:  # Ctrl-C included: what was trained since the last save is kept
+            self.minutes += (time.monotonic() - self._last_save) / 60
+            self.save()
+            bar.close()
+        return report
+
+    def _loop(self, began: float, max_minutes: float, max_steps: int | None, bar) -> dict:
+        report = {}
+        self._last_save = began
         while (time.monotonic() - began) / 60 < max_minutes and (max_steps is None or self.step < max_steps):
             t0 = time.monotonic()
             batch = [self.micro_batch(self.example(self.rng)) for _ in range(self.cfg.accumulate)]
@@ -250,13 +269,10 @@ class Adapter:
             self.log(row)
             bar.update(1)
             bar.set_postfix(loss=f"{stats.loss:.3f}", alpha=f"{row['alpha']:.3f}")
-            if (time.monotonic() - last_save) / 60 >= self.cfg.save_minutes:
-                self.minutes += (time.monotonic() - last_save) / 60
-                last_save = time.monotonic()
+            if (time.monotonic() - self._last_save) / 60 >= self.cfg.save_minutes:
+                self.minutes += (time.monotonic() - self._last_save) / 60
+                self._last_save = time.monotonic()
                 self.save()
-        self.minutes += (time.monotonic() - last_save) / 60
-        self.save()
-        bar.close()
         return report
 
     def alpha(self) -> float:
@@ -272,8 +288,9 @@ class Adapter:
         loss = {"memory": 0.0, "no_memory": 0.0}
         hay = self.haystacks[sorted(self.haystacks)[0]]
         for i in range(trials):
-            ep = episode(rng, distractors=i % 3, chat=i % 4 == 3)
-            ex = recall_example(self.model, self.tok, hay, ep, 4096, 128, rng, self.model.config.chunk_size)
+            ep = episode(rng, distractors=i % 3, chat=i % 4 == 3, facts="passkey" if i % 2 == 0 else "all")
+            ex = recall_example(self.model, self.tok, hay, ep, 1024 if i % 4 < 2 else 4096, 128, rng,
+                                self.model.config.chunk_size)
             for mode in right:
                 memory = self.micro_batch(ex).memory if mode == "memory" else None
                 logits = self.model(ex.input_ids, memory=memory, update_memory=False).logits[0]
@@ -296,8 +313,9 @@ class Adapter:
         tensors = {n: state[n].detach().float().contiguous() for n in self.trained}
         atomic_write(self.out / TRAINED, lambda tmp: save_file(tensors, tmp), fsync=True)
         atomic_write(self.out / OPTIMIZER, lambda tmp: save_file(_flat_optimizer(self.optim.optimizer), tmp), fsync=True)
+        phases = self.phases[:-1] + [self.phases[-1] | {"to_step": self.step}]
         write_json(self.out / STATE, {"step": self.step, "examples": self.examples, "minutes": round(self.minutes, 2),
-                                      "trained": self.trained, "config": asdict(self.cfg),
+                                      "trained": self.trained, "config": asdict(self.cfg), "phases": phases,
                                       "trained_sha256": file_sha256(self.out / TRAINED),
                                       "alpha": self.alpha()})
 
@@ -309,6 +327,8 @@ class Adapter:
         if (self.out / OPTIMIZER).is_file():
             _load_optimizer(self.optim.optimizer, load_file(str(self.out / OPTIMIZER)))
         self.step, self.examples, self.minutes = state["step"], state["examples"], state["minutes"]
+        self.phases = [p for p in state.get("phases", []) if p["to_step"] > p["from_step"]]  # runs that trained
+        self.phases.append({"from_step": self.step, "config": asdict(self.cfg)})
         self.rng = random.Random(self.cfg.seed * 1_000_003 + self.step)  # a fresh stream past the step reached
         for _ in range(self.step):
             self.optim.scheduler.step()
@@ -371,7 +391,7 @@ def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache:
 
 def austen_training_texts() -> list[str]:
     """The four novels of the books corpus's training split (Debian's r-cran-janeaustenr, read without R)."""
-    data = Path("/usr/lib/R/site-library/janeaustenr/data")
+    data = AUSTEN_DATA
     if not (data / "Rdata.rdx").is_file():
         raise LongMemError("the novels for plain-text examples come from Debian's r-cran-janeaustenr: "
                            "`apt-get install r-cran-janeaustenr`, or pass --no-books")

@@ -36,7 +36,7 @@ from longmem.eval.perplexity import stream_nll
 from longmem.plots import pyplot, save_figure
 from longmem.eval.staleness import staleness
 from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
-from longmem.loading import DEFAULT_MODEL, resolve_tokenizer
+from longmem.loading import TINY_MODEL, resolve_tokenizer
 from longmem.memory import MemoryBank
 from longmem.model import LongMem
 from longmem.training.scale import (
@@ -57,7 +57,7 @@ from longmem.training.step import Optimization, adamw, schedule, train_step
 
 @dataclass
 class TrainConfig:
-    backbone: str = str(DEFAULT_MODEL / "backbone")
+    backbone: str = str(TINY_MODEL / "backbone")
     data: list = field(default_factory=list)  # training documents (files, folders, .jsonl, hf:NAME)
     val_data: list = field(default_factory=list)  # validation documents (periodic loss with/without memory)
     out: str = "runs/longmem"
