@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                                    "ask for a pass key planted near its start, with the document in memory and without (greedy); with --names, "
                                    "put its first half in a memory and see whether the model completes names defined "
                                    "there when they are used in the second half.")
-    p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, SmolLM2-135M-Instruct + LongMem)")
+    p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
     p.add_argument("--data", help="document to read (default: the longest test-split file of the stdlib code corpus)")
     p.add_argument("--max-tokens", type=int, default=4096, help="read at most this many tokens (default: 4096)")
     p.add_argument("--names", action="store_true", help="also probe names defined in the first half, completed in the "

@@ -340,9 +340,9 @@ def _model_flags(p, several: bool = False) -> None:
     if several:
         p.add_argument("--model", action="extend", nargs="+", metavar="DIR",
                        help="LongMem checkpoint folder(s) to compare; repeat or list several "
-                            "(default: the shipped default, SmolLM2-135M-Instruct + LongMem)")
+                            "(default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
     else:
-        p.add_argument("--model", metavar="DIR", help="LongMem checkpoint folder (default: the shipped default, SmolLM2-135M-Instruct + LongMem)")
+        p.add_argument("--model", metavar="DIR", help="LongMem checkpoint folder (default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored; "
                                                                     "bf16 halves the memory of a real backbone)")

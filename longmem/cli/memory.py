@@ -221,7 +221,7 @@ def _chat(args) -> int:
 def _common(p, model=True):
     p.add_argument("--home", help="memory store folder (default: $LONGMEM_HOME or ~/.local/share/longmem)")
     if model:
-        p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, SmolLM2-135M-Instruct + LongMem)")
+        p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
         p.add_argument("--device", help="cpu or cuda (default: cpu)")
         p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored)")
 

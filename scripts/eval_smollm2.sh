@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The evaluations of the shipped smollm2-135m-longmem (RESULTS.md, "SmolLM2-135M-Instruct"): every figure there comes from this script.
+# Usage: scripts/eval_smollm2.sh [OUT]   (OUT default results/smollm2; needs r-cran-janeaustenr for Emma)
+set -euo pipefail
+OUT=${1:-results/smollm2}
+L=${LONGMEM:-.venv/bin/longmem}
+MODEL=(--model smollm2-135m-longmem)
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$OUT" "$OUT/data"
+export HF_HUB_OFFLINE=1
+t() { local name=$1; shift; local s=$(date +%s); "$@" > "$OUT/$name.txt" 2> "$OUT/$name.err"; echo "$name $(( $(date +%s) - s )) s" | tee -a "$OUT/times.txt"; }
+t demo $L demo "${MODEL[@]}" --json "$OUT/demo.json" --no-progress
+t passkey_short $L eval passkey "${MODEL[@]}" --distances 1000 4000 --trials 20 --full-context --json "$OUT/passkey_short.json" --no-progress
+t facts $L eval facts "${MODEL[@]}" --tokens 16000 --json "$OUT/facts.json" --no-progress
+t passkey_long $L eval passkey "${MODEL[@]}" --distances 16000 32000 --trials 10 --json "$OUT/passkey_long.json" --no-progress
+$PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w').write(emma_text())"
+t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16384 --json "$OUT/ppl_emma.json" --no-progress
+[ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
+t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
+rm -rf "$OUT/data"

@@ -1,0 +1,36 @@
+"""`longmem adapt` end to end on a tiny backbone: it trains only the memory block, its scale and the gate, saves
+the step reached, resumes from it, and exports a folder that loads."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from longmem import LongMem
+from longmem.cli import main
+from longmem.training.adapt import export
+
+
+def test_adapt_trains_the_memory_block_resumes_and_exports(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "adapt"
+    args = ["adapt", "--backbone", str(tiny_assets["backbone"]), "--out", str(out), "--no-books", "--no-progress",
+            "--chat-fraction", "0", "--memory-max", "2048", "--local-max", "32", "--accumulate", "1", "--eval-every", "2"]
+    assert main(args + ["--max-steps", "2"]) == 0
+    first = json.loads((out / "state.json").read_text())
+    assert first["step"] == 2 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
+    trained = load_file(str(out / "trained.safetensors"))
+    fresh = LongMem.from_backbone(tiny_assets["backbone"])
+    j = fresh.sidenet.memory_index
+    expected = {n for n, _ in fresh.sidenet.named_parameters() if n.startswith(f"blocks.{j}.") or n == "gate"}
+    assert set(trained) == expected | {f"scales.{j}"} and len(expected) > 2
+    assert float(trained[f"scales.{j}"]) != 0.0  # the memory block came in
+    assert main(args + ["--max-steps", "3"]) == 0  # resumed: one more step, not three
+    state = json.loads((out / "state.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert state["step"] == 3 and [r["step"] for r in rows] == [1, 2, 3]
+    assert len(state["phases"]) == 2 and state["phases"][1]["from_step"] == 2
+    folder = export(out, tmp_path / "model", backbone=tiny_assets["backbone"])
+    model = LongMem.from_pretrained(folder).eval()
+    with torch.no_grad():
+        assert model.sidenet.skipped_blocks() == set(range(model.sidenet.num_layers)) - {j}
+    torch.testing.assert_close(model.sidenet.gate.data, load_file(str(out / "trained.safetensors"))["gate"].bfloat16().float())
