@@ -156,8 +156,10 @@ class _Pass:
         self._handles.clear()
 
     def _before(self, i: int):
-        def hook(layer, args, kwargs):
-            if CALL_KEY in kwargs or threading.get_ident() != self._thread:
+        # ``kwargs=None``: another thread's forward can meet this hook while it is being registered, before torch
+        # records that it takes keyword arguments, and call it without them; such a call is never this pass's
+        def hook(layer, args, kwargs=None):
+            if kwargs is None or CALL_KEY in kwargs or threading.get_ident() != self._thread:
                 return None  # a call that brings its own (the pre-rotary pass below), or another thread's pass
             if self.upto is not None and i > self.upto:
                 raise _Stop
@@ -171,7 +173,7 @@ class _Pass:
 
         return hook
 
-    def _after(self, layer, args, kwargs, output):
+    def _after(self, layer, args, kwargs, output=None):  # output=None: called mid-registration by another thread
         if threading.get_ident() != self._thread:
             return None
         self.last = output[0] if isinstance(output, tuple) else output
