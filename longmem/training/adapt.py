@@ -269,7 +269,7 @@ class Adapter:
             self.step += 1
             self.examples += len(batch)
             row = {"step": self.step, "loss": round(stats.loss, 4), "grad_norm": round(stats.grad_norm, 4),
-                   "alpha": round(self.alpha(), 4), "gate": round(float(torch.sigmoid(self.model.sidenet.gate).mean()), 4),
+                   "alpha": round(self.alpha(), 4), "gate": round(float(torch.sigmoid(self.model.sidenet.gate.detach()).mean()), 4),
                    "seconds": round(time.monotonic() - t0, 2)}
             if self.step % self.cfg.eval_every == 0:
                 report = self.check()
