@@ -34,3 +34,30 @@ def test_adapt_trains_the_memory_block_resumes_and_exports(tiny_assets, tmp_path
     with torch.no_grad():
         assert model.sidenet.skipped_blocks() == set(range(model.sidenet.num_layers)) - {j}
     torch.testing.assert_close(model.sidenet.gate.data, load_file(str(out / "trained.safetensors"))["gate"].bfloat16().float())
+
+
+def test_sigterm_stops_a_background_adaptation_through_its_save(tiny_assets, tmp_path):
+    """A run started in the background (SIGINT ignored, as a shell's `&` leaves it) and stopped with `kill` keeps
+    every step it finished."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "adapt"
+    cmd = [sys.executable, "-m", "longmem.cli", "adapt", "--backbone", str(tiny_assets["backbone"]), "--out", str(out),
+           "--no-books", "--no-progress", "--chat-fraction", "0", "--memory-max", "2048", "--local-max", "32",
+           "--accumulate", "1", "--eval-every", "1000", "--save-minutes", "60", "--max-minutes", "5"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    logged = len(metrics.read_text().splitlines())
+    assert json.loads((out / "state.json").read_text())["step"] == logged >= 2

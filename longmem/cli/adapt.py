@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 
 from longmem.training.adapt import AdaptConfig, run_adaptation
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    # Ctrl-C, and SIGTERM from `kill` or a job scheduler, stop the run through its save (a background job started
+    # from a script inherits SIGINT ignored, so both handlers are set here)
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     fields = set(AdaptConfig.__dataclass_fields__)
     cfg = AdaptConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     report = run_adaptation(args.backbone, args.out, cfg, max_minutes=args.max_minutes, max_steps=args.max_steps,
@@ -42,7 +51,7 @@ def add_parser(sub) -> None:
         ("local-max", int, "most haystack tokens before the question in the local window"),
         ("max-distractors", int, "most other facts planted beside the asked one"),
         ("chat-fraction", float, "share of recall examples written as chat turns"),
-        ("facts", str, "wordings of the planted facts: passkey, numbers or all"),
+        ("facts", str, "wordings of the planted facts: passkey, numbers, all (9 templates) or varied (all + 20 relations)"),
         ("haystacks", str, "haystacks: filler or all"),
         ("text-fraction", float, "share of plain-text examples"),
         ("eval-every", int, "optimizer steps between held-out checks"),

@@ -44,6 +44,34 @@ WORD_FACTS = (
     ("The password for the {k} is {v}.", " What is the password for the {k}? The password for the {k} is", " {v}."),
     ("{name} keeps a pet called {v}.", " What is the name of {name}'s pet? {name}'s pet is called", " {v}."),
 )
+# Relations: (statement, question, answer) over a person ({name}), an object ({noun}, {adj}) and a value that is
+# a number ({n}) or a word ({w}: made up, or a real name or noun). Many verbs and question shapes, so that what is
+# learned is "answer from the stated fact", not one sentence pattern.
+RELATIONS = (
+    ("{name}'s {noun} was named {w}.", " What was {name}'s {noun} named? {name}'s {noun} was named", " {w}."),
+    ("{name} called the {adj} {noun} {w}.", " What did {name} call the {adj} {noun}? {name} called it", " {w}."),
+    ("{name} owned exactly {n} coins.", " How many coins did {name} own? {name} owned exactly", " {n}."),
+    ("{name} was born in the village of {w}.", " In which village was {name} born? {name} was born in", " {w}."),
+    ("The {noun} in {name}'s house was called {w}.", " What was the {noun} in {name}'s house called? That {noun} was called",
+     " {w}."),
+    ("{name} paid {n} pounds for the {adj} {noun}.", " How much did {name} pay for the {adj} {noun}? {name} paid", " {n}."),
+    ("The {adj} {noun} belonged to a man named {w}.", " Who owned the {adj} {noun}? It belonged to a man named", " {w}."),
+    ("{name}'s locker number was {n}.", " What was {name}'s locker number? The locker number was", " {n}."),
+    ("Last spring {name} travelled to {w}.", " Where did {name} travel last spring? {name} travelled to", " {w}."),
+    ("{name} sailed on a ship called the {w}.", " On which ship did {name} sail? The ship was called the", " {w}."),
+    ("On the {noun} {name} wrote the number {n}.", " What number did {name} write on the {noun}? {name} wrote", " {n}."),
+    ("{name}'s teacher was a woman called {w}.", " Who was {name}'s teacher? {name}'s teacher was called", " {w}."),
+    ("The {adj} {noun} weighed {n} grams.", " How much did the {adj} {noun} weigh? It weighed", " {n}."),
+    ("{name} named the new horse {w}.", " What name did {name} give the new horse? The horse was named", " {w}."),
+    ("There were {n} steps up to {name}'s {noun}.", " How many steps led up to {name}'s {noun}? There were", " {n}."),
+    ("{name} hid the key under the {noun}.", " Where did {name} hide the key? Under the", " {noun}."),
+    ("{name}'s dog answered to the name {w}.", " What was the name of {name}'s dog? The dog was called", " {w}."),
+    ("The {noun} at {w} was painted {adj}.", " What colour was the {noun} at {w} painted? It was painted", " {adj}."),
+    ("{name} married a sailor called {w}.", " Whom did {name} marry? {name} married", " {w}."),
+    ("{name} lived at number {n} on the high street.", " At what number did {name} live? {name} lived at number", " {n}."),
+)
+REAL_WORDS = NAMES + tuple(n.capitalize() for n in NOUNS) + ("Albion", "Meridian", "Harrow", "Linden", "Bramble",
+                                                              "Corvin", "Thistle", "Marlow", "Fennick", "Ashby")
 CHAT_FACTS = (
     ("Please remember that my {thing} code is {v}.", "What is my {thing} code?", "Your {thing} code is {v}."),
     ("My favourite {thing} is {v}. Keep that in mind.", "What is my favourite {thing}?", "Your favourite {thing} is {v}."),
@@ -76,12 +104,14 @@ def _number(rng: random.Random) -> str:
     return str(rng.randrange(10 ** (n := rng.randint(4, 7)) // 10, 10 ** n))
 
 
-FACT_SETS = ("passkey", "numbers", "all")  # the pass-key wording only; the numeric wordings; every wording
+FACT_SETS = ("passkey", "numbers", "all", "varied")  # the pass-key wording; the numeric ones; the 9 templates; + RELATIONS
 
 
 def episode(rng: random.Random, distractors: int = 0, chat: bool = False, facts: str = "all") -> Episode:
     """A random episode with ``distractors`` other statements of the same wording and different keys and values.
     ``facts`` narrows the wordings (``FACT_SETS``); chat episodes always use the chat wordings."""
+    if facts == "varied" and not chat and rng.random() < 0.5:
+        return _relation(rng, distractors)
     if chat:
         statement, question, answer = rng.choice(CHAT_FACTS)
         numeric = True
@@ -112,3 +142,22 @@ def episode(rng: random.Random, distractors: int = 0, chat: bool = False, facts:
     return Episode(statements=[statement.format(**f) for f in filled], question=question.format(**asked),
                    answer=answer.format(**asked), chat=chat,
                    acks=[rng.choice(CHAT_ACKS) for _ in filled] if chat else [])
+
+
+def _relation(rng: random.Random, distractors: int) -> Episode:
+    """An episode over one of the ``RELATIONS``; distractors use the same wording about something else (each
+    statement's question and answer differ from the others')."""
+    statement, question, answer = rng.choice(RELATIONS)
+    seen, filled = set(), []
+    while len(filled) < 1 + distractors:
+        w = made_up_word(rng).capitalize() if rng.random() < 0.5 else rng.choice(REAL_WORDS)
+        f = dict(name=rng.choice(NAMES), noun=rng.choice(NOUNS), adj=rng.choice(ADJECTIVES), n=_number(rng), w=w)
+        ident, value = question.format(**f), answer.format(**f).strip().rstrip(".")
+        text = statement.format(**f)
+        if ident in seen or any(value in statement.format(**g) or answer.format(**g).strip().rstrip(".") in text
+                                for g in filled):
+            continue
+        seen.add(ident)
+        filled.append(f)
+    return Episode(statements=[statement.format(**f) for f in filled], question=question.format(**filled[0]),
+                   answer=answer.format(**filled[0]))

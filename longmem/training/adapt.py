@@ -23,6 +23,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class AdaptConfig:
     text_fraction: float = 0.2  # examples of plain text (every token scored)
     chat_fraction: float = 0.15  # recall examples written as chat turns
     max_distractors: int = 3  # other facts of the same wording planted beside the asked one
-    facts: str = "all"  # which wordings: "passkey", "numbers" or "all" (data.needles.FACT_SETS)
+    facts: str = "all"  # which wordings: "passkey", "numbers", "all" or "varied" (data.needles.FACT_SETS)
     haystacks: str = "all"  # "filler" (the repeated filler sentences only) or "all" (also novels)
     grad_clip: float = 1.0
     eval_every: int = 50  # optimizer steps between held-out checks
@@ -97,7 +98,8 @@ class Haystack:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: LongMem, name: str, ids: list[int], cache: Path | None = None) -> "Haystack":
+    def build(cls, model: LongMem, name: str, ids: list[int], cache: Path | None = None,
+              progress: bool = True) -> "Haystack":
         """Compute (or read from ``cache``) the memory entries of ``ids``, one local window at a time."""
         ids_t = torch.tensor(ids, dtype=torch.long)
         digest = sha256_bytes(model.backbone.fingerprint().encode(), str(model.memory_layer).encode(),
@@ -108,7 +110,8 @@ class Haystack:
             return cls(name, ids_t, t["keys"], t["values"])
         T = model.segment_length
         keys, values = [], []
-        for start in tqdm(range(0, len(ids), T), desc=f"haystack {name}", unit="window", leave=False):
+        for start in tqdm(range(0, len(ids), T), desc=f"haystack {name}", unit="window", leave=False,
+                          disable=not progress):
             k, v = model.memory_entries(ids_t[start:start + T].view(1, -1))
             keys.append(k[0])
             values.append(v[0])
@@ -340,8 +343,10 @@ class Adapter:
         self.phases = [p for p in state.get("phases", []) if p["to_step"] > p["from_step"]]  # runs that trained
         self.phases.append({"from_step": self.step, "config": asdict(self.cfg)})
         self.rng = random.Random(self.cfg.seed * 1_000_003 + self.step)  # a fresh stream past the step reached
-        for _ in range(self.step):
-            self.optim.scheduler.step()
+        with warnings.catch_warnings():  # fast-forwarding the schedule before any optimizer step is the point here
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            for _ in range(self.step):
+                self.optim.scheduler.step()
         _truncate_metrics(self.out / METRICS, self.step)
 
 
@@ -387,15 +392,17 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text("".join(r + "\n" for r in rows)))
 
 
-def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache: Path, tokens: int = 40_000) -> dict:
-    """The filler haystack and, given novels' texts, a natural-text one (the first ``tokens`` tokens of each)."""
-    hays = {"filler": Haystack.build(model, "filler", filler_ids(tokenizer, tokens // 2), cache)}
+def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache: Path, tokens: int = 40_000,
+                       progress: bool = True) -> dict:
+    """The filler haystack (``tokens // 2``) and, given novels' texts, a natural-text one (``tokens`` in all, an equal
+    share from each)."""
+    hays = {"filler": Haystack.build(model, "filler", filler_ids(tokenizer, tokens // 2), cache, progress)}
     if books:
         ids = []
         per = tokens // len(books)
         for text in books:
             ids += encode(tokenizer, text[: per * 6])[:per]
-        hays["books"] = Haystack.build(model, "books", ids, cache)
+        hays["books"] = Haystack.build(model, "books", ids, cache, progress)
     return hays
 
 
@@ -431,7 +438,9 @@ def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_s
     model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))  # 512, or a shorter context
     tokenizer = resolve_tokenizer(model.backbone.name)
     texts = austen_training_texts() if books else None
-    hays = default_haystacks(model, tokenizer, texts, out / "cache")
+    # no longer than the longest example needs (a short --memory-max gives a quick start)
+    tokens = min(40_000, 2 * (cfg.memory_max + cfg.local_max + model.segment_length))
+    hays = default_haystacks(model, tokenizer, texts, out / "cache", tokens, progress)
     adapter = Adapter(model, tokenizer, hays, out, cfg, text="books" if books else None)
     report = adapter.run(max_minutes, max_steps, progress=progress)
     return {"step": adapter.step, "examples": adapter.examples, "minutes": round(adapter.minutes, 1),
