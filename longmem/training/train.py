@@ -405,10 +405,11 @@ def device_rng_state(device: torch.device):
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
     """(the SideNet weights to save, gathered and LoRA merged; the unmerged LoRA SideNet or None).
     (None, None) for the baselines, which save themselves. Every process must call it."""
-    if run.model.trainable_module is None:
+    module = run.model.trainable_module
+    if module is None:
         return None, None
-    state = full_state(run.model.sidenet)
-    layers = lora_layers(run.model.sidenet)
+    state = full_state(module)
+    layers = lora_layers(module)
     return (merge_lora(state, layers), state) if layers else (state, None)
 
 
