@@ -51,7 +51,8 @@ def main(argv=None) -> dict:
     device = common.setup(args)
     started = time.perf_counter()
     from longmem.training.step import MicroBatch, train_step
-    from longmem.training.train import TrainConfig, make_optimization
+    from longmem.training.config import OptimConfig
+    from longmem.training.train import make_optimization
 
     B = args.batch or (2 if args.quick else 8)
     T = args.tokens or (64 if args.quick else 256)
@@ -71,9 +72,9 @@ def main(argv=None) -> dict:
     batch = MicroBatch(seq[:, :-1], seq[:, 1:])  # inputs and the token after each
 
     # the optimizer, clipping and scaler of `longmem train` (its defaults), lr as in the earlier versions
-    settings = TrainConfig(data=["(benchmark)"], precision=args.precision, lr=1e-5, max_steps=10**9)
-    optim_side = make_optimization(settings, model.trainable_parameters(), amp)
-    optim_full = make_optimization(settings, list(full.parameters()), amp)
+    settings = OptimConfig(lr=1e-5)
+    optim_side = make_optimization(settings, 10**9, model.trainable_parameters(), amp)
+    optim_full = make_optimization(settings, 10**9, list(full.parameters()), amp)
 
     sw = common.Stopwatch(device)
     common.time_module(model, sw, "forward")

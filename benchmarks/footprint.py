@@ -104,7 +104,8 @@ def child(args) -> dict:
     device = common.setup(args)
     from longmem.memory import MemoryBank
     from longmem.training.step import MicroBatch, train_step
-    from longmem.training.train import TrainConfig, make_optimization
+    from longmem.training.config import OptimConfig
+    from longmem.training.train import make_optimization
 
     if args.child == "fill":
         M = max(args.sizes or (QUICK_SIZES if args.quick else [65536]))
@@ -132,7 +133,7 @@ def child(args) -> dict:
         del model
         params = list(net.parameters())
     # the step and optimizer of `longmem train` (its defaults; lr as before)
-    optim = make_optimization(TrainConfig(data=["(benchmark)"], precision=args.precision, lr=1e-5, max_steps=10**9), params, amp)
+    optim = make_optimization(OptimConfig(lr=1e-5), 10**9, params, amp)
 
     def step():
         train_step(net, [batch], optim, memory=memory)

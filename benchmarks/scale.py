@@ -214,7 +214,8 @@ def check(args, shape: dict, device) -> list[dict]:
     from longmem import LongMem, LongMemConfig
     from longmem.model import next_token_loss
     from longmem.training.step import MicroBatch, train_step
-    from longmem.training.train import TrainConfig, make_optimization
+    from longmem.training.config import OptimConfig
+    from longmem.training.train import make_optimization
 
     kw = {k: v for k, v in shape.items() if k != "model_type"}
     torch.manual_seed(args.seed)
@@ -262,7 +263,7 @@ def check(args, shape: dict, device) -> list[dict]:
         row(f"autocast weight copies, {which} checkpointing (bytes)",
             weight_copy_bytes(c, ckpt) + 2 * shape["vocab_size"] * shape["hidden_size"], copies)
     model.sidenet.grad_checkpointing = False
-    optim = make_optimization(TrainConfig(data=["(benchmark)"], precision="bf16", max_steps=10), params, torch.bfloat16)
+    optim = make_optimization(OptimConfig(), 10, params, torch.bfloat16)
     grads = {}
     optim.optimizer.register_step_pre_hook(lambda opt, a, k: grads.update(
         bytes=sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)))

@@ -60,7 +60,7 @@ WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda omicron si
 
 def code_document(n: int = 40) -> str:
     """Code whose first half defines helper_number_0 .. n-1 and whose second half calls some of them, each call
-    far (more than 700 characters) from the definitions and from the previous call: probes for longmem.recall."""
+    far (more than 700 characters) from the definitions and from the previous call: probes for longmem.eval.recall."""
     head = "".join(f"def helper_number_{i}(x):\n    return x + {i}\n\n" for i in range(n))
     later = "".join(f"# step {i}\nresult = value + {i}\n" for i in range(60))
     return head + later + "".join(f"total = helper_number_{i}(total)\n" + later[:700] for i in range(0, n, 7))

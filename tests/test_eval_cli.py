@@ -1,7 +1,9 @@
 """`longmem eval ppl` end to end on a tiny checkpoint; the command group's help and one-line errors."""
 
+import argparse
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import longmem
 from conftest import code_document
 from longmem import LongMem, LongMemConfig, LongMemError
 from longmem.cli import main
+from longmem.cli.eval import memory_settings
 from longmem.io import RESULT_FORMAT, SEAL, verify_result
 from longmem.data.streams import encode_documents
 
@@ -172,6 +175,42 @@ def test_eval_help_lists_every_task(cli, capsys):
         with pytest.raises(SystemExit):
             cli(task, "--help")
         assert "--" in capsys.readouterr().out
+
+
+MODEL, MEMORY, OUTPUT = ["--model", "--device", "--dtype"], ["--memory-size", "--chunk-size", "--topk-chunks"], \
+    ["--json", "--plot", "--no-progress"]
+OPTIONS = {  # each task's options, in the order of its --help (the shared ones are declared once in longmem.cli.eval)
+    "ppl": ["--data", *MODEL, "--baseline", "--max-tokens", "--batch-size", *MEMORY, *OUTPUT],
+    "chapterbreak": ["--data", "--split", "--max-examples", "--max-candidate-tokens", "--max-context-tokens", *MODEL,
+                     *MEMORY, *OUTPUT],
+    "chapterbreak-build": ["--book", "--out", "--id", "--data-root", "--split", "--negatives", "--context-chars",
+                           "--candidate-words", "--max-examples", "--seed"],
+    "icl": ["--task", "--data", "--train", "--k", "--memory-demos", "--seeds", "--seed", "--max-test", *MODEL, *MEMORY,
+            *OUTPUT],
+    "passkey": ["--distances", "--trials", "--candidates", "--max-new-tokens", "--seed", "--full-context", *MODEL,
+                *MEMORY, *OUTPUT],
+    "facts": ["--text", "--tokens", *MODEL, *OUTPUT],
+    "names": ["--data", "--memory-frac", "--context-chars", "--min-chars", "--new-tokens", *MODEL, *MEMORY, *OUTPUT],
+    "harness": ["--tasks", "--model-args", "--memory", "--include-path", "--num-fewshot", "--limit", "--metadata",
+                "--output", "--no-progress"],
+}
+
+
+@pytest.mark.parametrize("task", sorted(OPTIONS))
+def test_each_task_lists_its_options(task, cli, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli(task, "--help")
+    assert e.value.code == 0
+    assert re.findall(r"^  (--[a-z][\w-]*)", capsys.readouterr().out, flags=re.MULTILINE) == OPTIONS[task]
+
+
+def test_memory_sizes_come_back_checked_against_the_model(checkpoints):
+    model = LongMem.from_pretrained(checkpoints[0])  # chunk size 2
+    given = argparse.Namespace(memory_size=64, chunk_size=None, topk_chunks=2)
+    assert memory_settings(model, given) == {"memory_size": 64, "topk_chunks": 2}
+    assert memory_settings(model, argparse.Namespace(memory_size=None, chunk_size=None, topk_chunks=None)) == {}
+    with pytest.raises(LongMemError, match="multiple of chunk_size"):
+        memory_settings(model, argparse.Namespace(memory_size=63, chunk_size=None, topk_chunks=None))
 
 
 def test_bad_device_is_a_one_line_error(checkpoints, cli, capsys):

@@ -1,4 +1,4 @@
-"""longmem.recall: identifiers defined in the part of a document that only the memory holds."""
+"""longmem.eval.recall: identifiers defined in the part of a document that only the memory holds."""
 
 import numpy as np
 import pytest

@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from longmem import LongMem
 from longmem.cli import main
 from longmem.loading import load_model
+from longmem.training.config import TrainConfig
 
 TINY = ["--batch-size", "2", "--segment-length", "16", "--memory-size", "128", "--chunk-size", "2",
         "--topk-chunks", "4", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--eval-docs", "2",
@@ -37,6 +38,9 @@ def test_train_cli_end_to_end(tiny_assets, tmp_path):
     assert (out / "loss.png").stat().st_size > 1000
     assert (out / "checkpoint" / "trainer.pt").is_file()
     assert model.config.memory_size == 128 and model.segment_length == 16
+    written = json.loads((out / "train_config.json").read_text())  # flat: one key per flag; it loads back
+    assert set(written) == TrainConfig.keys() and written["memory_size"] == 128 and written["batch_size"] == 2
+    assert json.loads(json.dumps(TrainConfig.from_dict(written).to_dict())) == written
     # running again into the same folder without --resume is refused, nothing overwritten
     stamp = (out / "sidenet.safetensors").stat().st_mtime_ns
     assert main(train_args(a, out, "--max-steps", "6")) == 2

@@ -1,11 +1,18 @@
 """``longmem eval``: the paper's evaluations (s4) on LongMem checkpoints.
 
-    longmem eval ppl                 long-context perplexity (PG-22 style length splits)
-    longmem eval chapterbreak        ChapterBreak suffix identification (longmem.chapterbreak)
+    longmem eval ppl                 long-context perplexity (PG-22 style length splits; longmem.eval.perplexity)
+    longmem eval chapterbreak        ChapterBreak suffix identification (longmem.eval.chapterbreak)
     longmem eval chapterbreak-build  ChapterBreak-format examples from any book with chapters
-    longmem eval icl                 memory-augmented in-context learning (longmem.icl)
-    longmem eval passkey             pass-key retrieval beyond the local window (longmem.passkey)
+    longmem eval icl                 memory-augmented in-context learning (longmem.eval.icl)
+    longmem eval passkey             pass-key retrieval beyond the local window (longmem.eval.passkey)
+    longmem eval facts               made-up facts planted in a long text, asked for at its end (longmem.eval.facts)
+    longmem eval names               names defined far back in code, completed from memory (longmem.eval.recall)
     longmem eval harness             any lm-evaluation-harness task (longmem.eval.harness; pip install 'longmem[eval]')
+
+Each command is one ``Task`` declaration below its run function: its help, its options in the order ``--help``
+lists them, and what it runs. The options several commands share (``--model``/``--device``/``--dtype``, the memory
+sizes, ``--json``/``--plot``/``--no-progress``) are declared once (``model_options``, ``memory_options``,
+``output_options``).
 
 Every evaluation compares three modes of one checkpoint on the same tokens: ``longmem`` (SideNet
 reading the memory), ``no_memory`` (same weights, no retrieval) and ``backbone`` (the frozen LM).
@@ -13,14 +20,14 @@ reading the memory), ``no_memory`` (same weights, no retrieval) and ``backbone``
 ``ppl --json`` layout. One ``--model``: ``{"longmem": S, "no_memory": S, "backbone": S,
 "baseline:NAME": S, "meta": {...}}``. Several: the same summaries under ``"<model name>/<mode>"``
 keys (model name = the folder's name), and ``"meta"``. Each summary S is ``NLL.summary()`` of
-``longmem.evaluate`` (``ppl``, ``ppl_beyond_window``, ``loss``, ``tokens``, ``tokens_beyond_window``,
+``longmem.eval.perplexity`` (``ppl``, ``ppl_beyond_window``, ``loss``, ``tokens``, ``tokens_beyond_window``,
 ``ppl_by_position``, ``tokens_by_position``) plus ``by_length``: ``{split: {"ppl",
 "ppl_beyond_window", "tokens", "documents"}}`` for the non-empty document-length splits.
 
 Every result file (``--json`` of each task, and of ``longmem perplexity``, ``demo`` and ``staleness``)
 also holds ``longmem_version`` (the package that wrote it), ``format_version`` (``RESULT_FORMAT``) and
 ``sha256``: the hex sha256 of the canonical JSON (sorted keys, no spaces) of everything else in the
-file. ``verify_result(path)`` checks it: a truncated or altered file is refused.
+file (``longmem.io``). ``verify_result(path)`` checks it: a truncated or altered file is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import importlib
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
@@ -65,38 +74,88 @@ def warn(msg: str) -> None:
     print(f"longmem eval: warning: {msg}", file=sys.stderr)
 
 
+# --------------------------------------------------------------------------- declarations and shared options
+
+Option = tuple[tuple[str, ...], dict]  # add_argument's (flags, keyword arguments)
+
+
+def option(*flags: str, **kwargs) -> Option:
+    return flags, kwargs
+
+
+@dataclass(frozen=True)
+class Task:
+    """One ``longmem eval`` command."""
+
+    name: str
+    help: str  # its line in ``longmem eval --help``
+    description: str
+    options: tuple[Option, ...]  # its own and the shared ones, in the order --help lists them
+    run: Callable  # args -> exit status
+    epilog: str | None = None
+
+
+MODEL_DEFAULT = "(default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)"
+
+
+def model_options(several: bool = False) -> tuple[Option, ...]:
+    """``--model`` (one checkpoint, or several to compare), ``--device``, ``--dtype``."""
+    if several:
+        model = option("--model", action="extend", nargs="+", metavar="DIR",
+                       help=f"LongMem checkpoint folder(s) to compare; repeat or list several {MODEL_DEFAULT}")
+    else:
+        model = option("--model", metavar="DIR", help=f"LongMem checkpoint folder {MODEL_DEFAULT}")
+    return (model,
+            option("--device", help="cpu or cuda (default: cuda when available, else cpu)"),
+            option("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored; "
+                                                                     "bf16 halves the memory of a real backbone)"))
+
+
+def memory_options(chunk_default: str = "the model's") -> tuple[Option, ...]:
+    """The memory's sizes at evaluation, each the model's unless given (see ``memory_args``)."""
+    return (option("--memory-size", type=int, metavar="M", help="memory tokens per row at evaluation (default: the model's)"),
+            option("--chunk-size", type=int, metavar="CSZ", help=f"tokens per memory chunk (default: {chunk_default})"),
+            option("--topk-chunks", type=int, metavar="KC", help="chunks retrieved per query and head (default: the model's)"))
+
+
+def output_options(plot: str) -> tuple[Option, ...]:
+    """``--json``, ``--plot`` (drawing ``plot``), ``--no-progress``."""
+    return (option("--json", metavar="OUT", help="also write the results to this JSON file"),
+            option("--plot", metavar="OUT.png", help=f"also draw {plot}"),
+            option("--no-progress", dest="progress", action="store_false", help="no progress bars"))
+
+
 def memory_args(args) -> dict:
     """``--memory-size/--chunk-size/--topk-chunks`` as ``new_memory`` keyword arguments (only those given)."""
     return {k: getattr(args, k) for k in ("memory_size", "chunk_size", "topk_chunks") if getattr(args, k, None) is not None}
 
 
-def at_least_one(args, *names: str) -> None:
-    """Counts given on the command line are >= 1 (a 0 or a negative would slice the wrong examples)."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise LongMemError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+def memory_settings(model, args) -> dict:
+    """The memory sizes given (``memory_args``) as ``model``'s config takes them: LongMemConfig checks them against
+    the model's own (e.g. a size that is not a multiple of the chunk) and raises a one-line LongMemError."""
+    given = memory_args(args)
+    config = model.config.replace(**given)
+    return {k: getattr(config, k) for k in given}
 
 
-def checked(model, memory_kwargs: dict) -> dict:
-    """``memory_kwargs`` after LongMemConfig's validation against ``model`` (e.g. size a multiple of chunk)."""
-    if memory_kwargs:
-        model.config.replace(**memory_kwargs)
-    return memory_kwargs
+def at_least(value: int | None, flag: str, low: int = 1) -> int | None:
+    """``value`` of ``flag`` (None: not given), when it is >= ``low`` (a 0 or a negative count would slice the wrong
+    examples)."""
+    if value is not None and value < low:
+        raise LongMemError(f"{flag} must be at least {low}, got {value}")
+    return value
 
 
 # --------------------------------------------------------------------------- ppl
 
 
 def _run_ppl(args) -> int:
-    if args.max_tokens is not None and args.max_tokens < 2:
-        raise LongMemError(f"--max-tokens must be at least 2, got {args.max_tokens}")
-    if args.batch_size < 1:
-        raise LongMemError(f"--batch-size must be at least 1, got {args.batch_size}")
+    max_tokens = at_least(args.max_tokens, "--max-tokens", 2)
+    batch_size = at_least(args.batch_size, "--batch-size")
     check_output(args.json)
     check_output(args.plot, "--plot")
-    report = run_ppl(args.model or [], args.data, baselines=args.baseline or [], max_tokens=args.max_tokens,
-                     batch_size=args.batch_size, memory_kwargs=memory_args(args), device=resolve_device(args.device),
+    report = run_ppl(args.model or [], args.data, baselines=args.baseline or [], max_tokens=max_tokens,
+                     batch_size=batch_size, memory_kwargs=memory_args(args), device=resolve_device(args.device),
                      progress=args.progress, warn=warn)
     print(format_ppl(report))
     if args.json:
@@ -109,19 +168,44 @@ def _run_ppl(args) -> int:
     return 0
 
 
+PPL = Task(
+    "ppl", help="long-context perplexity with and without memory",
+    description="Stream each document in local windows of the model's segment length, memory reset per document, and "
+                "report token perplexity overall, beyond the first window, by position (0-1, 1-4, 4-16, 16+ windows) "
+                "and by document length (<5K, 5K-10K, 10K-100K, 100K-500K, 500K-1M, >1M tokens; empty splits "
+                "omitted). Documents not longer than one window are skipped with a warning.",
+    epilog="--json layout: {\"longmem\": S, \"no_memory\": S, \"backbone\": S, \"baseline:NAME\": S, \"meta\": {...}} "
+           "for one model; with several --model the keys are \"<model name>/<mode>\" (model name = the checkpoint "
+           "folder's name). S holds ppl, ppl_beyond_window, loss, tokens, tokens_beyond_window, ppl_by_position, "
+           "tokens_by_position and by_length.",
+    options=(
+        option("--data", nargs="+", required=True, metavar="PATH",
+               help="documents: text files, folders, .jsonl files ({\"text\": ...} per line) or hf:NAME[:SPLIT]"),
+        *model_options(several=True),
+        option("--baseline", action="append", metavar="DIR",
+               help="a plain HF causal LM folder (with the same tokenizer) scored on the same windows; repeatable"),
+        option("--max-tokens", type=int, metavar="N", help="read at most the first N tokens of each document (default: all)"),
+        option("--batch-size", type=int, default=1, metavar="B", help="documents streamed side by side (default: 1)"),
+        *memory_options(),
+        *output_options("perplexity by position bucket, one line per model and mode"),
+    ),
+    run=_run_ppl)
+
+
 # --------------------------------------------------------------------------- chapterbreak
 
 
 def _run_chapterbreak(args) -> int:
-    at_least_one(args, "max_examples", "max_context_tokens")
+    max_examples = at_least(args.max_examples, "--max-examples")
+    max_context_tokens = at_least(args.max_context_tokens, "--max-context-tokens")
     check_output(args.json)
     check_output(args.plot, "--plot")
     examples = load_chapterbreak(args.data, args.split)
-    if args.max_examples:
-        examples = examples[: args.max_examples]
+    if max_examples:
+        examples = examples[:max_examples]
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
-    report = evaluate_chapterbreak(model, tok, examples, memory_kwargs=checked(model, memory_args(args)),
-                                   max_candidate_tokens=args.max_candidate_tokens, max_context_tokens=args.max_context_tokens,
+    report = evaluate_chapterbreak(model, tok, examples, memory_kwargs=memory_settings(model, args),
+                                   max_candidate_tokens=args.max_candidate_tokens, max_context_tokens=max_context_tokens,
                                    progress=args.progress)
     report["meta"] = {"data": str(args.data), "split": args.split, "model": str(args.model or "(shipped default)"),
                       "segment_length": model.segment_length}
@@ -140,16 +224,39 @@ def _run_chapterbreak(args) -> int:
     return 0
 
 
+CHAPTERBREAK = Task(
+    "chapterbreak", help="ChapterBreak: pick the true next-chapter beginning among six",
+    description="Read each prefix into memory segment by segment (its last local window stays as context), score the "
+                "candidate beginnings by their log-probability after it (summed and per-token mean; candidates are "
+                "never written to memory) and report the accuracy of picking the true one, against chance (1/number "
+                "of candidates).",
+    options=(
+        option("--data", required=True, metavar="FILE.json",
+               help='ChapterBreak JSON: {"pg19": {work: [{"ctx", "pos", "negs"}]}, "ao3": {...}}'),
+        option("--split", default="all", metavar="SPLIT", help="ao3, pg19 or all (default: all)"),
+        option("--max-examples", type=int, metavar="N", help="evaluate only the first N examples"),
+        option("--max-candidate-tokens", type=int, metavar="C", help="cut candidates to C tokens (default: half the local window)"),
+        option("--max-context-tokens", type=int, metavar="N", help="keep only the last N prefix tokens (default: all)"),
+        *model_options(),
+        *memory_options(),
+        *output_options("a bar chart of accuracy by mode"),
+    ),
+    run=_run_chapterbreak)
+
+
 def _run_build(args) -> int:
     if args.split not in ("ao3", "pg19"):
         raise LongMemError(f"unknown split {args.split!r}; choose ao3 or pg19")
-    at_least_one(args, "negatives", "context_chars", "candidate_words", "max_examples")
+    negatives = at_least(args.negatives, "--negatives")
+    context_chars = at_least(args.context_chars, "--context-chars")
+    candidate_words = at_least(args.candidate_words, "--candidate-words")
+    max_examples = at_least(args.max_examples, "--max-examples")
     check_output(args.out, "--out")
     book_id, text = read_book(args.book, args.id, args.data_root)
-    examples = build_examples(text, negatives=args.negatives, context_chars=args.context_chars,
-                              candidate_words=args.candidate_words, seed=args.seed)
-    if args.max_examples:
-        examples = examples[: args.max_examples]
+    examples = build_examples(text, negatives=negatives, context_chars=context_chars, candidate_words=candidate_words,
+                              seed=args.seed)
+    if max_examples:
+        examples = examples[:max_examples]
     out = {"pg19": {}, "ao3": {}}
     out[args.split][book_id] = examples
     write_json(args.out, out)
@@ -157,21 +264,43 @@ def _run_build(args) -> int:
     return 0
 
 
+CHAPTERBREAK_BUILD = Task(
+    "chapterbreak-build", help="write ChapterBreak-format examples from a book with chapter headings",
+    description="For each chapter boundary with enough later chapters: ctx = the book before the heading (last "
+                "--context-chars characters), pos = the first --candidate-words words of the next chapter, negs = the "
+                "beginnings of --negatives chapters drawn from later in the book. Headings ('CHAPTER I', 'Chapter 1', "
+                "...) and volume lines are left out of candidates. Deterministic for a --seed.",
+    options=(
+        option("--book", required=True, metavar="SRC",
+               help="austen:TITLE (from DATA_ROOT/books/*.jsonl, e.g. austen:Emma), a .jsonl (with --id) or a text file"),
+        option("--out", required=True, metavar="FILE.json", help="where to write the examples"),
+        option("--id", help="document id inside a .jsonl --book"),
+        option("--data-root", default="data", metavar="DIR", help="folder written by `longmem data` (default: data)"),
+        option("--split", default="pg19", metavar="SPLIT", help="split to file the examples under: pg19 or ao3 (default: pg19)"),
+        option("--negatives", type=int, default=5, metavar="N", help="negative candidates per example (default: 5)"),
+        option("--context-chars", type=int, default=40000, metavar="N", help="characters of prefix kept (default: 40000)"),
+        option("--candidate-words", type=int, default=150, metavar="K", help="words per candidate beginning (default: 150)"),
+        option("--max-examples", type=int, metavar="N", help="keep only the first N examples"),
+        option("--seed", type=int, default=0, metavar="S", help="seed for drawing the negatives (default: 0)"),
+    ),
+    run=_run_build)
+
+
 # --------------------------------------------------------------------------- icl
 
 
 def _run_icl(args) -> int:
     task = get_task(args.task)
-    at_least_one(args, "max_test")
+    max_test = at_least(args.max_test, "--max-test")
     check_output(args.json)
     check_output(args.plot, "--plot")
     test = load_examples(args.data, task)
     pool = load_examples(args.train, task)
-    if args.max_test:
-        test = test[: args.max_test]
+    if max_test:
+        test = test[:max_test]
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     report = evaluate_icl(model, tok, task, test, pool, k=args.k, memory_demos=args.memory_demos, seeds=args.seeds,
-                          seed=args.seed, memory_kwargs=checked(model, memory_args(args)), progress=args.progress, warn=warn)
+                          seed=args.seed, memory_kwargs=memory_settings(model, args), progress=args.progress, warn=warn)
     report["meta"] = {"data": str(args.data), "train": str(args.train), "model": str(args.model or "(shipped default)")}
     print(f"ICL {task.name}: {len(test)} test examples, k={args.k} local + {report['memory_demos']} in memory, "
           f"{args.seeds} seeds, chance {report['chance']:.3f}")
@@ -192,6 +321,33 @@ def _run_icl(args) -> int:
     return 0
 
 
+ICL = Task(
+    "icl", help="memory-augmented in-context learning (SST-2, MR, Subj, SST-5, MPQA)",
+    description="The paper's protocol: k demonstrations in the local window and N more written into memory (chunk "
+                "size 2), templates 'Review: {x} Sentiment: {y}. ' (Subj: 'Input: {x} Type: {y}. '), label words "
+                "positive/negative (sst2, mr, mpqa; 1 = positive), terrible/bad/okay/good/great (sst5), "
+                "subjective/objective (subj; 0 = subjective). Test prompts are never written to memory. Accuracy by "
+                "the greedy-prefix rule and by label-word likelihood, mean and std over seeds.",
+    epilog="--memory-size defaults to the model's, enlarged to hold all memory demonstrations.",
+    options=(
+        option("--task", required=True, metavar="TASK", help="sst2, mr, subj, sst5 or mpqa"),
+        option("--data", required=True, metavar="TEST",
+               help="test examples: .tsv (sentence<TAB>label, with header), .csv (label,text), .jsonl ({text, label}) "
+                    "or hf:NAME[:SPLIT]"),
+        option("--train", required=True, metavar="POOL", help="demonstration pool, same formats as --data"),
+        option("--k", type=int, default=20, help="demonstrations in the local context (default: 20)"),
+        option("--memory-demos", type=int, default=2000, metavar="N",
+               help="demonstrations written into memory (default: 2000; a smaller pool is used whole, with a warning)"),
+        option("--seeds", type=int, default=6, metavar="N", help="number of seeds, i.e. demonstration samples (default: 6)"),
+        option("--seed", type=int, default=1, metavar="S", help="first seed; seeds S..S+N-1 (default: 1, as the release)"),
+        option("--max-test", type=int, metavar="N", help="evaluate only the first N test examples"),
+        *model_options(),
+        *memory_options(chunk_default="2"),
+        *output_options("a bar chart of accuracy by mode and rule"),
+    ),
+    run=_run_icl)
+
+
 # --------------------------------------------------------------------------- passkey
 
 
@@ -201,7 +357,7 @@ def _run_passkey(args) -> int:
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
     modes = MODES + ((PASSKEY_FULL,) if args.full_context else ())
     report = evaluate_passkey(model, tok, args.distances, trials=args.trials, seed=args.seed, modes=modes,
-                              memory_kwargs=checked(model, memory_args(args)), candidates=args.candidates,
+                              memory_kwargs=memory_settings(model, args), candidates=args.candidates,
                               max_new_tokens=args.max_new_tokens, progress=args.progress, warn=warn)
     report["meta"] = {"model": str(args.model or "(shipped default)")}
     print(f"pass key: {args.trials} trials per distance, local window {report['segment_length']}, "
@@ -226,6 +382,28 @@ def _run_passkey(args) -> int:
         plot_lines(args.plot, xs, lines, "distance of the key (tokens)", "accuracy", "Pass-key retrieval",
                     hline=report["chance_choice"], dashed="choice")
     return 0
+
+
+PASSKEY = Task(
+    "passkey", help="pass-key retrieval: recall a 5-digit key from beyond the local window",
+    description="Hide a 5-digit key early in filler text ('The grass is green. ...') and ask for it at the end ('What "
+                "is the pass key? The pass key is'). Accuracy by distance: greedy (the generated digits equal the key "
+                "exactly) and choice (the key is the most likely of --candidates 5-digit numbers).",
+    options=(
+        option("--distances", type=int, nargs="+", default=[1000, 4000, 16000], metavar="D",
+               help="tokens between the key and the question (default: 1000 4000 16000)"),
+        option("--trials", type=int, default=10, metavar="N", help="keys tried per distance (default: 10)"),
+        option("--candidates", type=int, default=10, metavar="N",
+               help="keys compared by the choice rule, the true one included (default: 10)"),
+        option("--max-new-tokens", type=int, default=8, metavar="N", help="tokens generated for the greedy answer (default: 8)"),
+        option("--seed", type=int, default=0, metavar="S", help="seed for keys and lead-ins (default: 0)"),
+        option("--full-context", action="store_true",
+               help="also run the backbone with the whole prompt in its own context, where it fits (backbone_full)"),
+        *model_options(),
+        *memory_options(),
+        *output_options("accuracy by distance, one line per mode and rule"),
+    ),
+    run=_run_passkey)
 
 
 # --------------------------------------------------------------------------- facts
@@ -256,26 +434,43 @@ def _run_facts(args) -> int:
     return 0
 
 
+FACTS = Task(
+    "facts", help="made-up facts planted in a long held-out text, asked for at its end",
+    description="Plant five made-up facts (wordings no training example uses) at evenly spaced depths of the first "
+                "--tokens tokens of a text (default: Emma, the books corpus's test novel, from Debian's "
+                "r-cran-janeaustenr), then ask for each at the end; greedy answers with memory, without (same "
+                "weights) and from the backbone alone.",
+    options=(
+        option("--text", metavar="FILE", help="a UTF-8 text file to plant the facts in (default: Emma)"),
+        option("--tokens", type=int, default=16000, metavar="N", help="tokens of the text to use (default: 16000)"),
+        *model_options(),
+        *output_options("facts recalled by mode"),
+    ),
+    run=_run_facts)
+
+
 # --------------------------------------------------------------------------- names
 
 
 def _run_names(args) -> int:
     if not 0 < args.memory_frac < 1:
         raise LongMemError(f"--memory-frac must be between 0 and 1 (the share of each document put in memory), got {args.memory_frac}")
-    at_least_one(args, "context_chars", "min_chars", "new_tokens")
+    context_chars = at_least(args.context_chars, "--context-chars")
+    min_chars = at_least(args.min_chars, "--min-chars")
+    new_tokens = at_least(args.new_tokens, "--new-tokens")
     check_output(args.json)
     check_output(args.plot, "--plot")
     docs = [d for path in args.data for d in iter_documents(path)]
     if not docs:
         raise LongMemError(f"no documents in {' '.join(args.data)}; give text files, folders or .jsonl files")
     model, tok = load_model_and_tokenizer(args.model, resolve_device(args.device), args.dtype)
-    report = names_report(model, tok, docs, memory_frac=args.memory_frac, context_chars=args.context_chars,
-                          min_chars=args.min_chars, new_tokens=args.new_tokens,
-                          memory_kwargs=checked(model, memory_args(args)), progress=args.progress)
+    report = names_report(model, tok, docs, memory_frac=args.memory_frac, context_chars=context_chars,
+                          min_chars=min_chars, new_tokens=new_tokens, memory_kwargs=memory_settings(model, args),
+                          progress=args.progress)
     report["meta"] = {"model": str(args.model or "(shipped default)"), **report["meta"]}
     per_doc, total = report["documents"], report["all"]
     print(f"names defined in the first {args.memory_frac:.0%} of each document (in memory), completed at their first use "
-          f"after it from their first token (greedy, {args.context_chars} characters of prompt)")
+          f"after it from their first token (greedy, {context_chars} characters of prompt)")
     print(f"{'document':<44}{'names':>7}{'with memory':>13}{'without':>9}{'only with':>11}{'only without':>14}")
     for name, r in [*per_doc.items(), ("all", total)]:
         print(f"{name[-44:]:<44}{r['probes']:>7}{r['right_memory']:>13}{r['right_no_memory']:>9}"
@@ -293,6 +488,30 @@ def _run_names(args) -> int:
     return 0
 
 
+NAMES = Task(
+    "names", help="recall of names defined far back in code: completed with and without memory",
+    description="For each document: its first --memory-frac (cut at a line start) goes into a fresh memory; every name "
+                "that part defines (def NAME, class NAME, NAME =, self.NAME =) and the rest uses is cued at its first "
+                "use there, with the --context-chars characters before it (which must not contain it) and the name's "
+                "first token; greedy generation with the memory and without. A name counts when the rest of it comes "
+                "back exactly. Nothing is picked by hand (longmem.eval.recall).",
+    epilog="--json layout: {\"all\": C, \"documents\": {ID: C + memory_tokens, context_chars, rows}, \"meta\": {...}}; "
+           "C holds probes, right_memory, right_no_memory, only_with_memory, only_without_memory; each row the name, "
+           "its cue and both continuations.",
+    options=(
+        option("--data", nargs="+", required=True, metavar="PATH",
+               help="code documents: text files, folders, .jsonl files ({\"text\": ...} per line) or hf:NAME[:SPLIT]"),
+        option("--memory-frac", type=float, default=0.5, metavar="F", help="share of each document put in memory (default: 0.5)"),
+        option("--context-chars", type=int, default=600, metavar="N", help="characters of prompt before each use (default: 600)"),
+        option("--min-chars", type=int, default=6, metavar="N", help="shortest name probed (default: 6)"),
+        option("--new-tokens", type=int, default=8, metavar="N", help="tokens generated per probe (default: 8)"),
+        *model_options(),
+        *memory_options(),
+        *output_options("a bar chart of names completed with and without memory, per document"),
+    ),
+    run=_run_names)
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -306,6 +525,16 @@ def _limit(text: str):
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def _metadata(text: str | None) -> dict | None:
+    try:
+        metadata = json.loads(text) if text else None
+    except json.JSONDecodeError as e:
+        raise LongMemError(f"--metadata is not valid JSON ({e.msg}); give e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise LongMemError("--metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+    return metadata
+
+
 def _run_harness(args) -> int:
     harness = load_harness()
     if args.num_fewshot is not None and args.num_fewshot < 0:
@@ -317,12 +546,7 @@ def _run_harness(args) -> int:
     if not args.progress:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     tasks = [t for spec in args.tasks for t in spec.split(",") if t]
-    try:
-        metadata = json.loads(args.metadata) if args.metadata else None
-    except json.JSONDecodeError as e:
-        raise LongMemError(f"--metadata is not valid JSON ({e.msg}); give e.g. '{{\"max_seq_lengths\": [4096]}}'") from None
-    if metadata is not None and not isinstance(metadata, dict):
-        raise LongMemError("--metadata must be a JSON object, e.g. '{\"max_seq_lengths\": [4096]}'")
+    metadata = _metadata(args.metadata)
     report = harness.evaluate_harness(tasks, harness.parse_model_args(args.model_args), args.memory,
                                       include_path=args.include_path, num_fewshot=args.num_fewshot,
                                       limit=None if args.limit is None else _limit(args.limit), metadata=metadata,
@@ -333,31 +557,38 @@ def _run_harness(args) -> int:
     return 0
 
 
+HARNESS = Task(
+    "harness", help="any lm-evaluation-harness task, in the three memory modes",
+    description="Run lm-evaluation-harness tasks (lm_eval.simple_evaluate) on a LongMem checkpoint in each memory "
+                "mode: on (LongMem reading its memory), off (same weights, local window only), backbone (the frozen "
+                "LM alone). A context longer than the local window is split: its earlier part is written into a fresh "
+                "memory, window by window, and the continuation is scored in the last window; few-shot demonstrations "
+                "that overflow the window thus go to memory. Needs pip install 'longmem[eval]'.",
+    epilog="--output layout: {\"modes\": {MEMORY: the harness's results (results, configs, versions, n-shot, ...)}, "
+           "\"meta\": {...}}. Model arguments: pretrained=DIR, memory=on|off|backbone, memory_size=, chunk_size=, "
+           "topk_chunks=, device=, dtype=, batch_size=, prefix_cache= (see longmem.eval.harness).",
+    options=(
+        option("--tasks", nargs="+", required=True, metavar="TASK",
+               help="harness task or group names (space or comma separated), or task YAML files"),
+        option("--model-args", default="", metavar="K=V,...",
+               help="model arguments, e.g. pretrained=models/longmem-tiny,memory_size=65536 (default: the shipped "
+                    "model); memory=on|off|backbone runs that mode only"),
+        option("--memory", nargs="+", choices=["on", "off", "backbone"], default=["on", "off", "backbone"],
+               help="memory modes to run (default: all three)"),
+        option("--include-path", action="append", metavar="DIR", help="a folder of your own task YAMLs; repeatable"),
+        option("--num-fewshot", type=int, metavar="N", help="few-shot demonstrations per example (default: the task's)"),
+        option("--limit", metavar="N", help="evaluate only the first N examples of each task (or a fraction)"),
+        option("--metadata", metavar="JSON", help="task metadata, as the harness's --metadata (e.g. RULER's "
+               "'{\"max_seq_lengths\": [4096]}'); the tokenizer folder is passed as \"tokenizer\""),
+        option("--output", metavar="OUT.json", help="also write the results to this JSON file"),
+        option("--no-progress", dest="progress", action="store_false", help="no progress bars or harness logs"),
+    ),
+    run=_run_harness)
+
+
 # --------------------------------------------------------------------------- parser
 
-
-def _model_flags(p, several: bool = False) -> None:
-    if several:
-        p.add_argument("--model", action="extend", nargs="+", metavar="DIR",
-                       help="LongMem checkpoint folder(s) to compare; repeat or list several "
-                            "(default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
-    else:
-        p.add_argument("--model", metavar="DIR", help="LongMem checkpoint folder (default: the shipped default, longmem-tiny; or a shipped model's name, e.g. smollm2-135m-longmem)")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="weights' type after loading (default: as stored; "
-                                                                    "bf16 halves the memory of a real backbone)")
-
-
-def _memory_flags(p, chunk_default: str = "the model's") -> None:
-    p.add_argument("--memory-size", type=int, metavar="M", help="memory tokens per row at evaluation (default: the model's)")
-    p.add_argument("--chunk-size", type=int, metavar="CSZ", help=f"tokens per memory chunk (default: {chunk_default})")
-    p.add_argument("--topk-chunks", type=int, metavar="KC", help="chunks retrieved per query and head (default: the model's)")
-
-
-def _output_flags(p, plot: str) -> None:
-    p.add_argument("--json", metavar="OUT", help="also write the results to this JSON file")
-    p.add_argument("--plot", metavar="OUT.png", help=f"also draw {plot}")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+TASKS = (PPL, CHAPTERBREAK, CHAPTERBREAK_BUILD, ICL, PASSKEY, FACTS, NAMES, HARNESS)  # in this order in --help
 
 
 def add_parser(sub) -> None:
@@ -367,165 +598,8 @@ def add_parser(sub) -> None:
                                    "and backbone (the frozen LM alone).")
     ev = p.add_subparsers(dest="eval_command", metavar="TASK")
     ev.required = True
-
-    q = ev.add_parser("ppl", help="long-context perplexity with and without memory",
-                      description="Stream each document in local windows of the model's segment length, memory reset per "
-                                  "document, and report token perplexity overall, beyond the first window, by position "
-                                  "(0-1, 1-4, 4-16, 16+ windows) and by document length (<5K, 5K-10K, 10K-100K, "
-                                  "100K-500K, 500K-1M, >1M tokens; empty splits omitted). Documents not longer than one "
-                                  "window are skipped with a warning.",
-                      epilog="--json layout: {\"longmem\": S, \"no_memory\": S, \"backbone\": S, \"baseline:NAME\": S, "
-                             "\"meta\": {...}} for one model; with several --model the keys are \"<model name>/<mode>\" "
-                             "(model name = the checkpoint folder's name). S holds ppl, ppl_beyond_window, loss, tokens, "
-                             "tokens_beyond_window, ppl_by_position, tokens_by_position and by_length.")
-    q.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="documents: text files, folders, .jsonl files ({\"text\": ...} per line) or hf:NAME[:SPLIT]")
-    _model_flags(q, several=True)
-    q.add_argument("--baseline", action="append", metavar="DIR",
-                   help="a plain HF causal LM folder (with the same tokenizer) scored on the same windows; repeatable")
-    q.add_argument("--max-tokens", type=int, metavar="N", help="read at most the first N tokens of each document (default: all)")
-    q.add_argument("--batch-size", type=int, default=1, metavar="B", help="documents streamed side by side (default: 1)")
-    _memory_flags(q)
-    _output_flags(q, "perplexity by position bucket, one line per model and mode")
-    q.set_defaults(func=_run_ppl)
-
-    c = ev.add_parser("chapterbreak", help="ChapterBreak: pick the true next-chapter beginning among six",
-                      description="Read each prefix into memory segment by segment (its last local window stays as "
-                                  "context), score the candidate beginnings by their log-probability after it (summed and "
-                                  "per-token mean; candidates are never written to memory) and report the accuracy of "
-                                  "picking the true one, against chance (1/number of candidates).")
-    c.add_argument("--data", required=True, metavar="FILE.json",
-                   help='ChapterBreak JSON: {"pg19": {work: [{"ctx", "pos", "negs"}]}, "ao3": {...}}')
-    c.add_argument("--split", default="all", metavar="SPLIT", help="ao3, pg19 or all (default: all)")
-    c.add_argument("--max-examples", type=int, metavar="N", help="evaluate only the first N examples")
-    c.add_argument("--max-candidate-tokens", type=int, metavar="C",
-                   help="cut candidates to C tokens (default: half the local window)")
-    c.add_argument("--max-context-tokens", type=int, metavar="N", help="keep only the last N prefix tokens (default: all)")
-    _model_flags(c)
-    _memory_flags(c)
-    _output_flags(c, "a bar chart of accuracy by mode")
-    c.set_defaults(func=_run_chapterbreak)
-
-    b = ev.add_parser("chapterbreak-build", help="write ChapterBreak-format examples from a book with chapter headings",
-                      description="For each chapter boundary with enough later chapters: ctx = the book before the heading "
-                                  "(last --context-chars characters), pos = the first --candidate-words words of the next "
-                                  "chapter, negs = the beginnings of --negatives chapters drawn from later in the book. "
-                                  "Headings ('CHAPTER I', 'Chapter 1', ...) and volume lines are left out of candidates. "
-                                  "Deterministic for a --seed.")
-    b.add_argument("--book", required=True, metavar="SRC",
-                   help="austen:TITLE (from DATA_ROOT/books/*.jsonl, e.g. austen:Emma), a .jsonl (with --id) or a text file")
-    b.add_argument("--out", required=True, metavar="FILE.json", help="where to write the examples")
-    b.add_argument("--id", help="document id inside a .jsonl --book")
-    b.add_argument("--data-root", default="data", metavar="DIR", help="folder written by `longmem data` (default: data)")
-    b.add_argument("--split", default="pg19", metavar="SPLIT",
-                   help="split to file the examples under: pg19 or ao3 (default: pg19)")
-    b.add_argument("--negatives", type=int, default=5, metavar="N", help="negative candidates per example (default: 5)")
-    b.add_argument("--context-chars", type=int, default=40000, metavar="N", help="characters of prefix kept (default: 40000)")
-    b.add_argument("--candidate-words", type=int, default=150, metavar="K", help="words per candidate beginning (default: 150)")
-    b.add_argument("--max-examples", type=int, metavar="N", help="keep only the first N examples")
-    b.add_argument("--seed", type=int, default=0, metavar="S", help="seed for drawing the negatives (default: 0)")
-    b.set_defaults(func=_run_build)
-
-    i = ev.add_parser("icl", help="memory-augmented in-context learning (SST-2, MR, Subj, SST-5, MPQA)",
-                      description="The paper's protocol: k demonstrations in the local window and N more written into "
-                                  "memory (chunk size 2), templates 'Review: {x} Sentiment: {y}. ' (Subj: 'Input: {x} "
-                                  "Type: {y}. '), label words positive/negative (sst2, mr, mpqa; 1 = positive), "
-                                  "terrible/bad/okay/good/great (sst5), subjective/objective (subj; 0 = subjective). "
-                                  "Test prompts are never written to memory. Accuracy by the greedy-prefix rule and by "
-                                  "label-word likelihood, mean and std over seeds.")
-    i.add_argument("--task", required=True, metavar="TASK", help="sst2, mr, subj, sst5 or mpqa")
-    i.add_argument("--data", required=True, metavar="TEST",
-                   help="test examples: .tsv (sentence<TAB>label, with header), .csv (label,text), "
-                        ".jsonl ({text, label}) or hf:NAME[:SPLIT]")
-    i.add_argument("--train", required=True, metavar="POOL", help="demonstration pool, same formats as --data")
-    i.add_argument("--k", type=int, default=20, help="demonstrations in the local context (default: 20)")
-    i.add_argument("--memory-demos", type=int, default=2000, metavar="N",
-                   help="demonstrations written into memory (default: 2000; a smaller pool is used whole, with a warning)")
-    i.add_argument("--seeds", type=int, default=6, metavar="N", help="number of seeds, i.e. demonstration samples (default: 6)")
-    i.add_argument("--seed", type=int, default=1, metavar="S", help="first seed; seeds S..S+N-1 (default: 1, as the release)")
-    i.add_argument("--max-test", type=int, metavar="N", help="evaluate only the first N test examples")
-    _model_flags(i)
-    _memory_flags(i, chunk_default="2")
-    i.epilog = "--memory-size defaults to the model's, enlarged to hold all memory demonstrations."
-    _output_flags(i, "a bar chart of accuracy by mode and rule")
-    i.set_defaults(func=_run_icl)
-
-    k = ev.add_parser("passkey", help="pass-key retrieval: recall a 5-digit key from beyond the local window",
-                      description="Hide a 5-digit key early in filler text ('The grass is green. ...') and ask for it at "
-                                  "the end ('What is the pass key? The pass key is'). Accuracy by distance: greedy (the "
-                                  "generated digits equal the key exactly) and choice (the key is the most likely of "
-                                  "--candidates 5-digit numbers).")
-    k.add_argument("--distances", type=int, nargs="+", default=[1000, 4000, 16000], metavar="D",
-                   help="tokens between the key and the question (default: 1000 4000 16000)")
-    k.add_argument("--trials", type=int, default=10, metavar="N", help="keys tried per distance (default: 10)")
-    k.add_argument("--candidates", type=int, default=10, metavar="N",
-                   help="keys compared by the choice rule, the true one included (default: 10)")
-    k.add_argument("--max-new-tokens", type=int, default=8, metavar="N",
-                   help="tokens generated for the greedy answer (default: 8)")
-    k.add_argument("--seed", type=int, default=0, metavar="S", help="seed for keys and lead-ins (default: 0)")
-    k.add_argument("--full-context", action="store_true",
-                   help="also run the backbone with the whole prompt in its own context, where it fits (backbone_full)")
-    _model_flags(k)
-    _memory_flags(k)
-    _output_flags(k, "accuracy by distance, one line per mode and rule")
-    k.set_defaults(func=_run_passkey)
-
-    f = ev.add_parser("facts", help="made-up facts planted in a long held-out text, asked for at its end",
-                      description="Plant five made-up facts (wordings no training example uses) at evenly spaced depths "
-                                  "of the first --tokens tokens of a text (default: Emma, the books corpus's test "
-                                  "novel, from Debian's r-cran-janeaustenr), then ask for each at the end; greedy "
-                                  "answers with memory, without (same weights) and from the backbone alone.")
-    f.add_argument("--text", metavar="FILE", help="a UTF-8 text file to plant the facts in (default: Emma)")
-    f.add_argument("--tokens", type=int, default=16000, metavar="N", help="tokens of the text to use (default: 16000)")
-    _model_flags(f)
-    _output_flags(f, "facts recalled by mode")
-    f.set_defaults(func=_run_facts)
-
-    n = ev.add_parser("names", help="recall of names defined far back in code: completed with and without memory",
-                      description="For each document: its first --memory-frac (cut at a line start) goes into a fresh "
-                                  "memory; every name that part defines (def NAME, class NAME, NAME =, self.NAME =) and the "
-                                  "rest uses is cued at its first use there, with the --context-chars characters before "
-                                  "it (which must not contain it) and the name's first token; greedy generation with the "
-                                  "memory and without. A name counts when the rest of it comes back exactly. Nothing is "
-                                  "picked by hand (longmem.recall).",
-                      epilog="--json layout: {\"all\": C, \"documents\": {ID: C + memory_tokens, context_chars, rows}, "
-                             "\"meta\": {...}}; C holds probes, right_memory, right_no_memory, only_with_memory, "
-                             "only_without_memory; each row the name, its cue and both continuations.")
-    n.add_argument("--data", nargs="+", required=True, metavar="PATH",
-                   help="code documents: text files, folders, .jsonl files ({\"text\": ...} per line) or hf:NAME[:SPLIT]")
-    n.add_argument("--memory-frac", type=float, default=0.5, metavar="F",
-                   help="share of each document put in memory (default: 0.5)")
-    n.add_argument("--context-chars", type=int, default=600, metavar="N", help="characters of prompt before each use (default: 600)")
-    n.add_argument("--min-chars", type=int, default=6, metavar="N", help="shortest name probed (default: 6)")
-    n.add_argument("--new-tokens", type=int, default=8, metavar="N", help="tokens generated per probe (default: 8)")
-    _model_flags(n)
-    _memory_flags(n)
-    _output_flags(n, "a bar chart of names completed with and without memory, per document")
-    n.set_defaults(func=_run_names)
-
-    h = ev.add_parser("harness", help="any lm-evaluation-harness task, in the three memory modes",
-                      description="Run lm-evaluation-harness tasks (lm_eval.simple_evaluate) on a LongMem checkpoint in "
-                                  "each memory mode: on (LongMem reading its memory), off (same weights, local window "
-                                  "only), backbone (the frozen LM alone). A context longer than the local window is "
-                                  "split: its earlier part is written into a fresh memory, window by window, and the "
-                                  "continuation is scored in the last window; few-shot demonstrations that overflow "
-                                  "the window thus go to memory. Needs pip install 'longmem[eval]'.",
-                      epilog="--output layout: {\"modes\": {MEMORY: the harness's results (results, configs, "
-                             "versions, n-shot, ...)}, \"meta\": {...}}. Model arguments: pretrained=DIR, "
-                             "memory=on|off|backbone, memory_size=, chunk_size=, topk_chunks=, device=, dtype=, "
-                             "batch_size=, prefix_cache= (see longmem.eval.harness).")
-    h.add_argument("--tasks", nargs="+", required=True, metavar="TASK",
-                   help="harness task or group names (space or comma separated), or task YAML files")
-    h.add_argument("--model-args", default="", metavar="K=V,...",
-                   help="model arguments, e.g. pretrained=models/longmem-tiny,memory_size=65536 (default: the shipped "
-                        "model); memory=on|off|backbone runs that mode only")
-    h.add_argument("--memory", nargs="+", choices=["on", "off", "backbone"], default=["on", "off", "backbone"],
-                   help="memory modes to run (default: all three)")
-    h.add_argument("--include-path", action="append", metavar="DIR", help="a folder of your own task YAMLs; repeatable")
-    h.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot demonstrations per example (default: the task's)")
-    h.add_argument("--limit", metavar="N", help="evaluate only the first N examples of each task (or a fraction)")
-    h.add_argument("--metadata", metavar="JSON", help="task metadata, as the harness's --metadata (e.g. RULER's "
-                   "'{\"max_seq_lengths\": [4096]}'); the tokenizer folder is passed as \"tokenizer\"")
-    h.add_argument("--output", metavar="OUT.json", help="also write the results to this JSON file")
-    h.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars or harness logs")
-    h.set_defaults(func=_run_harness)
+    for task in TASKS:
+        q = ev.add_parser(task.name, help=task.help, description=task.description, epilog=task.epilog)
+        for flags, kwargs in task.options:
+            q.add_argument(*flags, **kwargs)
+        q.set_defaults(func=task.run)

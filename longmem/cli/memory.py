@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from longmem.cli.eval import checked, memory_args
+from longmem.cli.eval import memory_settings
 from longmem.data.chat import has_chat_template, user_turn
 from longmem.errors import LongMemError
 from longmem.generation import Decoder, SamplingConfig, generate_stream
@@ -43,13 +43,12 @@ def _memory_add(args) -> int:
     for f in files:
         check_text_file(f)  # every file is checked before anything is written
     model, tok = _load(args)
-    checked(model, memory_args(args))  # the sizes are valid before anything is written
+    sizes = memory_settings(model, args)  # valid before anything is written
     with store.lock(args.name):
         if store.exists(args.name):
             bank = store.load(args.name, model)
         else:
-            bank = model.new_memory(1, memory_size=args.memory_size, chunk_size=args.chunk_size, index=args.index,
-                                    nprobe=args.nprobe)
+            bank = model.new_memory(1, **sizes, index=args.index, nprobe=args.nprobe)
         for f in files:
             with tqdm(desc=f"reading {f.name}", unit="tok", disable=args.no_progress, file=sys.stderr) as bar:
                 n = ingest_file(model, tok, bank, f, progress=bar)

@@ -33,7 +33,7 @@ def _run_perplexity(args: argparse.Namespace) -> int:
     for name, r in results.items():
         print(f"{name}: loss {r['loss']:.4f}  ppl {r['ppl']:.2f}  ({r['tokens']} tokens)")
     if args.json:
-        write_result(args.json, results)  # with longmem_version, format_version and sha256 (see longmem.eval_cli)
+        write_result(args.json, results)  # with longmem_version, format_version and sha256 (see longmem.io)
     return 0
 
 

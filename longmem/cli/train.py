@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 
-from longmem.training.train import TrainConfig, train
+from longmem.training.config import TrainConfig
+from longmem.training.train import train
 
 
 def _run(args: argparse.Namespace) -> int:
-    fields = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    cfg = TrainConfig.from_dict({k: v for k, v in vars(args).items() if k in TrainConfig.keys()})  # None: not given
     result = train(cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.items() if k != "gate"}))
@@ -19,7 +19,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    d = TrainConfig(data=["x"])
+    d = TrainConfig.from_dict({"data": ["x"]}).to_dict()  # the defaults, by flag
     p = sub.add_parser("train", help="memory-augmented adaptation: train a SideNet on a frozen backbone",
                        description="Train LongMem's SideNet on a frozen backbone (paper s3.4). Each batch row streams one "
                                    "document segment by segment with its own memory. Works under torchrun (DDP). "
@@ -28,10 +28,10 @@ def add_parser(sub) -> None:
                                    "no weight decay (fairseq decays all); the SideNet's dropout is the backbone's own, "
                                    "from its config (0.1 for GPT-2, none for Llama; the official SideNet uses 0.1 plus "
                                    "0.1 attention dropout).")
-    p.add_argument("--backbone", default=d.backbone, help="HF model folder or hub id (default: the shipped longmem-tiny backbone)")
+    p.add_argument("--backbone", default=d["backbone"], help="HF model folder or hub id (default: the shipped longmem-tiny backbone)")
     p.add_argument("--data", nargs="+", required=True, help="training documents: text files, folders, .jsonl, hf:NAME")
     p.add_argument("--val-data", dest="val_data", nargs="+", help="validation documents (loss with and without memory)")
-    p.add_argument("--out", default=d.out, help="output folder (loadable with LongMem.from_pretrained)")
+    p.add_argument("--out", default=d["out"], help="output folder (loadable with LongMem.from_pretrained)")
     p.add_argument("--tokenizer", help="tokenizer folder (default: the backbone's)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly")
     for name, typ, help_ in (
@@ -48,9 +48,9 @@ def add_parser(sub) -> None:
         ("seed", int, "random seed"),
     ):
         dest = name.replace("-", "_")
-        default = getattr(d, dest)
+        default = d[dest]
         p.add_argument(f"--{name}", dest=dest, type=typ, default=None, help=f"{help_} (default: {default})")
-    p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d.betas})")
+    p.add_argument("--betas", nargs=2, type=float, default=None, help=f"AdamW betas (default: {d['betas']})")
     p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None, help="autocast precision (default: auto)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--method", choices=["longmem", "memtrm", "finetune"], default=None,

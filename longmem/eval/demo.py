@@ -1,7 +1,7 @@
 """``longmem demo``: the shipped default on a held-out long document, with and without its memory.
 
 Streams the document in local windows of T tokens (memory reset at its start), reports perplexity
-in the three modes of ``longmem.evaluate`` on the same tokens, then shows the token where the
+in the three modes of ``longmem.eval.scoring`` on the same tokens, then shows the token where the
 memory helped most among those that the local window could not have supplied: the token appears
 earlier in the document, but only further back than T tokens. Then a recall question: a pass key
 planted near the document's start, asked for after its end, answered with the document in memory

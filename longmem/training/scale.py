@@ -69,7 +69,7 @@ def shard(model: nn.Module, device: torch.device, shard_backbone: bool = False) 
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    parts = [model.sidenet] + ([model.backbone.model] if shard_backbone else [])
+    parts = [model.trainable_module] + ([model.backbone.model] if shard_backbone else [])
     owners = {}
     for part in parts:
         for module in part.modules():

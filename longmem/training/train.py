@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,19 +29,18 @@ from tqdm import tqdm
 
 from longmem.backbone import load_causal_lm
 from longmem.baselines import BASELINES
-from longmem.config import LongMemConfig
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
 from longmem.eval.perplexity import stream_nll
 from longmem.plots import pyplot, save_figure
 from longmem.eval.staleness import staleness
 from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
-from longmem.loading import TINY_MODEL, resolve_tokenizer
+from longmem.loading import resolve_tokenizer
 from longmem.memory import MemoryBank
 from longmem.model import LongMem
+from longmem.training.config import OptimConfig, TrainConfig
 from longmem.training.scale import (
     OPTIMIZER_FORMAT,
-    STRATEGIES,
     add_lora,
     full_state,
     full_tensor,
@@ -53,84 +52,6 @@ from longmem.training.scale import (
     shard,
 )
 from longmem.training.step import Optimization, adamw, schedule, train_step
-
-
-@dataclass
-class TrainConfig:
-    backbone: str = str(TINY_MODEL / "backbone")
-    data: list = field(default_factory=list)  # training documents (files, folders, .jsonl, hf:NAME)
-    val_data: list = field(default_factory=list)  # validation documents (periodic loss with/without memory)
-    out: str = "runs/longmem"
-    tokenizer: str | None = None  # default: the backbone's folder
-    max_steps: int = 1000
-    max_minutes: float | None = None  # stop cleanly (and checkpoint) after this wall time
-    batch_size: int = 8  # rows (document streams) per process
-    grad_accum: int = 1
-    segment_length: int | None = None  # T; default: the model's (min(1024, backbone context))
-    memory_size: int = 65536
-    chunk_size: int = 4
-    topk_chunks: int = 16
-    memory_layer: int | None = None
-    lr: float = 2e-4  # paper: 2e-4, linear decay to 0
-    betas: tuple = (0.9, 0.98)  # paper: Adam(0.9, 0.98, eps 1e-6), weight decay 0.01
-    eps: float = 1e-6
-    weight_decay: float = 0.01
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (autocast; weights stay fp32)
-    eval_every: int = 100
-    eval_docs: int = 4  # validation documents per evaluation
-    eval_segments: int = 8  # segments read per validation document (the first ones)
-    save_every: int = 100
-    seed: int = 0
-    progress: bool = True
-    method: str = "longmem"  # longmem | memtrm (coupled memory, backbone trains) | finetune (no memory)
-    train_layers: str = "all"  # baselines: train all backbone blocks or the upper half
-    staleness_every: int = 0  # measure stored-vs-fresh key similarity every N steps (0: never)
-    retrieval_metric: str | None = None  # chunk search score: ip (the paper; default) or cosine (see LongMemConfig)
-    retrieval_query: str | None = None  # what searches the memory: query (the paper; default) or key (see LongMemConfig)
-    retrieval_next: bool | None = None  # also attend to the chunk after each retrieved one (see LongMemConfig)
-    init_from: str | None = None  # longmem: start the SideNet (and memory settings) from this saved LongMem model
-    strategy: str = "ddp"  # ddp (replicate) | fsdp (FSDP2: shard the SideNet's parameters, gradients, optimizer state)
-    shard_backbone: bool = False  # fsdp: shard the frozen backbone too (default: replicated)
-    grad_checkpointing: bool = False  # recompute SideNet block activations in the backward pass
-    lora_rank: int | None = None  # LoRA adapters of this rank on the SideNet blocks' linear layers (None: train them fully)
-    lora_alpha: float | None = None  # LoRA scale numerator (default 2 * rank: scaling 2)
-    dtype: str = "fp32"  # the frozen backbone's weights: fp32 | bf16 (the SideNet stays fp32 under autocast)
-
-    def __post_init__(self):
-        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
-            raise LongMemError(f"max_steps, batch_size and grad_accum must be positive (got {self.max_steps}, {self.batch_size}, {self.grad_accum})")
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise LongMemError(f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
-        if not self.data:
-            raise LongMemError("no training data: pass --data FILE|DIR|JSONL (see `longmem data`)")
-        if self.init_from is not None and self.method != "longmem":
-            raise LongMemError("--init-from starts a LongMem SideNet; it cannot be combined with --method " + self.method)
-        if self.retrieval_next and self.method != "longmem":
-            raise LongMemError(f"--retrieval-next is a LongMem SideNet option; --method {self.method} does not use it")
-        if self.retrieval_query not in (None, "query") and self.method != "longmem":
-            raise LongMemError(f"--retrieval-query {self.retrieval_query} is a LongMem SideNet option; --method {self.method} searches with its query")
-        if self.method not in ("longmem", "memtrm", "finetune"):
-            raise LongMemError(f"method must be longmem, memtrm or finetune, got {self.method!r}")
-        if self.strategy not in STRATEGIES:
-            raise LongMemError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise LongMemError(f"--lora-rank must be a positive rank, got {self.lora_rank}; leave it out to train the whole SideNet")
-        if self.dtype not in ("fp32", "bf16"):
-            raise LongMemError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
-        scale_flags = [flag for flag, on in (("--strategy fsdp", self.strategy == "fsdp"), ("--lora-rank", self.lora_rank),
-                                             ("--grad-checkpointing", self.grad_checkpointing), ("--dtype bf16", self.dtype == "bf16"))
-                       if on]
-        if scale_flags and self.method != "longmem":
-            raise LongMemError(f"{scale_flags[0]} scales the LongMem SideNet; --method {self.method} trains the backbone (use --strategy ddp, no LoRA)")
-        if self.dtype == "bf16" and self.precision == "fp32":
-            raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto)")
-        if self.shard_backbone and self.strategy != "fsdp":
-            raise LongMemError("--shard-backbone shards with FSDP: add --strategy fsdp")
-        if self.shard_backbone and self.staleness_every:
-            raise LongMemError("--staleness-every reads the backbone on one process, which --shard-backbone does not allow; drop one of them")
-        self.betas = tuple(self.betas)
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -243,10 +164,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     if state is not None:
         resume_optimizer(run, state)
     start_outputs(run, fresh=state is None)
-    bar = tqdm(total=cfg.max_steps, initial=run.step, desc="train", unit="step", disable=not (cfg.progress and run.rank == 0))
+    bar = tqdm(total=cfg.schedule.max_steps, initial=run.step, desc="train", unit="step", disable=not (cfg.progress and run.rank == 0))
     stop_reason, last, window_t = "max_steps", {}, time.time()
-    while run.step < cfg.max_steps:
-        stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.grad_accum)], run.optim, memory=run.memory)
+    while run.step < cfg.schedule.max_steps:
+        stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.optim.grad_accum)], run.optim, memory=run.memory)
         if not all_ranks(stats.finite, run.world):  # every process stops at the same step
             raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last good checkpoint is kept in "
                                f"{run.out}/checkpoint. Lower --lr or use --precision fp32")
@@ -260,12 +181,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
         run.log(last)
         bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{last['tok_per_s']:.0f}")
         bar.update(1)
-        if cfg.staleness_every and run.step % cfg.staleness_every == 0 and cfg.method != "finetune":
+        if cfg.schedule.staleness_every and run.step % cfg.schedule.staleness_every == 0 and cfg.method != "finetune":
             measure_staleness(run)
-        if cfg.eval_every and run.step % cfg.eval_every == 0:
+        if cfg.schedule.eval_every and run.step % cfg.schedule.eval_every == 0:
             last.update(validate(run))
         out_of_time = over_time_limit(run)
-        if run.step % cfg.save_every == 0 or run.step == cfg.max_steps or out_of_time:
+        if run.step % cfg.schedule.save_every == 0 or run.step == cfg.schedule.max_steps or out_of_time:
             checkpoint(run)
         if out_of_time:
             stop_reason = "max_minutes"
@@ -282,7 +203,7 @@ def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, dict | None]:
     state when resuming (else None). Not yet distributed (see ``distribute``)."""
     rank, world, device = init_distributed()
     torch.manual_seed(cfg.seed + rank)
-    if cfg.strategy == "fsdp" and world < 2:
+    if cfg.scale.strategy == "fsdp" and world < 2:
         raise LongMemError("--strategy fsdp shards across processes but this is one; launch with torchrun "
                            "--nproc_per_node N (N >= 2), or train in one process with the default --strategy ddp")
     out = Path(cfg.out)
@@ -295,19 +216,19 @@ def set_up(cfg: TrainConfig, resume: bool) -> tuple[Run, dict | None]:
     if state is not None:
         check_resumable(cfg, state, ckpt, world)
     tokenizer = resolve_tokenizer(cfg.tokenizer or cfg.backbone)
-    docs = encode_documents(cfg.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
+    docs = encode_documents(cfg.corpus.data, tokenizer, progress=cfg.progress and rank == 0)  # bad data fails fast
     model = build_model(cfg, ckpt, state).to(device).train()
     T = check_data(cfg, model, tokenizer, docs, world)
-    val_docs = encode_documents(cfg.val_data, tokenizer)[: cfg.eval_docs] if cfg.val_data else []
-    val_docs = [d[: cfg.eval_segments * T + 1] for d in val_docs]
+    val_docs = encode_documents(cfg.corpus.val_data, tokenizer)[: cfg.corpus.eval_docs] if cfg.corpus.val_data else []
+    val_docs = [d[: cfg.corpus.eval_segments * T + 1] for d in val_docs]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    streams = DocumentStreams(docs, cfg.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
-    amp = autocast_dtype(cfg.precision, device)
-    if cfg.dtype == "bf16" and amp is None:
+    streams = DocumentStreams(docs, cfg.corpus.batch_size, T, loop=True, seed=cfg.seed, rank=rank, world_size=world, pad_id=pad)
+    amp = autocast_dtype(cfg.optim.precision, device)
+    if cfg.scale.dtype == "bf16" and amp is None:
         raise LongMemError("--dtype bf16 runs the fp32 SideNet on a bf16 backbone under autocast; use --precision bf16 (or auto on bf16 hardware)")
-    memory = model.new_memory(cfg.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
+    memory = model.new_memory(cfg.corpus.batch_size, dtype=amp)  # stored in the compute dtype: no per-step casts
     if model.trainable_module is not None:
-        model.trainable_module.grad_checkpointing = cfg.grad_checkpointing
+        model.trainable_module.grad_checkpointing = cfg.scale.grad_checkpointing
     return Run(cfg, rank, world, device, out, tokenizer, model, streams, memory, amp, val_docs), state
 
 
@@ -318,28 +239,22 @@ def check_resumable(cfg: TrainConfig, state: dict, ckpt: Path, world: int) -> No
         raise LongMemError(f"{ckpt} was written by {n} process(es), this run has {world}: each process owns its data streams "
                            f"and memories, so resume with {n} (torchrun, nodes x processes per node = {n}); to go on with "
                            f"{world}, start a new run from its weights with --init-from {ckpt}")
-    if state.get("lora") != lora_settings(cfg):
-        raise LongMemError(f"{ckpt} was trained with LoRA settings {state.get('lora')}, this run asks for {lora_settings(cfg)}; "
+    if state.get("lora") != cfg.scale.lora:
+        raise LongMemError(f"{ckpt} was trained with LoRA settings {state.get('lora')}, this run asks for {cfg.scale.lora}; "
                            "resume with the same --lora-rank/--lora-alpha")
-    if cfg.strategy == "fsdp" and state.get("optimizer_format") != OPTIMIZER_FORMAT:
+    if cfg.scale.strategy == "fsdp" and state.get("optimizer_format") != OPTIMIZER_FORMAT:
         raise LongMemError(f"{ckpt} was written by an older longmem whose optimizer state only DDP reads; resume it with --strategy ddp")
-
-
-def lora_settings(cfg: TrainConfig) -> dict | None:
-    if cfg.lora_rank is None:
-        return None
-    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank}
 
 
 def distribute(run: Run) -> None:
     """Spread the model over the processes (DDP or FSDP) and build the optimizer over what trains."""
     cfg, model = run.cfg, run.model
     run.net = model
-    if cfg.strategy == "fsdp":
-        run.net = shard(model, run.device, shard_backbone=cfg.shard_backbone)
+    if cfg.scale.strategy == "fsdp":
+        run.net = shard(model, run.device, shard_backbone=cfg.scale.shard_backbone)
     elif run.world > 1:
         run.net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    run.optim = make_optimization(cfg, model.trainable_parameters(), run.amp)
+    run.optim = make_optimization(cfg.optim, cfg.schedule.max_steps, model.trainable_parameters(), run.amp)
 
 
 def build_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None):
@@ -347,19 +262,17 @@ def build_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None):
     with LoRA adapters on the SideNet when asked (the same adapters on all processes)."""
     if cfg.method != "longmem":
         cls = BASELINES[cfg.method]
-        return cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, memory_config(cfg), cfg.train_layers)
-    dtype = torch.bfloat16 if cfg.dtype == "bf16" else None
+        return cls.from_pretrained(ckpt) if ckpt else cls.from_backbone(cfg.backbone, cfg.model_config(), cfg.train_layers)
+    dtype = torch.bfloat16 if cfg.scale.dtype == "bf16" else None
     backbone = load_causal_lm(cfg.backbone, dtype=dtype)
     if ckpt:
         model = LongMem.from_pretrained(ckpt, backbone=backbone)
     elif cfg.init_from:
-        overrides = {k: getattr(cfg, k) for k in ("retrieval_metric", "retrieval_query", "retrieval_next")
-                     if getattr(cfg, k) is not None}
-        model = LongMem.from_pretrained(cfg.init_from, backbone=backbone, **overrides)
+        model = LongMem.from_pretrained(cfg.init_from, backbone=backbone, **cfg.retrieval_overrides())
     else:
-        model = LongMem.from_backbone(backbone, memory_config(cfg))
+        model = LongMem.from_backbone(backbone, cfg.model_config())
     model.sidenet.float()  # trains in fp32 (autocast), whatever the backbone's dtype
-    lora = lora_settings(cfg)
+    lora = cfg.scale.lora
     if lora:
         with torch.random.fork_rng():  # the same adapters on every process, the processes' RNG untouched
             torch.manual_seed(cfg.seed)
@@ -367,12 +280,6 @@ def build_model(cfg: TrainConfig, ckpt: Path | None, state: dict | None):
         if state is not None:  # the checkpoint's weights are merged; the adapters come from trainer.pt
             model.sidenet.load_state_dict(state["lora_sidenet"])
     return model
-
-
-def memory_config(cfg: TrainConfig) -> LongMemConfig:
-    return LongMemConfig(memory_layer=cfg.memory_layer, chunk_size=cfg.chunk_size, memory_size=cfg.memory_size,
-                         retrieval_metric=cfg.retrieval_metric or "ip", retrieval_query=cfg.retrieval_query or "query",
-                         retrieval_next=bool(cfg.retrieval_next), topk_chunks=cfg.topk_chunks, segment_length=cfg.segment_length)
 
 
 def check_data(cfg: TrainConfig, model, tokenizer, docs, world: int) -> int:
@@ -387,18 +294,19 @@ def check_data(cfg: TrainConfig, model, tokenizer, docs, world: int) -> int:
     if sum(len(d) for d in docs) <= T:
         raise LongMemError(f"the training data has {sum(len(d) for d in docs)} tokens, less than one segment ({T}); give more text or a smaller --segment-length")
     segments = sum(num_segments(len(d), T) for d in docs)
-    if cfg.batch_size * world > segments:  # more rows would only repeat the same segments (and an enormous count hang)
-        raise LongMemError(f"--batch-size {cfg.batch_size} x {world} process(es) is more rows than the training data has segments "
+    if cfg.corpus.batch_size * world > segments:  # more rows would only repeat the same segments (and an enormous count hang)
+        raise LongMemError(f"--batch-size {cfg.corpus.batch_size} x {world} process(es) is more rows than the training data has segments "
                            f"({segments} of {T} tokens); give a smaller --batch-size or more text")
     return T
 
 
-def make_optimization(cfg: TrainConfig, params: list, amp: torch.dtype | None) -> Optimization:
-    """AdamW (no decay on 1-D parameters), linear warmup then linear decay to 0, clipping, a scaler for fp16."""
-    opt = adamw(params, cfg.lr, cfg.betas, cfg.eps, cfg.weight_decay)
-    sched = schedule(opt, warmup=cfg.warmup_steps, total=cfg.max_steps, decay="linear", final=0.0)
+def make_optimization(optim: OptimConfig, total_steps: int, params: list, amp: torch.dtype | None) -> Optimization:
+    """AdamW (no decay on 1-D parameters), linear warmup then linear decay to 0 at ``total_steps``, clipping, a
+    scaler for fp16."""
+    opt = adamw(params, optim.lr, optim.betas, optim.eps, optim.weight_decay)
+    sched = schedule(opt, warmup=optim.warmup_steps, total=total_steps, decay="linear", final=0.0)
     scaler = torch.amp.GradScaler(params[0].device.type, enabled=amp == torch.float16)
-    return Optimization(opt, sched, scaler, params, cfg.grad_clip, amp)
+    return Optimization(opt, sched, scaler, params, optim.grad_clip, amp)
 
 
 def start_outputs(run: Run, fresh: bool) -> None:
@@ -411,7 +319,7 @@ def start_outputs(run: Run, fresh: bool) -> None:
     if fresh:
         atomic_write(metrics, lambda tmp: Path(tmp).write_text(""))
         atomic_write(run.out / "train_config.json",
-                     lambda tmp: Path(tmp).write_text(json.dumps(asdict(run.cfg), indent=2, default=str) + "\n"))
+                     lambda tmp: Path(tmp).write_text(json.dumps(run.cfg.to_dict(), indent=2, default=str) + "\n"))
     elif metrics.is_file():
         kept = [line for line in open(metrics) if line.strip() and json.loads(line).get("step", 0) <= run.step]
         atomic_write(metrics, lambda tmp: Path(tmp).write_text("".join(kept)))
@@ -460,8 +368,8 @@ def checkpoint(run: Run) -> None:
     trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
                **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
                "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
-               "rng": [g[0] for g in gathered], "device_rng": [g[2] for g in gathered], "strategy": run.cfg.strategy,
-               "lora": lora_settings(run.cfg)}
+               "rng": [g[0] for g in gathered], "device_rng": [g[2] for g in gathered], "strategy": run.cfg.scale.strategy,
+               "lora": run.cfg.scale.lora}
     if keeps_memory(run.cfg):
         trainer["memories"] = [g[3] for g in gathered]
     if unmerged is not None:
@@ -497,10 +405,11 @@ def device_rng_state(device: torch.device):
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
     """(the SideNet weights to save, gathered and LoRA merged; the unmerged LoRA SideNet or None).
     (None, None) for the baselines, which save themselves. Every process must call it."""
-    if run.model.trainable_module is None:
+    module = run.model.trainable_module
+    if module is None:
         return None, None
-    state = full_state(run.model.sidenet)
-    layers = lora_layers(run.model.sidenet)
+    state = full_state(module)
+    layers = lora_layers(module)
     return (merge_lora(state, layers), state) if layers else (state, None)
 
 
@@ -521,9 +430,9 @@ def rebuild_memory(run: Run) -> None:
 def validate(run: Run) -> dict:
     """Validation loss with and without memory (rank 0; every process under FSDP, whose forward is collective),
     logged; {} without validation data and on the other processes."""
-    if not run.val_docs or (run.rank != 0 and run.cfg.strategy != "fsdp"):
+    if not run.val_docs or (run.rank != 0 and run.cfg.scale.strategy != "fsdp"):
         return {}
-    kw = dict(segment_length=run.model.segment_length, batch_size=min(len(run.val_docs), run.cfg.batch_size),
+    kw = dict(segment_length=run.model.segment_length, batch_size=min(len(run.val_docs), run.cfg.corpus.batch_size),
               autocast=run.amp)
     res = {}
     for mode in ("longmem", "no_memory"):
@@ -555,7 +464,7 @@ def all_ranks(flag: bool, world: int) -> bool:
 
 def over_time_limit(run: Run) -> bool:
     """--max-minutes reached (on any process: all stop together)."""
-    out_of_time = run.cfg.max_minutes is not None and (time.time() - run.t0) / 60 >= run.cfg.max_minutes
+    out_of_time = run.cfg.schedule.max_minutes is not None and (time.time() - run.t0) / 60 >= run.cfg.schedule.max_minutes
     if run.world > 1:
         flag = torch.tensor([float(out_of_time)])
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
