@@ -17,7 +17,7 @@ PKG = Path(__file__).resolve().parent.parent / "longmem"
 TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
-BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots")
+BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots", "longmem.tokens")
 
 
 def layer(module: str) -> int:
@@ -103,6 +103,17 @@ def test_modules_are_imported_by_name_only_where_allowed():
                 assert (name, target) in allowed, f"{name}:{line} imports modules by name"
     assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")
     assert layer("longmem.serve") <= layer("longmem.cli.serve")
+
+
+TOKENIZE = "longmem.tokens"  # the one module that runs a tokenizer on text
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_one_tokenize_function(name):
+    """Text becomes token ids through ``longmem.tokens`` only: no other module reaches the tokenizer's backend."""
+    if name != TOKENIZE:
+        lines = [n.lineno for n in ast.walk(MODULES[name]) if isinstance(n, ast.Attribute) and n.attr == "backend_tokenizer"]
+        assert not lines, f"{name}: tokenizes inline at line(s) {lines}; use longmem.tokens"
 
 
 # --------------------------------------------------------------------------- one protocol, one decode loop

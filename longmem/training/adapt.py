@@ -41,6 +41,7 @@ from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
 from longmem.loading import resolve_tokenizer
 from longmem.model import IGNORE, LongMem
 from longmem.plots import pyplot, save_figure
+from longmem.tokens import token_ids
 from longmem.training.step import MicroBatch, Optimization, train_step
 
 TRAINED = "trained.safetensors"  # the trained SideNet tensors, fp32
@@ -82,10 +83,6 @@ class AdaptConfig:
                 raise LongMemError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
-
-
 class Haystack:
     """A long token sequence and the memory entries (block-m keys and values) that writing it stores."""
 
@@ -120,13 +117,13 @@ class Haystack:
 
 
 def filler_ids(tokenizer, tokens: int) -> list[int]:
-    one = encode(tokenizer, FILLER)
+    one = token_ids(tokenizer, FILLER)
     return (one * (tokens // len(one) + 1))[:tokens]
 
 
 def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return encode(tokenizer, text)
+    return token_ids(tokenizer, text)
 
 
 def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
@@ -154,10 +151,10 @@ def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory
         pieces = [p[p.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1):] if p.count(
             tokenizer.convert_tokens_to_ids("<|im_start|>")) > 2 else p for p in pieces]  # drop the system turn
         question = user_turn(tokenizer, ep.question, first=True)
-        answer = encode(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        answer = token_ids(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     else:
-        pieces = [encode(tokenizer, " " + s) for s in ep.statements]
-        question, answer = encode(tokenizer, ep.question), encode(tokenizer, ep.answer)
+        pieces = [token_ids(tokenizer, " " + s) for s in ep.statements]
+        question, answer = token_ids(tokenizer, ep.question), token_ids(tokenizer, ep.answer)
     room = model.segment_length - len(question) - len(answer) + 1  # the window holds haystack, question, answer
     if room < 0:
         raise LongMemError(f"a question and its answer ({len(question) + len(answer)} tokens) do not fit the local window "
@@ -394,7 +391,7 @@ def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache:
         ids = []
         per = tokens // len(books)
         for text in books:
-            ids += encode(tokenizer, text[: per * 6])[:per]
+            ids += token_ids(tokenizer, text[: per * 6])[:per]
         hays["books"] = Haystack.build(model, "books", ids, cache)
     return hays
 
