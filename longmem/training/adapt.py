@@ -26,7 +26,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -40,7 +39,7 @@ from longmem.gguf import package_file, package_reference
 from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
 from longmem.loading import resolve_tokenizer
 from longmem.model import IGNORE, LongMem
-from longmem.plots import pyplot, save_figure
+from longmem.plots import plot_loss_curves
 from longmem.tokens import token_ids
 from longmem.training.step import MicroBatch, Optimization, train_step
 
@@ -456,21 +455,9 @@ def plot_curves(adapt_dir, out) -> None:
     adapt_dir = Path(adapt_dir)
     rows = [json.loads(line) for line in (adapt_dir / METRICS).read_text().splitlines() if line.strip()]
     state = json.loads((adapt_dir / STATE).read_text())
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows])
-    k = 25
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1:], smooth, label=f"training loss (mean of {k} steps)", color="grey")
-    checks = [r for r in rows if "heldout_loss_memory" in r]
-    for key, label in (("heldout_loss_memory", "held-out answer loss, with memory"),
-                       ("heldout_loss_no_memory", "held-out answer loss, without memory")):
-        ax.plot([r["step"] for r in checks], [r[key] for r in checks], marker=".", label=label)
-    for phase in state.get("phases", [])[1:]:
-        ax.axvline(phase["from_step"], color="black", linestyle=":", linewidth=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("Recall adaptation of the default model (dotted: a new phase)")
-    ax.legend()
-    save_figure(fig, out)
+    checks = {label: [(r["step"], r[key]) for r in rows if key in r]
+              for key, label in (("heldout_loss_memory", "held-out answer loss, with memory"),
+                                 ("heldout_loss_no_memory", "held-out answer loss, without memory"))}
+    plot_loss_curves(out, [(r["step"], r["loss"]) for r in rows], checks, smooth=25, xlabel="optimizer step",
+                     marks=[phase["from_step"] for phase in state.get("phases", [])[1:]],
+                     title="Recall adaptation of the default model (dotted: a new phase)")
