@@ -14,7 +14,7 @@ from longmem.config import LongMemConfig
 from longmem.model import LongMem
 
 PKG = Path(__file__).resolve().parent.parent / "longmem"
-TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
+TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store", "longmem.stream_loss", "longmem.staleness")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
 BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots", "longmem.tokens")
@@ -103,6 +103,20 @@ def test_modules_are_imported_by_name_only_where_allowed():
                 assert (name, target) in allowed, f"{name}:{line} imports modules by name"
     assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")
     assert layer("longmem.serve") <= layer("longmem.cli.serve")
+
+
+INDEPENDENT = (("longmem.training", "longmem.eval"), ("longmem.eval", "longmem.training"), ("longmem.data", "longmem.training"),
+               ("longmem.data", "longmem.eval"))  # tasks that share a layer but never import one another
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_training_and_evaluation_share_only_what_lies_below_both(name):
+    """Training validates, measures staleness and plots with the pieces below both (``longmem.stream_loss``,
+    ``longmem.staleness``, ``longmem.plots``), never by importing the evaluations; nor the other way round."""
+    inside = lambda module, pkg: module == pkg or module.startswith(pkg + ".")  # noqa: E731
+    for target, line, _ in OURS[name]:
+        for importer, imported in INDEPENDENT:
+            assert not (inside(name, importer) and inside(target, imported)), f"{name}:{line} imports {target}"
 
 
 TOKENIZE = "longmem.tokens"  # the one module that runs a tokenizer on text

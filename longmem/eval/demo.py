@@ -18,12 +18,12 @@ import numpy as np
 from longmem.data.corpora import code_splits
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
-from longmem.eval.perplexity import stream_nll
 from longmem.eval.passkey import answer_digits, read_and_answer
 from longmem.eval.recall import identifier_recall
 from longmem.eval.scoring import fill_memory, split_context
 from longmem.io import check_output, write_result
 from longmem.loading import load_model_and_tokenizer
+from longmem.stream_loss import stream_nll
 from longmem.tokens import encode
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from longmem.data.recall import made_up_line
-from longmem.eval.perplexity import stream_nll
+from longmem.stream_loss import stream_nll
 from longmem.tokens import token_ids_and_offsets
 
 

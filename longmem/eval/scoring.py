@@ -11,9 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from longmem.errors import LongMemError
-from longmem.tokens import encode  # noqa: F401  (imported from here by scripts and older callers)
-
-MODES = ("longmem", "no_memory", "backbone")  # LongMem with its memory, same weights without, the frozen backbone alone
+from longmem.stream_loss import MODES  # LongMem with its memory, same weights without, the frozen backbone alone
+from longmem.tokens import encode  # noqa: F401  (its name here before longmem.tokens)
 
 
 # --------------------------------------------------------------------------- scoring after a long context

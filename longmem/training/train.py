@@ -32,13 +32,13 @@ from longmem.baselines import BASELINES
 from longmem.config import LongMemConfig
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
-from longmem.eval.perplexity import stream_nll
 from longmem.plots import plot_loss_curves
-from longmem.eval.staleness import staleness
 from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
 from longmem.loading import TINY_MODEL, resolve_tokenizer
 from longmem.memory import MemoryBank
 from longmem.model import LongMem
+from longmem.staleness import staleness
+from longmem.stream_loss import stream_nll
 from longmem.training.scale import (
     OPTIMIZER_FORMAT,
     STRATEGIES,
