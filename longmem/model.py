@@ -370,15 +370,16 @@ class LongMem(MemoryLM):
         write_checkpoint_meta(path, meta)
 
     @classmethod
-    def from_pretrained(cls, path, backbone=None, dtype=None, **config_overrides) -> "LongMem":
+    def from_pretrained(cls, path, backbone=None, dtype=None, *, meta: dict | None = None, **config_overrides) -> "LongMem":
         """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one.
 
         ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded first in the type
         it was trained in (recorded in the checkpoint; fp32 for older ones), so that its fingerprint (kept by
-        memories) is checked on the weights the SideNet was trained on.
+        memories) is checked on the weights the SideNet was trained on. ``meta``: the folder's ``longmem.json`` as
+        ``read_checkpoint_meta`` returned it, from a caller that has read it already (it is read once per load).
         """
         path = Path(path)
-        meta = read_checkpoint_meta(path)
+        meta = read_checkpoint_meta(path) if meta is None else meta
         if meta.get("method", "longmem") != "longmem":
             raise LongMemError(f"{path} holds a {meta['method']!r} baseline, not a LongMem model; load it with longmem.load_model")
         if backbone is None:

@@ -1,7 +1,9 @@
 """LongMem as a whole: SideNet initialisation and equations, invariants, persistence, errors."""
 
+import builtins
 import copy
 import json
+import pathlib
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from torch.testing import assert_close
 
 from conftest import VOCAB, make_gpt2, make_llama
 from longmem import LongMem, LongMemConfig, LongMemError
+from longmem.baselines import CoupledMemoryLM
+from longmem.io import CONFIG_FILE
+from longmem.loading import load_model_and_tokenizer
 
 CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4)
 
@@ -154,6 +159,26 @@ def test_save_pretrained_from_pretrained_gives_identical_logits(model, tmp_path)
     again = LongMem.from_pretrained(tmp_path / "self").eval()
     ids = segments(1, seed=5)[0]
     assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_load_reads_longmem_json_once(tiny_assets, tmp_path, monkeypatch):
+    """``load_model_and_tokenizer`` reads a checkpoint's ``longmem.json`` once and hands the parsed settings down to
+    ``load_model`` and ``from_pretrained`` (a LongMem checkpoint and a baseline's)."""
+    cfg = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4, segment_length=16)
+    LongMem.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(tmp_path / "longmem", save_backbone=True,
+                                                                        tokenizer=tiny_assets["tokenizer"])
+    CoupledMemoryLM.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(tmp_path / "memtrm", tokenizer=tiny_assets["tokenizer"])
+    reads = []
+    read_text, read_bytes, _open = pathlib.Path.read_text, pathlib.Path.read_bytes, builtins.open
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: (reads.append(self), read_text(self, *a, **k))[1])
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (reads.append(self), read_bytes(self))[1])
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (reads.append(pathlib.Path(file)) if isinstance(file, (str, pathlib.Path)) else None,
+                                                                 _open(file, *a, **k))[1])
+    for folder in ("longmem", "memtrm"):
+        reads.clear()
+        model, _ = load_model_and_tokenizer(tmp_path / folder)
+        assert model.method == folder
+        assert [p for p in reads if p.name == CONFIG_FILE] == [tmp_path / folder / CONFIG_FILE]
 
 
 def test_checkpoint_from_another_backbone_is_refused(model, tmp_path):
