@@ -79,7 +79,7 @@ class _TrainedBackbone(MemoryLM):
             gate = self.gate
 
             def core(q, k, v, q_raw, k_raw, **local):  # joint attention inside block m, over the model's own memory
-                mem = memory.search(q_raw.detach())
+                mem = memory.search(q_raw.detach(), topk_chunks=self.config.topk_chunks)
                 return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, **local)
 
         out = self.backbone(input_ids, self.memory_layer, cache=None if cache is None else cache.backbone, memory_core=core)

@@ -108,6 +108,28 @@ def test_memory_changes_predictions(model):
     assert mem.num_tokens(0) == 32
 
 
+def test_k_c_is_the_configs_at_every_search_unless_a_memory_has_its_own(model, tmp_path):
+    """A model's memory holds no k_c: the config's is read at each search (a reloaded memory too), so changing it
+    changes what is retrieved; ``new_memory(topk_chunks=)`` gives one memory its own (an evaluation's --topk-chunks)."""
+    *past, last = segments(4)
+    mem = model.new_memory(2)
+    assert mem.topk_chunks is None
+    for ids in past:
+        model(ids, memory=mem)
+    mem.save(tmp_path / "mem.safetensors")
+    with torch.no_grad():
+        four = model(last, memory=mem, update_memory=False).logits
+        model.config = model.config.replace(topk_chunks=1)
+        one = model(last, memory=mem, update_memory=False).logits
+        assert not torch.allclose(one, four, atol=1e-4)
+        assert_close(model(last, memory=model.load_memory(tmp_path / "mem.safetensors"), update_memory=False).logits, one, rtol=0, atol=0)
+        model.config = model.config.replace(topk_chunks=4)
+        own = model.new_memory(2, topk_chunks=1)
+        for ids in past:
+            model(ids, memory=own)
+        assert_close(model(last, memory=own, update_memory=False).logits, one, rtol=0, atol=0)
+
+
 def test_batch_rows_are_independent(model):
     """Row 0 of a batch of two streams equals the same stream alone: no document sees another's memory."""
     both = segments(4, B=2)
@@ -344,7 +366,7 @@ def test_next_chunk_retrieval_adds_each_retrieved_chunks_successor_and_is_saved(
         assert torch.equal(empty, model(ids[0]).logits)
         for seg in ids[1:]:
             model(seg, memory=mem)
-    assert seen["kw"] == {"next_chunks": True}
+    assert seen["kw"] == {"next_chunks": True, "topk_chunks": cfg.topk_chunks}  # k_c: the config's
     r = seen["r"]
     assert r.keys.shape[-2] == cfg.retrieved_tokens and r.chunks.shape[-1] == 2 * cfg.topk_chunks
     assert torch.equal(r.chunks[..., cfg.topk_chunks:], seen["successors"])
