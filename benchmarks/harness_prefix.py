@@ -29,6 +29,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from longmem.eval.harness import LongMemLM  # noqa: E402
 from longmem.loading import load_model_and_tokenizer  # noqa: E402
+from longmem.tokens import token_ids  # noqa: E402
 
 WORDS = ("the a film story actor plot scene music ending moment script director cast character dialogue camera "
          "good bad great dull fine slow sharp warm cold funny sad long short bright dark").split()
@@ -52,7 +53,7 @@ def main(argv=None) -> dict:
     rng = random.Random(args.seed)
     prefix = "".join(f" Review: {sentence(rng, rng.randint(4, 9))} Sentiment:{rng.choice(LABELS)}." for _ in range(demos))
     prompts = [prefix + f" Review: {sentence(rng, rng.randint(4, 9))} Sentiment:" for _ in range(inputs)]
-    prefix_tokens = len(tok.backend_tokenizer.encode(prefix, add_special_tokens=False).ids)
+    prefix_tokens = len(token_ids(tok, prefix))
     config = {"model": str(args.model or "(shipped default)"), "demonstrations": demos, "test_inputs": inputs,
               "prefix_tokens": prefix_tokens, "segment_length": model.segment_length, "chunk_size": 2,
               "memory_size": 65536}

@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     device = common.setup(args)
     started = time.perf_counter()
     from longmem.store import ingest_file, read_pieces
+    from longmem.tokens import encode, token_ids
 
     want = args.tokens or (2048 if args.quick else 32768)
     T = args.segment_length or (256 if args.quick and not args.model else None)  # None: the model's own
@@ -77,13 +78,12 @@ def main(argv=None) -> dict:
 
     # the document: exactly `want` tokens of the source text (cut at a token boundary, then decoded)
     source = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else stdlib_text(6 * want)
-    ids = tokenizer.backend_tokenizer.encode(source, add_special_tokens=False).ids
+    ids = token_ids(tokenizer, source)
     if len(ids) < want:
         sys.exit(f"the text has {len(ids)} tokens, fewer than --tokens {want}; give a longer --text or fewer --tokens")
     doc = Path(tmp.name) / "document.txt"
     doc.write_text(tokenizer.decode(ids[:want]), encoding="utf-8")
-    tokens = np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in (
-        tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False) for piece in read_pieces(doc))])
+    tokens = np.concatenate([encode(tokenizer, piece) for piece in read_pieces(doc)])
     n = len(tokens)  # re-tokenizing the decoded text may differ from `want` by a few tokens
     segments = [torch.from_numpy(tokens[i:i + T]).view(1, -1).to(device) for i in range(0, n, T)]
     m = model.memory_layer
@@ -111,7 +111,7 @@ def main(argv=None) -> dict:
 
     def tokenize():
         for piece in read_pieces(doc):
-            tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False)
+            token_ids(tokenizer, piece)
 
     @torch.no_grad()
     def backbone_to_m():

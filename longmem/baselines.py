@@ -79,7 +79,7 @@ class _TrainedBackbone(MemoryLM):
             gate = self.gate
 
             def core(q, k, v, q_raw, k_raw, **local):  # joint attention inside block m, over the model's own memory
-                mem = memory.search(q_raw.detach())
+                mem = memory.search(q_raw.detach(), topk_chunks=self.config.topk_chunks)
                 return joint_attention(q, k, v, mem.keys, mem.values, gate, mem.mask, mem_q=q_raw, **local)
 
         out = self.backbone(input_ids, self.memory_layer, cache=None if cache is None else cache.backbone, memory_core=core)
@@ -107,9 +107,10 @@ class _TrainedBackbone(MemoryLM):
         write_checkpoint_meta(path, meta)
 
     @classmethod
-    def from_pretrained(cls, path, backbone=None):
+    def from_pretrained(cls, path, backbone=None, *, meta: dict | None = None):
+        """Load a folder written by ``save_pretrained``; ``meta``: its ``longmem.json``, when the caller has read it."""
         path = Path(path)
-        meta = read_checkpoint_meta(path)
+        meta = read_checkpoint_meta(path) if meta is None else meta
         if meta.get("method") != cls.method:
             raise LongMemError(f"{path} holds a {meta.get('method')!r} checkpoint, not {cls.method!r}")
         model = cls(load_causal_lm(path / "backbone"), LongMemConfig.from_dict(meta["config"]), meta.get("train_layers", "all"))

@@ -27,7 +27,7 @@ class LongMemConfig:
     memory_layer: int | None = None  # backbone block m whose keys/values are cached (0-based, odd)
     chunk_size: int = 4  # tokens per memory chunk; a chunk is retrieved whole
     memory_size: int = 65536  # tokens kept per memory row (FIFO); a multiple of chunk_size
-    topk_chunks: int = 16  # chunks retrieved per query token and head
+    topk_chunks: int = 16  # chunks retrieved per query token and head; the model reads it at each search (a memory has none)
     segment_length: int | None = None  # local window T used by training/evaluation streams
     retrieval_backend: str = "auto"  # faiss on CPU, torch (matmul + top-k) on GPU tensors
     # chunk search score: "ip" = inner product with the chunk-mean key (the paper); "cosine" = with the unit-length

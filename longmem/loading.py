@@ -46,15 +46,17 @@ def resolve_device(name: str | None = None) -> torch.device:
     return device
 
 
-def load_model(path, backbone=None, dtype=None) -> MemoryLM:
-    """Any checkpoint folder written by this library: LongMem or one of the baselines (``dtype``: convert after loading)."""
+def load_model(path, backbone=None, dtype=None, meta: dict | None = None) -> MemoryLM:
+    """Any checkpoint folder written by this library: LongMem or one of the baselines (``dtype``: convert after loading).
+    ``meta``: the folder's ``longmem.json`` (``read_checkpoint_meta``), when the caller has read it already."""
     path = Path(path)
-    method = read_checkpoint_meta(path).get("method", "longmem")
+    meta = read_checkpoint_meta(path) if meta is None else meta
+    method = meta.get("method", "longmem")
     if method == "longmem":
-        return LongMem.from_pretrained(path, backbone=backbone, dtype=dtype)
+        return LongMem.from_pretrained(path, backbone=backbone, dtype=dtype, meta=meta)
     if method not in BASELINES:
         raise LongMemError(f"{path} was written by method {method!r}, which this longmem does not know; upgrade longmem")
-    model = BASELINES[method].from_pretrained(path)
+    model = BASELINES[method].from_pretrained(path, meta=meta)
     return to_dtype(model, dtype) if dtype is not None else model
 
 
@@ -96,8 +98,8 @@ def load_model_and_tokenizer(path: str | os.PathLike | None = None, device=None,
         if path in (TINY_MODEL, SMOLLM2_MODEL):
             raise LongMemError(f"the shipped model is missing from {path}; reinstall longmem")
         raise LongMemError(f"{path} is not a LongMem checkpoint (no {CONFIG_FILE}); train one with `longmem train`")
-    meta = read_checkpoint_meta(path)
-    model = load_model(path, dtype=dtype)
+    meta = read_checkpoint_meta(path)  # the one read of longmem.json: the loaders below are handed it
+    model = load_model(path, dtype=dtype, meta=meta)
     if device is not None:
         model = model.to(device)
     ref = meta["backbone"]["path"]

@@ -6,7 +6,8 @@ Glossary:
     H    query heads (a multiple of Hkv; query head h searches key/value head h // (H / Hkv))
     csz  chunk_size: tokens per chunk; a chunk is represented by the mean of its token keys
     C    chunks per row at most (memory_size / csz); N the chunks currently stored
-    k_c  chunks retrieved per query; K = k_c * csz tokens
+    k_c  chunks retrieved per query; K = k_c * csz tokens. The reader's setting: a model asks for its config's
+         ``topk_chunks`` at every search; a memory holds its own k_c only when built with one (an override)
 
 Storage is a ring buffer per row, allocated lazily and grown by doubling up to C, so a small memory
 costs little and a full one is never copied on eviction: the oldest chunk is overwritten in place.
@@ -72,7 +73,9 @@ class MemoryBank:
         head_dim: Dh.
         chunk_size: csz tokens per chunk.
         memory_size: tokens kept per row (FIFO beyond that); a multiple of chunk_size.
-        topk_chunks: k_c chunks returned per query by ``search``.
+        topk_chunks: k_c chunks returned per query by ``search``, overriding what the caller asks for (an
+            evaluation's ``--topk-chunks``); None (a model's memory, ``new_memory``): as many as the caller asks,
+            a model asking for its config's ``topk_chunks``, so that the config is the one owner of k_c.
         dtype, device: storage dtype and device (the model's).
         backend: "faiss" (exact inner product, CPU), "torch" (matmul + top-k, any device) or "auto".
         info: what this memory belongs to (model name, fingerprint, layer); saved with it.
@@ -89,7 +92,7 @@ class MemoryBank:
         head_dim: int,
         chunk_size: int = 4,
         memory_size: int = 65536,
-        topk_chunks: int = 16,
+        topk_chunks: int | None = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         backend: str = "auto",
@@ -101,7 +104,7 @@ class MemoryBank:
     ):
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim),
                             ("chunk_size", chunk_size), ("memory_size", memory_size), ("topk_chunks", topk_chunks)):
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "topk_chunks") and (not isinstance(value, int) or value < 1):
                 raise LongMemError(f"MemoryBank {name} must be a positive integer, got {value!r}")
         if memory_size % chunk_size:
             raise LongMemError(f"memory_size ({memory_size}) must be a multiple of chunk_size ({chunk_size})")
@@ -239,6 +242,9 @@ class MemoryBank:
             score -inf where fewer than k chunks are stored.
         """
         k = k or self.topk_chunks
+        if k is None:
+            raise LongMemError("memory search needs k_c: pass topk_chunks (a model passes its config's), or build the "
+                               "MemoryBank with one")
         B, Hkv, Q, _ = queries.shape
         slots = torch.full((B, Hkv, Q, k), -1, dtype=torch.long, device=queries.device)
         scores = torch.full((B, Hkv, Q, k), float("-inf"), dtype=torch.float32, device=queries.device)
@@ -323,13 +329,15 @@ class MemoryBank:
         return torch.where((slots >= 0) & (nxt != heads), nxt, -1)
 
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, next_chunks: bool = False) -> Retrieved:
+    def search(self, queries: torch.Tensor, next_chunks: bool = False, *, topk_chunks: int | None = None) -> Retrieved:
         """Retrieve the top-k_c chunks per query token and head, expanded to their tokens.
 
         Args:
             queries: (B, H, T, Dh) retrieval queries (H a multiple of the memory's Hkv).
             next_chunks: also return the chunk stored right after each retrieved one (not in the paper; a token
                 that matches the query may end its chunk, and what follows it is then in the next one).
+            topk_chunks: k_c, what the caller reads (a model: its config's); a memory built with its own
+                ``topk_chunks`` uses that instead.
         Returns:
             Retrieved keys/values (B, H, T, K, Dh) with K = k_c * csz (2 k_c * csz with ``next_chunks``; each
             retrieved chunk's successor after the k_c retrieved ones, masked out where it is one of them or
@@ -341,7 +349,7 @@ class MemoryBank:
                 f"memory search expects queries (B={self.batch_size}, H=multiple of {self.num_heads}, T, "
                 f"Dh={self.head_dim}), got {tuple(queries.shape)}"
             )
-        G, kc, csz = H // self.num_heads, self.topk_chunks, self.chunk_size
+        G, kc, csz = H // self.num_heads, self.topk_chunks or topk_chunks, self.chunk_size
         q = queries.reshape(B, self.num_heads, G * T, Dh)  # query head h -> kv head h // G
         slots, _ = self.search_chunks(q, kc)  # (B, Hkv, G*T, kc)
         if next_chunks:
@@ -459,7 +467,7 @@ class MemoryBank:
                 raise LongMemError(_mismatch_message(path, mismatched))
         bank = cls(
             batch_size=header["batch_size"], num_heads=header["num_heads"], head_dim=header["head_dim"],
-            chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header["topk_chunks"],
+            chunk_size=header["chunk_size"], memory_size=header["memory_size"], topk_chunks=header.get("topk_chunks"),
             dtype=DTYPES[header["dtype"]], device=device, backend=header.get("backend", "auto"), info=header["info"],
             index=header.get("index", "flat"), nlist=header.get("nlist"), nprobe=header.get("nprobe", 64),
             metric=header.get("metric", "ip"),

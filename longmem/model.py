@@ -121,7 +121,8 @@ class MemoryLM(nn.Module):
     def new_memory(self, batch_size: int = 1, *, memory_size: int | None = None, chunk_size: int | None = None,
                    topk_chunks: int | None = None, backend: str | None = None, device=None, dtype=None,
                    index: str = "flat", nprobe: int = 64) -> MemoryBank:
-        """An empty memory bank with one isolated memory per row. Sizes default to the config's.
+        """An empty memory bank with one isolated memory per row. Sizes default to the config's; k_c is not the
+        memory's but the config's, read at every search, unless ``topk_chunks`` gives this memory its own.
         ``index="ivf"``: approximate search for very large memories (see ``MemoryBank``)."""
         return MemoryBank(
             batch_size=batch_size,
@@ -129,7 +130,7 @@ class MemoryLM(nn.Module):
             head_dim=self.backbone.head_dim,
             chunk_size=self.config.chunk_size if chunk_size is None else chunk_size,
             memory_size=self.config.memory_size if memory_size is None else memory_size,
-            topk_chunks=self.config.topk_chunks if topk_chunks is None else topk_chunks,
+            topk_chunks=topk_chunks,  # None: the config's, at every search
             dtype=dtype or self.dtype,
             device=device or self.device,
             backend=backend or self.config.retrieval_backend,
@@ -310,12 +311,12 @@ class LongMem(MemoryLM):
         """
         if memory is None:
             return None
-        nxt = self.config.retrieval_next
+        nxt, k = self.config.retrieval_next, self.config.topk_chunks  # k_c: the config's, whatever memory is read
         if self.config.retrieval_query == "query":
-            return lambda q_raw: memory.search(q_raw, next_chunks=nxt)
+            return lambda q_raw: memory.search(q_raw, next_chunks=nxt, topk_chunks=k)
 
         def retrieve(q_raw: torch.Tensor):
-            return memory.search(keys, next_chunks=nxt).repeat_heads(q_raw.shape[1] // keys.shape[1])
+            return memory.search(keys, next_chunks=nxt, topk_chunks=k).repeat_heads(q_raw.shape[1] // keys.shape[1])
 
         return retrieve
 
@@ -370,15 +371,16 @@ class LongMem(MemoryLM):
         write_checkpoint_meta(path, meta)
 
     @classmethod
-    def from_pretrained(cls, path, backbone=None, dtype=None, **config_overrides) -> "LongMem":
+    def from_pretrained(cls, path, backbone=None, dtype=None, *, meta: dict | None = None, **config_overrides) -> "LongMem":
         """Load a folder written by ``save_pretrained``. ``backbone``: an HF model to use instead of the recorded one.
 
         ``dtype``: convert the model (backbone and SideNet) after loading; the backbone is loaded first in the type
         it was trained in (recorded in the checkpoint; fp32 for older ones), so that its fingerprint (kept by
-        memories) is checked on the weights the SideNet was trained on.
+        memories) is checked on the weights the SideNet was trained on. ``meta``: the folder's ``longmem.json`` as
+        ``read_checkpoint_meta`` returned it, from a caller that has read it already (it is read once per load).
         """
         path = Path(path)
-        meta = read_checkpoint_meta(path)
+        meta = read_checkpoint_meta(path) if meta is None else meta
         if meta.get("method", "longmem") != "longmem":
             raise LongMemError(f"{path} holds a {meta['method']!r} baseline, not a LongMem model; load it with longmem.load_model")
         if backbone is None:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 
 from longmem.errors import LongMemError
 from longmem.memory import MemoryBank
+from longmem.tokens import encode
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 # Files are read in pieces of about this size, never whole. Tokenizing a piece briefly takes ~150x its
@@ -216,7 +217,7 @@ def ingest_pieces(model, tokenizer, bank: MemoryBank, pieces, row: int = 0, prog
     buffer = np.zeros(0, dtype=np.int64)
     total = 0
     for piece in pieces:
-        ids = np.asarray(tokenizer.backend_tokenizer.encode(piece, add_special_tokens=False).ids, dtype=np.int64)
+        ids = encode(tokenizer, piece)
         buffer = np.concatenate([buffer, ids])
         while len(buffer) >= T:
             model.write_memory(torch.as_tensor(buffer[:T]).view(1, -1), bank, rows=[row])

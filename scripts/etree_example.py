@@ -21,6 +21,7 @@ import torch
 
 from longmem.loading import load_model_and_tokenizer
 from longmem.store import ingest_file
+from longmem.tokens import token_ids
 
 NAME = "_raise_serialization_error"
 
@@ -51,7 +52,7 @@ def main() -> None:
     rows = []
     for start in [readme] + list(range(call - a.span, call - 2, 3)):
         prompt = "".join(lines[start:call]) + indent + "_"
-        ids = torch.tensor([tok.backend_tokenizer.encode(prompt, add_special_tokens=False).ids])
+        ids = torch.tensor([token_ids(tok, prompt)])
         row = {"start_line": start + 1, "prompt_tokens": ids.shape[1]}
         for k, m in (("memory", mem), ("no_memory", None)):
             out = model.generate(ids, memory=None if m is None else copy.deepcopy(m), max_new_tokens=a.new_tokens)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from longmem.eval.recall import defined_names, probe_sites
-from longmem.eval.scoring import encode
 from longmem.loading import TINY_MODEL, load_model_and_tokenizer
+from longmem.tokens import encode
 
 YAML = """task: code_names
 dataset_path: json

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from longmem.loading import load_model_and_tokenizer
+from longmem.tokens import token_ids
 
 
 def probe(features: torch.Tensor, target: torch.Tensor, classes: int, steps: int, seed: int) -> float:
@@ -53,7 +54,7 @@ def main() -> None:
     keys, values, tokens, previous = [], [], [], []
     with open(a.data) as f:
         for line in f:
-            ids = tok.backend_tokenizer.encode(json.loads(line)["text"][:6000], add_special_tokens=False).ids
+            ids = token_ids(tok, json.loads(line)["text"][:6000])
             for s in range(0, len(ids) - T, T):
                 seg = torch.tensor([ids[s:s + T]])
                 with torch.no_grad():

@@ -20,6 +20,7 @@ import torch
 
 from longmem.loading import load_model_and_tokenizer
 from longmem.store import ingest_file
+from longmem.tokens import token_ids
 
 
 def main() -> None:
@@ -42,7 +43,7 @@ def main() -> None:
     for path in a.data:
         for line in open(path):
             text = json.loads(line)["text"][: a.max_chars]
-            ids = tok.backend_tokenizer.encode(text, add_special_tokens=False).ids
+            ids = token_ids(tok, text)
             tmp.write_text(text)
             mem = model.new_memory(1)
             ingest_file(model, tok, mem, tmp)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from longmem.loading import load_model_and_tokenizer
+from longmem.tokens import token_ids
 
 
 def main() -> None:
@@ -43,7 +44,7 @@ def main() -> None:
     stats = {k: [] for k in ("query_hit", "key_ip_hit", "key_cos_hit", "hub_share", "loss_memory", "loss_no_memory")}
     for path in a.data:
         for line in open(path):
-            ids = tok.backend_tokenizer.encode(json.loads(line)["text"], add_special_tokens=False).ids
+            ids = token_ids(tok, json.loads(line)["text"])
             if len(ids) < a.context:
                 continue
             ids = ids[: a.context]

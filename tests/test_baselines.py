@@ -7,11 +7,11 @@ import torch
 
 from longmem import LongMem, load_model
 from longmem.baselines import CoupledMemoryLM, FinetunedLM
-from longmem.eval.staleness import staleness
+from longmem.staleness import staleness
 from longmem.cli import main
 from longmem.config import LongMemConfig
 from longmem.io import verify_result
-from longmem.eval.perplexity import stream_nll
+from longmem.stream_loss import stream_nll
 
 from test_train import train_args
 

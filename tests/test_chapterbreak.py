@@ -10,7 +10,7 @@ import torch
 
 from longmem import LongMem, LongMemConfig, LongMemError
 from longmem.eval.chapterbreak import build_examples, find_chapters, load_chapterbreak, read_book
-from longmem.eval.scoring import encode
+from longmem.tokens import encode
 from longmem.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures"

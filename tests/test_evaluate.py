@@ -7,7 +7,10 @@ import torch
 from torch.testing import assert_close
 
 from longmem import LongMem, LongMemConfig
-from longmem.eval.perplexity import stream_nll
+from longmem import staleness, stream_loss
+from longmem.eval import perplexity, scoring
+from longmem.eval import staleness as eval_staleness
+from longmem.stream_loss import stream_nll
 
 from conftest import VOCAB, make_llama
 
@@ -43,3 +46,9 @@ def test_modes_are_exactly_what_they_claim():
         assert a[(0, p)] == b[(0, p)]
     # more rows than documents: the idle rows are not made (an enormous --batch-size neither hangs nor changes a number)
     assert stream_nll(model, [doc], "longmem", batch_size=10**12).total == lm.total
+
+
+def test_names_moved_below_training_stay_importable_from_the_evaluations():
+    assert perplexity.stream_nll is stream_nll and perplexity.NLL is stream_loss.NLL and scoring.MODES is stream_loss.MODES
+    assert (eval_staleness.staleness, eval_staleness.staleness_curve, eval_staleness.plot_staleness) == \
+        (staleness.staleness, staleness.staleness_curve, staleness.plot_staleness)

@@ -21,8 +21,9 @@ from longmem import LongMem, LongMemConfig  # noqa: E402
 from longmem.eval.harness import LongMemLM  # noqa: E402
 from longmem.eval.icl import evaluate_icl, get_task  # noqa: E402
 from longmem.eval.icl import Example  # noqa: E402
-from longmem.eval.perplexity import stream_nll  # noqa: E402
-from longmem.eval.scoring import encode, score_continuations  # noqa: E402
+from longmem.stream_loss import stream_nll  # noqa: E402
+from longmem.eval.scoring import score_continuations  # noqa: E402
+from longmem.tokens import encode  # noqa: E402
 from longmem.loading import load_model_and_tokenizer  # noqa: E402
 
 from conftest import WORDS  # noqa: E402

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig, LongMemError
-from longmem.eval.scoring import encode, score_continuations
+from longmem.eval.scoring import score_continuations
+from longmem.tokens import encode
 from longmem.cli import main
 from longmem.eval.icl import TASKS, get_task, load_examples, local_context, predict_greedy, predict_likelihood
 

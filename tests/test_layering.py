@@ -1,6 +1,7 @@
 """The package's layers, read from its imports: no cycles, command-line code only in longmem/cli/,
-transformers internals only in the backbone adapter, every longmem import at the top of its module, and
-no layer importing one above it (cli -> serve -> tasks -> model core -> io)."""
+transformers internals only in the backbone adapter, every longmem import at the top of its module,
+no layer importing one above it (cli -> serve -> tasks -> model core -> io), training and the evaluations
+sharing only what lies below both, one tokenize function, and every module reached by some test."""
 
 import ast
 import threading
@@ -14,10 +15,10 @@ from longmem.config import LongMemConfig
 from longmem.model import LongMem
 
 PKG = Path(__file__).resolve().parent.parent / "longmem"
-TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store")
+TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store", "longmem.stream_loss", "longmem.staleness")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
-BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots")
+BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots", "longmem.tokens")
 
 
 def layer(module: str) -> int:
@@ -103,6 +104,57 @@ def test_modules_are_imported_by_name_only_where_allowed():
                 assert (name, target) in allowed, f"{name}:{line} imports modules by name"
     assert layer("longmem.eval.harness") <= layer("longmem.cli.eval")
     assert layer("longmem.serve") <= layer("longmem.cli.serve")
+
+
+INDEPENDENT = (("longmem.training", "longmem.eval"), ("longmem.eval", "longmem.training"), ("longmem.data", "longmem.training"),
+               ("longmem.data", "longmem.eval"))  # tasks that share a layer but never import one another
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_training_and_evaluation_share_only_what_lies_below_both(name):
+    """Training validates, measures staleness and plots with the pieces below both (``longmem.stream_loss``,
+    ``longmem.staleness``, ``longmem.plots``), never by importing the evaluations; nor the other way round."""
+    inside = lambda module, pkg: module == pkg or module.startswith(pkg + ".")  # noqa: E731
+    for target, line, _ in OURS[name]:
+        for importer, imported in INDEPENDENT:
+            assert not (inside(name, importer) and inside(target, imported)), f"{name}:{line} imports {target}"
+
+
+BY_NAME = {"longmem.cli.eval": "longmem.eval.harness", "longmem.cli.serve": "longmem.serve.app"}  # importlib, above
+
+
+def imported_modules(tree: ast.Module) -> set[str]:
+    """Every module an import statement names, ``from pkg import sub`` naming ``pkg.sub`` too, and every module
+    named as a string (run with ``python -m``: its ``__main__``)."""
+    out = {target for target, _, _ in imports(tree)}
+    out |= {f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
+    out |= {f"{n.value}.__main__" for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in MODULES}
+    return out
+
+
+def test_every_module_is_reached_by_the_tests():
+    """tests/ is organised by behaviour, not one file per module (README, "Tests"); the floor it keeps: every module
+    is imported by a test file, directly or through the modules it imports, or run by one (``python -m longmem.cli``)."""
+    graph = {name: imported_modules(tree) | ({BY_NAME[name]} if name in BY_NAME else set()) for name, tree in MODULES.items()}
+    todo = [m for path in (PKG.parent / "tests").glob("*.py") for m in imported_modules(ast.parse(path.read_text()))]
+    reached = set()
+    while todo:
+        name = todo.pop()
+        if name in MODULES and name not in reached:
+            reached.add(name)
+            todo += list(graph[name]) + [".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)]  # its parents run first
+    assert not sorted(set(MODULES) - reached), f"no test imports or runs {sorted(set(MODULES) - reached)}"
+
+
+TOKENIZE = "longmem.tokens"  # the one module that runs a tokenizer on text
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_one_tokenize_function(name):
+    """Text becomes token ids through ``longmem.tokens`` only: no other module reaches the tokenizer's backend."""
+    if name != TOKENIZE:
+        lines = [n.lineno for n in ast.walk(MODULES[name]) if isinstance(n, ast.Attribute) and n.attr == "backend_tokenizer"]
+        assert not lines, f"{name}: tokenizes inline at line(s) {lines}; use longmem.tokens"
 
 
 # --------------------------------------------------------------------------- one protocol, one decode loop

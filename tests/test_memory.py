@@ -87,6 +87,20 @@ def test_search_is_exact_top_k_over_chunk_means(backend):
             assert np.allclose(got, means[ref], atol=1e-6)
 
 
+def test_k_c_comes_from_the_reader_unless_the_memory_has_its_own():
+    """A memory built without k_c (a model's) returns what each search asks for; one built with k_c keeps it."""
+    own, none = bank(kc=3), bank(kc=None)
+    for s in range(4):
+        k, v = stream(T=11, seed=s)
+        own.add(k, v), none.add(k, v)
+    q = torch.randn(2, 2, 5, 8)
+    assert torch.equal(none.search(q, topk_chunks=3).keys, own.search(q).keys)
+    assert torch.equal(own.search(q, topk_chunks=1).keys, own.search(q).keys)  # the memory's own k_c wins
+    assert none.search(q, topk_chunks=1).keys.shape[-2] == 4  # K = k_c * csz
+    with pytest.raises(LongMemError, match="needs k_c"):
+        none.search(q)
+
+
 def test_faiss_and_torch_backends_return_identical_chunks():
     a, b = bank(M=64, kc=5, backend="faiss"), bank(M=64, kc=5, backend="torch")
     for s in range(6):

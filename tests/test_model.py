@@ -1,7 +1,9 @@
 """LongMem as a whole: SideNet initialisation and equations, invariants, persistence, errors."""
 
+import builtins
 import copy
 import json
+import pathlib
 
 import pytest
 import torch
@@ -9,6 +11,9 @@ from torch.testing import assert_close
 
 from conftest import VOCAB, make_gpt2, make_llama
 from longmem import LongMem, LongMemConfig, LongMemError
+from longmem.baselines import CoupledMemoryLM
+from longmem.io import CONFIG_FILE
+from longmem.loading import load_model_and_tokenizer
 
 CFG = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4)
 
@@ -103,6 +108,28 @@ def test_memory_changes_predictions(model):
     assert mem.num_tokens(0) == 32
 
 
+def test_k_c_is_the_configs_at_every_search_unless_a_memory_has_its_own(model, tmp_path):
+    """A model's memory holds no k_c: the config's is read at each search (a reloaded memory too), so changing it
+    changes what is retrieved; ``new_memory(topk_chunks=)`` gives one memory its own (an evaluation's --topk-chunks)."""
+    *past, last = segments(4)
+    mem = model.new_memory(2)
+    assert mem.topk_chunks is None
+    for ids in past:
+        model(ids, memory=mem)
+    mem.save(tmp_path / "mem.safetensors")
+    with torch.no_grad():
+        four = model(last, memory=mem, update_memory=False).logits
+        model.config = model.config.replace(topk_chunks=1)
+        one = model(last, memory=mem, update_memory=False).logits
+        assert not torch.allclose(one, four, atol=1e-4)
+        assert_close(model(last, memory=model.load_memory(tmp_path / "mem.safetensors"), update_memory=False).logits, one, rtol=0, atol=0)
+        model.config = model.config.replace(topk_chunks=4)
+        own = model.new_memory(2, topk_chunks=1)
+        for ids in past:
+            model(ids, memory=own)
+        assert_close(model(last, memory=own, update_memory=False).logits, one, rtol=0, atol=0)
+
+
 def test_batch_rows_are_independent(model):
     """Row 0 of a batch of two streams equals the same stream alone: no document sees another's memory."""
     both = segments(4, B=2)
@@ -154,6 +181,26 @@ def test_save_pretrained_from_pretrained_gives_identical_logits(model, tmp_path)
     again = LongMem.from_pretrained(tmp_path / "self").eval()
     ids = segments(1, seed=5)[0]
     assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_load_reads_longmem_json_once(tiny_assets, tmp_path, monkeypatch):
+    """``load_model_and_tokenizer`` reads a checkpoint's ``longmem.json`` once and hands the parsed settings down to
+    ``load_model`` and ``from_pretrained`` (a LongMem checkpoint and a baseline's)."""
+    cfg = LongMemConfig(chunk_size=2, memory_size=64, topk_chunks=4, segment_length=16)
+    LongMem.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(tmp_path / "longmem", save_backbone=True,
+                                                                        tokenizer=tiny_assets["tokenizer"])
+    CoupledMemoryLM.from_backbone(tiny_assets["backbone"], cfg).save_pretrained(tmp_path / "memtrm", tokenizer=tiny_assets["tokenizer"])
+    reads = []
+    read_text, read_bytes, _open = pathlib.Path.read_text, pathlib.Path.read_bytes, builtins.open
+    monkeypatch.setattr(pathlib.Path, "read_text", lambda self, *a, **k: (reads.append(self), read_text(self, *a, **k))[1])
+    monkeypatch.setattr(pathlib.Path, "read_bytes", lambda self: (reads.append(self), read_bytes(self))[1])
+    monkeypatch.setattr(builtins, "open", lambda file, *a, **k: (reads.append(pathlib.Path(file)) if isinstance(file, (str, pathlib.Path)) else None,
+                                                                 _open(file, *a, **k))[1])
+    for folder in ("longmem", "memtrm"):
+        reads.clear()
+        model, _ = load_model_and_tokenizer(tmp_path / folder)
+        assert model.method == folder
+        assert [p for p in reads if p.name == CONFIG_FILE] == [tmp_path / folder / CONFIG_FILE]
 
 
 def test_checkpoint_from_another_backbone_is_refused(model, tmp_path):
@@ -319,7 +366,7 @@ def test_next_chunk_retrieval_adds_each_retrieved_chunks_successor_and_is_saved(
         assert torch.equal(empty, model(ids[0]).logits)
         for seg in ids[1:]:
             model(seg, memory=mem)
-    assert seen["kw"] == {"next_chunks": True}
+    assert seen["kw"] == {"next_chunks": True, "topk_chunks": cfg.topk_chunks}  # k_c: the config's
     r = seen["r"]
     assert r.keys.shape[-2] == cfg.retrieved_tokens and r.chunks.shape[-1] == 2 * cfg.topk_chunks
     assert torch.equal(r.chunks[..., cfg.topk_chunks:], seen["successors"])

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig
-from longmem.eval.scoring import encode, fill_memory
+from longmem.eval.scoring import fill_memory
+from longmem.tokens import encode
 from longmem.cli import main
 from longmem.eval.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_prompt, read_and_answer
 from longmem.baselines import PlainBackbone

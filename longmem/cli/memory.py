@@ -16,6 +16,7 @@ from longmem.errors import LongMemError
 from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.loading import load_model_and_tokenizer, resolve_device
 from longmem.store import MemoryStore, check_name, check_text_file, ingest_file
+from longmem.tokens import token_ids
 
 # a bound against typos, not a limit of the method (memory keeps the context): about an hour of CPU decoding
 MAX_NEW_TOKENS = 1_000_000
@@ -127,7 +128,7 @@ def _generate(args) -> int:
     memory = None
     if args.memory and not args.no_memory:
         memory = _store(args).load(args.memory, model)
-    ids = tok.backend_tokenizer.encode(args.prompt, add_special_tokens=False).ids
+    ids = token_ids(tok, args.prompt)
     if not ids:
         raise LongMemError("the prompt is empty; pass --prompt TEXT or --prompt-file FILE")
     prompt = torch.tensor([ids], dtype=torch.long)
@@ -194,7 +195,7 @@ def _chat(args) -> int:
                 said = torch.tensor([user_turn(tok, line.strip(), first=dec.tokens_seen == 0)])
             else:
                 text = f"{args.user_prefix}{line.strip()}\n{args.bot_prefix}"
-                said = torch.tensor([tok.backend_tokenizer.encode(text, add_special_tokens=False).ids])
+                said = torch.tensor([token_ids(tok, text)])
             seen = dec.tokens_seen + said.shape[1]
             reply = [int(t[0]) for t in generate_stream(model, said, cfg=cfg, generator=gen, tokenizer=tok, decoder=dec)]
             unread = reply[dec.tokens_seen - seen:]  # the token the reply stopped on: the conversation goes on after it

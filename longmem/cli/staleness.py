@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from longmem.errors import LongMemError
-from longmem.eval.staleness import plot_staleness, staleness_curve
+from longmem.staleness import plot_staleness, staleness_curve
 from longmem.io import CONFIG_FILE, check_output, read_checkpoint_meta, write_result
 
 

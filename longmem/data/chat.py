@@ -7,6 +7,8 @@ prompt after it; the template's preamble (a default system message, say) comes o
 
 from __future__ import annotations
 
+from longmem.tokens import token_ids
+
 
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -21,4 +23,4 @@ def user_turn(tokenizer, text: str, first: bool) -> list[int]:
         marker = tokenizer.bos_token or ""
         at = rendered.rfind(marker, 0, rendered.index(text)) if marker else -1
         rendered = "\n" + rendered[at:] if at >= 0 else rendered
-    return tokenizer.backend_tokenizer.encode(rendered, add_special_tokens=False).ids
+    return token_ids(tokenizer, rendered)

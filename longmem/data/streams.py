@@ -21,6 +21,7 @@ from tqdm import tqdm
 from longmem.data.corpora import iter_documents, text_pieces
 from longmem.errors import LongMemError
 from longmem.model import IGNORE  # the label the loss skips
+from longmem.tokens import token_ids_batch
 
 
 @dataclass
@@ -39,16 +40,14 @@ def encode_documents(paths, tokenizer, min_tokens: int = 2, progress: bool = Fal
     Up to ``batch`` pieces, from as many documents as it takes, are encoded in one ``encode_batch`` call so the
     tokenizer's threads are busy even when every document is one piece; the ids are those of encoding each piece
     alone."""
-    backend = tokenizer.backend_tokenizer
     docs: list[np.ndarray] = []
     pending: list[tuple[int, str]] = []  # (document number, piece)
     parts: dict[int, list[np.ndarray]] = {}
     n_docs = 0
 
     def flush() -> None:
-        enc = backend.encode_batch([piece for _, piece in pending], add_special_tokens=False)
-        for (d, _), e in zip(pending, enc):
-            parts[d].append(np.asarray(e.ids, dtype=np.int32))
+        for (d, _), ids in zip(pending, token_ids_batch(tokenizer, [piece for _, piece in pending])):
+            parts[d].append(np.asarray(ids, dtype=np.int32))
         pending.clear()
 
     def finish(upto: int) -> None:  # documents below `upto` are complete

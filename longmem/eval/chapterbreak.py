@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 from longmem.data.corpora import iter_documents
 from longmem.errors import LongMemError
-from longmem.eval.scoring import MODES, encode, fill_memory, score_continuations, split_context
+from longmem.eval.scoring import MODES, fill_memory, score_continuations, split_context
+from longmem.tokens import encode
 
 SPLITS = ("ao3", "pg19")
 

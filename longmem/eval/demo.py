@@ -18,12 +18,13 @@ import numpy as np
 from longmem.data.corpora import code_splits
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
-from longmem.eval.perplexity import stream_nll
 from longmem.eval.passkey import answer_digits, read_and_answer
 from longmem.eval.recall import identifier_recall
-from longmem.eval.scoring import encode, fill_memory, split_context
+from longmem.eval.scoring import fill_memory, split_context
 from longmem.io import check_output, write_result
 from longmem.loading import load_model_and_tokenizer
+from longmem.stream_loss import stream_nll
+from longmem.tokens import encode
 
 
 def default_document() -> tuple[str, str]:
@@ -72,7 +73,7 @@ RECALL_QUESTION = " What is the pass key? The pass key is"
 def recall_probe(model, tokenizer, ids: np.ndarray, new_tokens: int = 8) -> dict | None:
     """A pass key planted near the start of the document, asked for after its end: the document but its last window
     goes to a fresh memory; greedy answers with that memory and without it (same weights)."""
-    enc = lambda text: np.asarray(encode(tokenizer, text), dtype=np.int64)  # noqa: E731
+    enc = lambda text: encode(tokenizer, text)  # noqa: E731
     if len(enc(RECALL_QUESTION)) + new_tokens >= model.segment_length:
         return None  # a window too small to hold the question and its answer
     cut = min(200, len(ids) // 4)
@@ -97,7 +98,7 @@ def run_demo(model_path=None, data=None, max_tokens: int = 4096, json_out=None, 
     model, tokenizer = load_model_and_tokenizer(model_path)
     if data is None:
         name, text = default_document()
-        ids = np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        ids = encode(tokenizer, text, dtype=np.int32)
     else:
         name = str(data)
         docs = encode_documents([data], tokenizer)

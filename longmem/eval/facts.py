@@ -18,7 +18,8 @@ from longmem.baselines import PlainBackbone
 from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, AUSTEN_PACKAGE, read_austen_rdata
 from longmem.errors import LongMemError
 from longmem.eval.passkey import read_and_answer
-from longmem.eval.scoring import MODES, encode, fill_memory, split_context
+from longmem.eval.scoring import MODES, fill_memory, split_context
+from longmem.tokens import encode
 
 # (sentence planted in the text, question asked at the end, expected answer)
 FACTS = (

@@ -67,9 +67,10 @@ from longmem.backbone import to_dtype
 from longmem.baselines import PlainBackbone
 from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
-from longmem.eval.scoring import encode, fill_memory, score_continuations, split_context, window_logits
+from longmem.eval.scoring import fill_memory, score_continuations, split_context, window_logits
 from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.loading import load_model_and_tokenizer, resolve_device
+from longmem.tokens import token_ids
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ class LongMemLM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.progress)
 
     def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
-        return encode(self.tokenizer, string).tolist()
+        return token_ids(self.tokenizer, string)
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(list(tokens))

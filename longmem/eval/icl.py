@@ -40,7 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from longmem.errors import LongMemError
-from longmem.eval.scoring import MODES, encode, fill_memory, score_continuations
+from longmem.eval.scoring import MODES, fill_memory, score_continuations
+from longmem.tokens import encode
 
 SENTIMENT = "Review: {x} Sentiment: {y}. "
 

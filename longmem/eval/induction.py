@@ -13,6 +13,8 @@ import random
 
 import torch
 
+from longmem.tokens import token_ids
+
 
 @torch.no_grad()
 def copy_in_context(model, tok, texts: list[str], passages: int = 4, passage: int = 64, gap: int = 60,
@@ -30,7 +32,7 @@ def copy_in_context(model, tok, texts: list[str], passages: int = 4, passage: in
     device = next(model.parameters()).device
     first, second = [], []
     for text in texts:
-        ids = tok.backend_tokenizer.encode(text[:max_chars], add_special_tokens=False).ids
+        ids = token_ids(tok, text[:max_chars])
         if len(ids) <= 2 * passage + gap + 200:
             continue
         for _ in range(passages):

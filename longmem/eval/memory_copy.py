@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from longmem.data.recall import made_up_line
-from longmem.eval.perplexity import stream_nll
+from longmem.stream_loss import stream_nll
+from longmem.tokens import token_ids_and_offsets
 
 
 def build_piece(text: str, rng: random.Random, lines: int, min_back: int) -> tuple[str, list[tuple[int, int, str]]]:
@@ -101,23 +102,22 @@ def make_pieces(texts: list[str], tok, rng: random.Random, piece_chars: int = 80
                 min_back: int = 3000, cue: int = 3, cue_name: bool = False):
     """[(token ids, [(first token of repeat, last token + 1, cue tokens)], {repeat token: original token})] for
     ``pieces`` random pieces of each text."""
-    enc = tok.backend_tokenizer
     out = []
     for text in texts:
         for _ in range(pieces):
             start = rng.randrange(0, max(1, len(text) - piece_chars))
             piece, repeats = build_piece(text[start:start + piece_chars], rng, lines, min_back)
-            e = enc.encode(piece, add_special_tokens=False)
+            ids, offsets = token_ids_and_offsets(tok, piece)
             spans, pairs = [], {}
             for orig, off, line_text in repeats:
-                toks, first = token_span(e.offsets, off, len(line_text)), token_span(e.offsets, orig, len(line_text))
+                toks, first = token_span(offsets, off, len(line_text)), token_span(offsets, orig, len(line_text))
                 c = cue
                 if cue_name:  # the tokens up to and including " =" (a token never spans " = ")
-                    c = len(token_span(e.offsets, off, line_text.index(" = ") + 2))
+                    c = len(token_span(offsets, off, line_text.index(" = ") + 2))
                 spans.append((toks[0], toks[-1] + 1, c))
-                if [e.ids[i] for i in toks] == [e.ids[i] for i in first]:  # same tokens: position by position
+                if [ids[i] for i in toks] == [ids[i] for i in first]:  # same tokens: position by position
                     pairs.update(zip(toks[c - 1:-1], first[c - 1:-1]))
-            out.append((e.ids, spans, pairs))
+            out.append((ids, spans, pairs))
     return out
 
 

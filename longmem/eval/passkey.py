@@ -39,8 +39,9 @@ from tqdm import tqdm
 
 from longmem.errors import LongMemError
 from longmem.baselines import PlainBackbone
-from longmem.eval.scoring import MODES, encode, fill_memory, split_context
+from longmem.eval.scoring import MODES, fill_memory, split_context
 from longmem.generation import Decoder, SamplingConfig, generate_stream
+from longmem.tokens import encode
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. "
          "Find it and memorize it. I will quiz you about it.")

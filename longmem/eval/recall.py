@@ -20,6 +20,8 @@ import re
 import torch
 from tqdm import tqdm
 
+from longmem.tokens import token_ids, token_ids_and_offsets
+
 DEFINES = re.compile(r"^[ \t]*(?:def|class)[ \t]+([A-Za-z_]\w*)|^[ \t]*(?:self\.)?([A-Za-z_]\w*)[ \t]*=[^=]", re.M)
 COMMON = set(keyword.kwlist) | set(dir(builtins)) | {"self", "cls"}
 
@@ -57,19 +59,18 @@ def identifier_recall(model, tokenizer, text: str, memory_frac: float = 0.5, con
     Returns the ``COUNTS``, ``memory_tokens``, ``context_chars`` and one row per probe (name, cue, both
     continuations). ``memory_kwargs``: ``new_memory`` arguments (default: the model's memory settings).
     """
-    enc = tokenizer.backend_tokenizer
     cut = text.rfind("\n", 0, int(len(text) * memory_frac)) + 1
     memory = model.new_memory(1, **(memory_kwargs or {}))
-    model.write_memory(torch.as_tensor(enc.encode(text[:cut], add_special_tokens=False).ids, dtype=torch.long).view(1, -1), memory)
+    model.write_memory(torch.as_tensor(token_ids(tokenizer, text[:cut]), dtype=torch.long).view(1, -1), memory)
     rows = []
     for name, pos in probe_sites(text, cut, defined_names(text[:cut], min_chars), context_chars):
         start = pos - context_chars
-        offsets = enc.encode(text[start:pos + len(name)], add_special_tokens=False).offsets
+        _, offsets = token_ids_and_offsets(tokenizer, text[start:pos + len(name)])
         cue_end = start + next(t for s, t in offsets if t > context_chars)  # end of the name's first token
         if cue_end >= pos + len(name):  # a one-token name: nothing to complete
             continue
         rest = text[cue_end:pos + len(name)]
-        ids = torch.tensor([enc.encode(text[start:cue_end], add_special_tokens=False).ids], device=model.device)
+        ids = torch.tensor([token_ids(tokenizer, text[start:cue_end])], device=model.device)
         row = {"name": name, "defined_at": text.find(name), "used_at": pos, "cue": text[pos:cue_end],
                "prompt_tail": text[max(start, cue_end - 80):cue_end]}
         for key, mem in (("memory", memory), ("no_memory", None)):

@@ -11,16 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from longmem.errors import LongMemError
-
-MODES = ("longmem", "no_memory", "backbone")  # LongMem with its memory, same weights without, the frozen backbone alone
+from longmem.stream_loss import MODES  # LongMem with its memory, same weights without, the frozen backbone alone
+from longmem.tokens import encode  # noqa: F401  (its name here before longmem.tokens)
 
 
 # --------------------------------------------------------------------------- scoring after a long context
-
-
-def encode(tokenizer, text: str) -> np.ndarray:
-    """Token ids of ``text`` (no special tokens), int64."""
-    return np.asarray(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 
 
 def split_context(ids: np.ndarray, local_len: int, chunk_size: int = 1) -> tuple[np.ndarray, np.ndarray]:

@@ -28,6 +28,7 @@ from longmem.errors import LongMemError
 from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.serve.errors import APIError
 from longmem.store import MemoryStore, check_name, ingest_text
+from longmem.tokens import token_ids
 
 # ``longmem chat``'s prefixes: the chat format of a tokenizer without a chat template
 PREFIXES = {"system": "System: ", "developer": "System: ", "user": "User: ", "assistant": "Reply: "}
@@ -133,7 +134,7 @@ class Engine:
 
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:
-            return list(self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+            return list(token_ids(self.tokenizer, text))
 
     def decode(self, ids) -> str:
         with self._tokenizer_lock:

@@ -27,7 +27,6 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
@@ -41,7 +40,8 @@ from longmem.gguf import package_file, package_reference
 from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
 from longmem.loading import resolve_tokenizer
 from longmem.model import IGNORE, LongMem
-from longmem.plots import pyplot, save_figure
+from longmem.plots import plot_loss_curves
+from longmem.tokens import token_ids
 from longmem.training.step import MicroBatch, Optimization, train_step
 
 TRAINED = "trained.safetensors"  # the trained SideNet tensors, fp32
@@ -83,10 +83,6 @@ class AdaptConfig:
                 raise LongMemError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids
-
-
 class Haystack:
     """A long token sequence and the memory entries (block-m keys and values) that writing it stores."""
 
@@ -123,13 +119,13 @@ class Haystack:
 
 
 def filler_ids(tokenizer, tokens: int) -> list[int]:
-    one = encode(tokenizer, FILLER)
+    one = token_ids(tokenizer, FILLER)
     return (one * (tokens // len(one) + 1))[:tokens]
 
 
 def render_chat(tokenizer, messages: list[dict], generation_prompt: bool = False) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    return encode(tokenizer, text)
+    return token_ids(tokenizer, text)
 
 
 def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
@@ -157,10 +153,10 @@ def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory
         pieces = [p[p.index(tokenizer.convert_tokens_to_ids("<|im_start|>"), 1):] if p.count(
             tokenizer.convert_tokens_to_ids("<|im_start|>")) > 2 else p for p in pieces]  # drop the system turn
         question = user_turn(tokenizer, ep.question, first=True)
-        answer = encode(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        answer = token_ids(tokenizer, ep.answer) + [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     else:
-        pieces = [encode(tokenizer, " " + s) for s in ep.statements]
-        question, answer = encode(tokenizer, ep.question), encode(tokenizer, ep.answer)
+        pieces = [token_ids(tokenizer, " " + s) for s in ep.statements]
+        question, answer = token_ids(tokenizer, ep.question), token_ids(tokenizer, ep.answer)
     room = model.segment_length - len(question) - len(answer) + 1  # the window holds haystack, question, answer
     if room < 0:
         raise LongMemError(f"a question and its answer ({len(question) + len(answer)} tokens) do not fit the local window "
@@ -401,7 +397,7 @@ def default_haystacks(model: LongMem, tokenizer, books: list[str] | None, cache:
         ids = []
         per = tokens // len(books)
         for text in books:
-            ids += encode(tokenizer, text[: per * 6])[:per]
+            ids += token_ids(tokenizer, text[: per * 6])[:per]
         hays["books"] = Haystack.build(model, "books", ids, cache, progress)
     return hays
 
@@ -468,21 +464,9 @@ def plot_curves(adapt_dir, out) -> None:
     adapt_dir = Path(adapt_dir)
     rows = [json.loads(line) for line in (adapt_dir / METRICS).read_text().splitlines() if line.strip()]
     state = json.loads((adapt_dir / STATE).read_text())
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    steps = np.array([r["step"] for r in rows])
-    loss = np.array([r["loss"] for r in rows])
-    k = 25
-    smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1:], smooth, label=f"training loss (mean of {k} steps)", color="grey")
-    checks = [r for r in rows if "heldout_loss_memory" in r]
-    for key, label in (("heldout_loss_memory", "held-out answer loss, with memory"),
-                       ("heldout_loss_no_memory", "held-out answer loss, without memory")):
-        ax.plot([r["step"] for r in checks], [r[key] for r in checks], marker=".", label=label)
-    for phase in state.get("phases", [])[1:]:
-        ax.axvline(phase["from_step"], color="black", linestyle=":", linewidth=1)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("Recall adaptation of the default model (dotted: a new phase)")
-    ax.legend()
-    save_figure(fig, out)
+    checks = {label: [(r["step"], r[key]) for r in rows if key in r]
+              for key, label in (("heldout_loss_memory", "held-out answer loss, with memory"),
+                                 ("heldout_loss_no_memory", "held-out answer loss, without memory"))}
+    plot_loss_curves(out, [(r["step"], r["loss"]) for r in rows], checks, smooth=25, xlabel="optimizer step",
+                     marks=[phase["from_step"] for phase in state.get("phases", [])[1:]],
+                     title="Recall adaptation of the default model (dotted: a new phase)")

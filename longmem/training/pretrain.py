@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 from longmem.data.streams import encode_documents
 from longmem.errors import LongMemError
-from longmem.plots import pyplot, save_figure
+from longmem.plots import plot_loss_curves
 from longmem.io import atomic_write
 from longmem.loading import load_tokenizer, resolve_device
 from longmem.model import next_token_loss
@@ -243,20 +243,10 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def plot_losses(records: list[dict], path: Path) -> None:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    for key in sorted({k for r in records for k in r if k.startswith("val/")}):
-        pts = [(r["step"], r[key]) for r in records if key in r]
-        ax.plot(*zip(*pts), marker="o", label=key)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    """The run's learning curves: training loss by step and each ``val/...`` loss."""
+    keys = sorted({k for r in records for k in r if k.startswith("val/")})
+    plot_loss_curves(path, [(r["step"], r["loss"]) for r in records if "loss" in r],
+                     {key: [(r["step"], r[key]) for r in records if key in r] for key in keys})
 
 
 # --------------------------------------------------------------------------- training

@@ -31,13 +31,13 @@ from longmem.backbone import load_causal_lm
 from longmem.baselines import BASELINES
 from longmem.data.streams import DocumentStreams, encode_documents, num_segments
 from longmem.errors import LongMemError
-from longmem.eval.perplexity import stream_nll
-from longmem.plots import pyplot, save_figure
-from longmem.eval.staleness import staleness
+from longmem.plots import plot_loss_curves
 from longmem.io import atomic_write, file_sha256, fsync_path, fsync_tree
 from longmem.loading import resolve_tokenizer
 from longmem.memory import MemoryBank
 from longmem.model import LongMem
+from longmem.staleness import staleness
+from longmem.stream_loss import stream_nll
 from longmem.training.config import OptimConfig, TrainConfig
 from longmem.training.scale import (
     OPTIMIZER_FORMAT,
@@ -495,25 +495,9 @@ def finish(run: Run, last: dict, stop_reason: str) -> dict:
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
-    plt = pyplot()
+    """The run's learning curves from its ``metrics.jsonl``: training loss and validation with and without memory."""
     rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train_rows:
-        steps = [r["step"] for r in train_rows]
-        losses = [r["loss"] for r in train_rows]
-        k = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
-        ax.plot(steps, losses, alpha=0.25, color="C0")
-        ax.plot(steps, smooth, color="C0", label="train loss")
-    for key, color, label in (("val_loss_longmem", "C1", "val loss, with memory"), ("val_loss_no_memory", "C2", "val loss, no memory")):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", color=color, label=label)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("LongMem memory-augmented adaptation")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    save_figure(fig, png, dpi=110)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    checks = {label: [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+              for key, label in (("val_loss_longmem", "val loss, with memory"), ("val_loss_no_memory", "val loss, no memory"))}
+    plot_loss_curves(png, train, checks, smooth=max(1, len(train) // 50), title="LongMem memory-augmented adaptation")
