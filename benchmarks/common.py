@@ -133,6 +133,22 @@ def bench(fn: Callable[[], object], args, device=None, repeats: int | None = Non
     return summarize(times)
 
 
+def interleaved(cases: dict[str, Callable[[], object]], args, device=None, repeats: int | None = None,
+                warmup: int | None = None) -> dict[str, dict]:
+    """``bench`` for several cases compared with each other: each round calls every case once, so a drift in
+    machine load hits all alike. ``{name: summary}`` (seconds: median, min, max, all)."""
+    device = device or args.device
+    repeats = args.repeats if repeats is None else repeats
+    for _ in range(args.warmup if warmup is None else warmup):
+        for fn in cases.values():
+            fn()
+    times = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            times[name] += bench(fn, args, device, repeats=1, warmup=0)["times_s"]
+    return {name: summarize(t) for name, t in times.items()}
+
+
 def summarize(times: list[float]) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "times_s": list(times)}
 

@@ -76,15 +76,8 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="longmem-bench-")
     tokenizer = load_or_train_tokenizer(args, model, Path(tmp.name))
 
-    # the document: exactly `want` tokens of the source text (cut at a token boundary, then decoded)
-    source = Path(args.text).read_text(encoding="utf-8", errors="replace") if args.text else stdlib_text(6 * want)
-    ids = token_ids(tokenizer, source)
-    if len(ids) < want:
-        sys.exit(f"the text has {len(ids)} tokens, fewer than --tokens {want}; give a longer --text or fewer --tokens")
-    doc = Path(tmp.name) / "document.txt"
-    doc.write_text(tokenizer.decode(ids[:want]), encoding="utf-8")
-    tokens = np.concatenate([encode(tokenizer, piece) for piece in read_pieces(doc)])
-    n = len(tokens)  # re-tokenizing the decoded text may differ from `want` by a few tokens
+    doc, tokens = write_document(tokenizer, want, args.text, Path(tmp.name))
+    n = len(tokens)
     segments = [torch.from_numpy(tokens[i:i + T]).view(1, -1).to(device) for i in range(0, n, T)]
     m = model.memory_layer
 
@@ -149,13 +142,30 @@ def main(argv=None) -> dict:
                          ["path", "median_ms", "min_ms", "tok_per_s", "vs_hf_forward"], started)
 
 
+def write_document(tokenizer, want: int, text: str | None, folder: Path) -> tuple[Path, np.ndarray]:
+    """``folder/document.txt``: ``want`` tokens of ``text`` (a file; default stdlib sources), cut at a token boundary
+    and decoded; and its token ids as ``ingest_file`` reads them (re-tokenizing may differ by a few tokens)."""
+    from longmem.store import read_pieces
+    from longmem.tokens import encode, token_ids
+
+    source = Path(text).read_text(encoding="utf-8", errors="replace") if text else stdlib_text(6 * want)
+    ids = token_ids(tokenizer, source)
+    if len(ids) < want:
+        sys.exit(f"the text has {len(ids)} tokens, fewer than --tokens {want}; give a longer --text or fewer --tokens")
+    doc = folder / "document.txt"
+    doc.write_text(tokenizer.decode(ids[:want]), encoding="utf-8")
+    tokens = np.concatenate([encode(tokenizer, piece) for piece in read_pieces(doc)])
+    return doc, tokens
+
+
 def load_or_train_tokenizer(args, model, tmp: Path):
     if args.model:  # the checkpoint's backbone folder holds its tokenizer (as `longmem memory add` finds it)
+        from longmem.gguf import resolve_reference
         from longmem.io import read_checkpoint_meta
         from longmem.loading import load_tokenizer
 
-        ref = read_checkpoint_meta(Path(args.model))["backbone"]["path"]
-        return load_tokenizer(str(Path(args.model) / ref if (Path(args.model) / ref).is_dir() else ref))
+        ref = read_checkpoint_meta(Path(args.model))["backbone"]["path"]  # a folder, or a package:/.gguf reference
+        return load_tokenizer(str(Path(args.model) / ref if (Path(args.model) / ref).is_dir() else resolve_reference(ref)))
     from longmem.data.corpora import train_tokenizer
 
     corpus = tmp / "corpus.txt"

@@ -128,11 +128,18 @@ def package_reference(package: str, suffix: str) -> str:
     return f"{PACKAGE_REF}{package}:{suffix}"
 
 
-def resolve_reference(ref: str) -> str:
-    """A checkpoint's backbone reference as something ``from_pretrained`` loads: a ``package:DIST:SUFFIX`` reference
-    or a ``.gguf`` file becomes the converted folder; anything else (a folder, a hub id) is returned unchanged."""
+def reference_file(ref: str) -> str:
+    """A backbone reference with a ``package:DIST:SUFFIX`` reference replaced by the file it names; anything else
+    (a file, a folder, a hub id) unchanged. The original ``.gguf`` file of a GGUF backbone, e.g. for llama.cpp."""
     ref = str(ref)
     if ref.startswith(PACKAGE_REF):
         package, _, suffix = ref[len(PACKAGE_REF):].partition(":")
         ref = str(package_file(package, suffix))
+    return ref
+
+
+def resolve_reference(ref: str) -> str:
+    """A checkpoint's backbone reference as something ``from_pretrained`` loads: a ``package:DIST:SUFFIX`` reference
+    or a ``.gguf`` file becomes the converted folder; anything else (a folder, a hub id) is returned unchanged."""
+    ref = reference_file(ref)
     return str(gguf_folder(ref)) if is_gguf(ref) else ref

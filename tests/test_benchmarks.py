@@ -31,6 +31,7 @@ SCHEMA = {
     "stream_rss": (("file_mb", "read_mb", "seconds", "mb_per_s", "memory_bank_mib", "peak_rss_mib"), ("samples",)),
     "scale": (("gpus", "backbone_params", "sidenet_params", "trained_params", "total_gb", "total_ckpt_gb"), ("agreement",)),
     "harness_prefix": (("median_s", "first_s", "total_s", "tokens_written", "speedup"), ("identical_scores",)),
+    "real_size": (("median_ms", "min_ms", "max_ms", "tok_per_s", "ratio"), ("training_configs", "skipped")),
 }
 
 
@@ -61,7 +62,7 @@ def run_quick(name, tmp_path, *extra):
     return data
 
 
-@pytest.mark.parametrize("name", [n for n in SCHEMA if n != "stream_rss"])  # stream_rss: its own test below
+@pytest.mark.parametrize("name", [n for n in SCHEMA if n not in ("stream_rss", "real_size")])  # own tests below
 def test_quick_mode_writes_documented_json(name, tmp_path, restore_torch_state):
     check_documented_json(name, run_quick(name, tmp_path))
 
@@ -152,3 +153,26 @@ def test_scale_plan_matches_measured_allocations_and_sharding_divides(tmp_path, 
         total = {r["strategy"]: r["total_gb"] for r in data["results"] if r["model"] == model}
         assert total["ddp"] > total["fsdp-2"] > total["fsdp-4"] > total["fsdp-8"] > total["fsdp-8 +shard-backbone"]
         assert total["ddp +lora16"] < total["ddp"]
+
+
+def test_real_size_times_every_path_and_training_configuration(tmp_path, restore_torch_state):
+    """Quick mode of the real-size benchmark on a tiny identity-start model: every part at both precisions and
+    memory sizes, each training configuration (with the blocks it skips), the profile, llama.cpp's skip reason."""
+    data = run_quick("real_size", tmp_path, "--profile", "--profile-steps", "1")
+    check_documented_json("real_size", data)
+    rows = data["results"]
+    for precision in ("fp32", "bf16"):
+        mine = [r for r in rows if r["precision"] == precision]
+        assert {r["part"] for r in mine} == {"ingest", "window", "decode", "adaptation"}
+        steps = {(r["case"], r["memory"], r["segment"]) for r in mine if r["part"] == "adaptation"}
+        assert steps >= {(c, M, T) for c in ("full", "from-j", "lora", "block-j", "full+ckpt") for M in (1024, 4096)
+                         for T in (32, 64)}
+        assert {r["case"] for r in mine if r["part"] == "decode"} >= {"HF generate (KV cache)", "PlainBackbone (same Decoder)",
+                                                                      "longmem, 4,096-token memory"}
+    configs = {(c["precision"], c["config"]): c for c in data["training_configs"]}
+    assert configs["fp32", "full"]["skipped_blocks"] == [] and configs["fp32", "block-j"]["skipped_blocks"] == [0]
+    assert configs["fp32", "lora"]["trainable_params"] < configs["fp32", "block-j"]["trainable_params"] < configs["fp32", "full"]["trainable_params"]
+    assert configs["fp32", "full+ckpt"]["grad_checkpointing"]
+    assert data["skipped"] == [{"part": "llama.cpp", "reason": "the model has random weights: there is no GGUF file to give llama.cpp"}]
+    profile = Path(data["profile"]).read_text()
+    assert profile.count("== adaptation step:") == 10 and "memory.search" in profile  # 5 configurations x 2 precisions
