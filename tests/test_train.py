@@ -12,6 +12,7 @@ from torch.testing import assert_close
 from longmem import LongMem
 from longmem.cli import main
 from longmem.loading import load_model
+from longmem.training.step import rng_state, set_rng_state
 
 TINY = ["--batch-size", "2", "--segment-length", "16", "--memory-size", "128", "--chunk-size", "2",
         "--topk-chunks", "4", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--eval-docs", "2",
@@ -86,8 +87,7 @@ def test_two_process_torchrun_on_cpu_is_killed_resumes_and_keeps_learning(tiny_a
     """2-process DDP (gloo): SIGKILL the whole job after a checkpoint, resume, finish; backbone untouched."""
     import hashlib
     import signal
-    import time
-
+    
     a = tiny_assets
     weights = a["backbone"] / "model.safetensors"
     before = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -151,6 +151,44 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 2  # the last good step's checkpoint, intact
     LongMem.from_pretrained(out / "checkpoint")
+
+
+def test_rng_state_round_trip_on_cpu():
+    dropout = torch.nn.Dropout(0.5)
+    saved = rng_state(torch.device("cpu"))
+    assert set(saved) == {"cpu"}
+    first = (torch.rand(8), torch.randn(8), dropout(torch.ones(8)), torch.randint(0, 100, (8,)))
+    set_rng_state(saved, torch.device("cpu"))
+    second = (torch.rand(8), torch.randn(8), dropout(torch.ones(8)), torch.randint(0, 100, (8,)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    set_rng_state(saved["cpu"], torch.device("cpu"))  # a checkpoint before the dict: the CPU state alone
+    assert torch.equal(torch.rand(8), first[0])
+
+
+def test_rng_state_keeps_the_accelerators_of_its_device(monkeypatch):
+    """The accelerator's branch, run on the CPU with a stand-in device module (no GPU here)."""
+
+    class FakeAccelerator:
+        state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+        restored = []
+
+        def get_rng_state(self, device):
+            return self.state.clone()
+
+        def set_rng_state(self, state, device):
+            self.restored.append((state, device))
+
+    fake = FakeAccelerator()
+    monkeypatch.setattr(torch, "get_device_module", lambda device: fake)
+    gpu = torch.device("cuda", 1)
+    saved = rng_state(gpu)
+    assert set(saved) == {"cpu", "cuda"} and torch.equal(saved["cuda"], fake.state)
+    drawn = torch.rand(4)
+    set_rng_state(saved, gpu)
+    assert torch.equal(torch.rand(4), drawn)
+    assert len(fake.restored) == 1 and torch.equal(fake.restored[0][0], fake.state) and fake.restored[0][1] == gpu
+    set_rng_state(saved, torch.device("cpu"))  # a GPU run resumed on the CPU: the CPU state, the GPU's left out
+    assert len(fake.restored) == 1 and torch.equal(torch.rand(4), drawn)
 
 
 def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_assets, tmp_path):

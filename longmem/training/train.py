@@ -52,7 +52,7 @@ from longmem.training.scale import (
     optimizer_state,
     shard,
 )
-from longmem.training.step import Optimization, adamw, schedule, train_step
+from longmem.training.step import Optimization, adamw, rng_state, schedule, set_rng_state, train_step
 
 
 @dataclass
@@ -424,10 +424,11 @@ def resume_streams(run: Run, state: dict) -> None:
     """Counters, stream positions and RNG from the checkpoint; each row's memory rebuilt (before sharding)."""
     run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed"]
     run.streams.load_state_dict(state["streams"][run.rank])
-    torch.set_rng_state(state["rng"][run.rank])
-    device_rng = state.get("device_rng", [None] * run.world)[run.rank]  # checkpoints before it: none
-    if device_rng is not None:
-        torch.get_device_module(run.device).set_rng_state(device_rng, run.device)
+    rng = state["rng"][run.rank]
+    device_rng = state.get("device_rng")  # checkpoints written before rng_state: the device's state beside the CPU's
+    if device_rng is not None and device_rng[run.rank] is not None:
+        rng = {"cpu": rng, run.device.type: device_rng[run.rank]}
+    set_rng_state(rng, run.device)
     memories = state.get("memories")
     if memories is not None:  # the memory depends on trained weights: restored as it was (see keeps_memory)
         with tempfile.TemporaryDirectory(dir=run.out) as d:
@@ -450,8 +451,7 @@ def resume_optimizer(run: Run, state: dict) -> None:
 
 def checkpoint(run: Run) -> None:
     """Every process's RNG and stream positions, the model and optimizer, written by rank 0 atomically."""
-    mine = (torch.get_rng_state(), run.streams.state_dict(), device_rng_state(run.device),
-            memory_bytes(run) if keeps_memory(run.cfg) else None)
+    mine = (rng_state(run.device), run.streams.state_dict(), memory_bytes(run) if keeps_memory(run.cfg) else None)
     gathered = [mine]
     if run.world > 1:
         gathered = [None] * run.world
@@ -460,10 +460,10 @@ def checkpoint(run: Run) -> None:
     trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
                **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
                "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
-               "rng": [g[0] for g in gathered], "device_rng": [g[2] for g in gathered], "strategy": run.cfg.strategy,
+               "rng": [g[0] for g in gathered], "strategy": run.cfg.strategy,
                "lora": lora_settings(run.cfg)}
     if keeps_memory(run.cfg):
-        trainer["memories"] = [g[3] for g in gathered]
+        trainer["memories"] = [g[2] for g in gathered]
     if unmerged is not None:
         trainer["lora_sidenet"] = unmerged
     if run.rank == 0:
@@ -485,13 +485,6 @@ def memory_bytes(run: Run) -> bytes:
     with tempfile.TemporaryDirectory(dir=run.out) as d:
         run.memory.save(Path(d) / "memory.safetensors")
         return (Path(d) / "memory.safetensors").read_bytes()
-
-
-def device_rng_state(device: torch.device):
-    """The accelerator's RNG state of this process's device (None on CPU)."""
-    if device.type == "cpu":
-        return None
-    return torch.get_device_module(device).get_rng_state(device)
 
 
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
