@@ -2,8 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +90,8 @@ def test_two_process_torchrun_on_cpu_is_killed_resumes_and_keeps_learning(tiny_a
     """2-process DDP (gloo): SIGKILL the whole job after a checkpoint, resume, finish; backbone untouched."""
     import hashlib
     import signal
-    
+    import time
+
     a = tiny_assets
     weights = a["backbone"] / "model.safetensors"
     before = hashlib.sha256(weights.read_bytes()).hexdigest()
@@ -151,6 +155,48 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 2  # the last good step's checkpoint, intact
     LongMem.from_pretrained(out / "checkpoint")
+
+
+def _nan_on_rank_1(rank: int, assets: dict, out: str, port: int) -> None:
+    """One process of a 2-process gloo job; rank 1's loss turns nan at its third step, rank 0's never does.
+    Writes the CLI's exit status to OUT/exit-RANK."""
+    import longmem.training.step as st
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    if rank == 1:
+        real, calls = st.next_token_loss, {"n": 0}
+
+        def poisoned(logits, targets, **kw):
+            calls["n"] += 1
+            loss = real(logits, targets, **kw)
+            return loss * float("nan") if calls["n"] == 3 else loss
+
+        st.next_token_loss = poisoned
+    code = main(train_args(assets, out, "--max-steps", "6", "--eval-every", "0", "--save-every", "1"))
+    Path(out + f"-exit-{rank}").write_text(str(code))
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(tiny_assets, tmp_path):
+    """Only rank 1 sees the nan: both processes stop at the same step with the one-line error (without the
+    reduction rank 0 would go on into the next step's gradient all-reduce and wait there for ever)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assets = {k: tiny_assets[k] for k in ("backbone", "train", "val")}
+    out = str(tmp_path / "nan")
+    job = torch.multiprocessing.start_processes(_nan_on_rank_1, args=(assets, out, port), nprocs=2, join=False,
+                                                start_method="spawn")
+    deadline = time.time() + 240
+    try:
+        while not job.join(timeout=1):
+            assert time.time() < deadline, "a process did not stop"
+    finally:
+        for p in job.processes:
+            if p.is_alive():
+                p.kill()
+    assert [Path(out + f"-exit-{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert torch.load(Path(out) / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
 
 
 def test_rng_state_round_trip_on_cpu():

@@ -247,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     stop_reason, last, window_t = "max_steps", {}, time.time()
     while run.step < cfg.max_steps:
         stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.grad_accum)], run.optim, memory=run.memory)
-        if not all_ranks(stats.finite, run.world):  # every process stops at the same step
+        if not all_ranks(stats.finite, run):  # every process stops at the same step
             raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last good checkpoint is kept in "
                                f"{run.out}/checkpoint. Lower --lr or use --precision fp32")
         run.step += 1
@@ -537,11 +537,12 @@ def measure_staleness(run: Run) -> None:
         run.log({"step": run.step, "staleness": staleness(run.model, run.memory, run.streams.replay_segments(0)[-32:])})
 
 
-def all_ranks(flag: bool, world: int) -> bool:
-    """Whether ``flag`` holds on every process (one all-reduce; the flag itself in one process)."""
-    if world == 1:
+def all_ranks(flag: bool, run: Run) -> bool:
+    """Whether ``flag`` holds on every process (one all-reduce; the flag itself in one process). The flag travels
+    on the process's device: nccl reduces CUDA tensors only."""
+    if run.world == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=run.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -549,11 +550,7 @@ def all_ranks(flag: bool, world: int) -> bool:
 def over_time_limit(run: Run) -> bool:
     """--max-minutes reached (on any process: all stop together)."""
     out_of_time = run.cfg.max_minutes is not None and (time.time() - run.t0) / 60 >= run.cfg.max_minutes
-    if run.world > 1:
-        flag = torch.tensor([float(out_of_time)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        out_of_time = bool(flag.item())
-    return out_of_time
+    return not all_ranks(not out_of_time, run)
 
 
 def gate_values(model) -> list[float]:
