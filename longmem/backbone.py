@@ -39,7 +39,9 @@ the attention function (no output projection, no MLP) and runs only for the laye
 
 Masks: the cores build their own causal mask (they know the KV cache) with the layer's sliding window
 (passed to the attention function by transformers, or taken from the config when a family keeps it
-only in its mask) and Gemma 2's score soft-cap; transformers' own masks go unused.
+only in its mask) and Gemma 2's score soft-cap; transformers' own masks go unused. LongMem hands HF's forward
+a mask of zeros, which transformers passes through as-is; the probe refuses a family whose attention function
+receives anything else at a visible position (Doge's dynamic mask adds a learned per-head bias there).
 
 Glossary: B rows, T tokens, D hidden size, H query heads, Hkv key/value heads, Dh head dim, L layers.
 ``Hb[i]`` is the hidden state entering block i, ``Hb[L]`` the raw output of the last block (no final
@@ -113,6 +115,7 @@ class _Call:
     core: AttentionCore | None  # None: capture q/k and stop the layer (the identity-rotation pass)
     raw: tuple | None = None  # (q_raw, k_raw)
     window: int | None = None  # a sliding window the family keeps only in its mask (not passed to attention)
+    masks: list | None = None  # where given (the probe), the attention masks the family passes are appended here
     calls: int = 0
 
 
@@ -133,9 +136,10 @@ class _Pass:
 
     ``with _Pass(...)`` installs the hooks on the layers for the pass and removes them after it."""
 
-    def __init__(self, layers, core_for, raw_layers, upto, window=None, rotary_scales=None):
+    def __init__(self, layers, core_for, raw_layers, upto, window=None, rotary_scales=None, masks=None):
         self.layers = layers
         self.window = window
+        self.masks = masks  # a list to collect each layer's attention mask in (the probe), or None
         self.rotary_scales = rotary_scales  # per layer: the magnitude of its rotation (None in the probe pass)
         self.core_for, self.raw_layers, self.upto = core_for, raw_layers, upto
         self.hidden: list[torch.Tensor] = []
@@ -169,7 +173,7 @@ class _Pass:
             self.hidden.append(x)  # Hb[i]
             self.inputs.append(inputs)
             raw = _pre_rotary(layer, x, inputs) if i in self.raw_layers else None
-            return args, {**kwargs, CALL_KEY: _Call(self.core_for(i), raw, self.window)}
+            return args, {**kwargs, CALL_KEY: _Call(self.core_for(i), raw, self.window, self.masks)}
 
         return hook
 
@@ -194,6 +198,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if call.core is None:
         raise _Captured(query, key)
+    if call.masks is not None:
+        call.masks.append(attention_mask)
     call.calls += 1
     if call.calls > 1:
         raise LongMemError(f"{type(module).__name__} calls attention twice in one layer (cross-attention?); {_UNSUPPORTED_HINT}")
@@ -204,6 +210,18 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     q_raw, k_raw = call.raw if call.raw is not None else (query, key)
     out = call.core(query, key, value, q_raw, k_raw, **local)  # (B, H, T, Dh)
     return out.transpose(1, 2), None  # (B, T, H, Dh), as transformers expects
+
+
+def _adds_nothing(mask) -> bool:
+    """Whether an attention mask leaves every causally visible score as it is: None, or 0 (True for a boolean mask)
+    at each query's own and earlier keys. LongMem passes zeros and its cores mask causally; a family that puts
+    something else there (a bias, a mask hiding visible keys) computes attention the cores do not."""
+    if mask is None:
+        return True
+    Tq, Tk = mask.shape[-2:]
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=mask.device).tril(Tk - Tq)  # (Tq, Tk) key <= query
+    seen = mask[..., visible]
+    return bool(seen.all()) if mask.dtype == torch.bool else bool((seen == 0).all())
 
 
 def _rotation_scale(pe) -> torch.Tensor:
@@ -335,7 +353,7 @@ class Backbone(nn.Module):
     The model given is switched to ``attn_implementation="longmem"``; called directly (outside LongMem) it
     then computes the family's own eager attention, with transformers' masks. Construction runs a 3-token
     probe that measures the head layout, scale and windows, and refuses a family whose logits it does not
-    reproduce.
+    reproduce or whose attention gets a mask of the family's own.
     """
 
     def __init__(self, model: nn.Module, frozen: bool = True):
@@ -407,7 +425,7 @@ class Backbone(nn.Module):
 
     def _probe(self) -> _Layout:
         """Run 3 tokens once to measure the attention layout and to check that this adapter reproduces the
-        HF model (every layer calls the attention function once; hidden states and logits agree)."""
+        HF model (every layer calls the attention function once, with no mask of its own; logits agree)."""
         seen: list[dict] = []
 
         def recorder(i):
@@ -430,13 +448,19 @@ class Backbone(nn.Module):
             self.model.train(training)
 
     def _probe_pass(self, ids, recorder, seen) -> _Layout:
-        out = self._run(ids, None, recorder, raw_layers=(), upto=None)
+        masks: list = []
+        out = self._run(ids, None, recorder, raw_layers=(), upto=None, masks=masks)
         layers = [s["layer"] for s in seen]
         if layers != list(range(self.num_layers)):
             raise LongMemError(f"backbone type {self.model_type!r}: the attention function was called for layers {layers[:8]}, "
                                f"not once per layer; {_UNSUPPORTED_HINT}")
         if any(s["H"] % s["Hkv"] or (s["H"], s["Hkv"], s["Dh"]) != (seen[0]["H"], seen[0]["Hkv"], seen[0]["Dh"]) for s in seen):
             raise LongMemError(f"backbone type {self.model_type!r} changes its head layout from layer to layer; the memory needs one")
+        for i, mask in enumerate(masks):
+            if not _adds_nothing(mask):  # e.g. Doge's dynamic mask: a no-op at random init (its A = 0), not once trained
+                raise LongMemError(f"backbone type {self.model_type!r} passes its attention a mask of its own (layer {i}, shape "
+                                   f"{tuple(mask.shape)}) that changes scores a token may attend to; LongMem's attention "
+                                   f"builds its own causal mask and would drop it")
         mine = self.logits(out.hidden_states[-1]).float()
         ref = self.model(ids).logits.float()  # the HF model itself (the attention function's eager fallback)
         tol = 1e-3 if self.dtype == torch.float32 else 5e-2
@@ -540,7 +564,7 @@ class Backbone(nn.Module):
         out.keys, out.values = saved["kv"]
         return out
 
-    def _run(self, input_ids, positions, core_for, raw_layers, upto) -> BackboneOutput:
+    def _run(self, input_ids, positions, core_for, raw_layers, upto, masks=None) -> BackboneOutput:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)
@@ -548,7 +572,7 @@ class Backbone(nn.Module):
         # LongMem's cores build their own causal/window masks (they know the KV cache); a 4D mask here is taken
         # as-is by transformers' mask utilities, which then skip building one per call (it would go unused)
         unused_mask = torch.zeros(1, 1, 1, 1, device=input_ids.device).expand(B, 1, T, T)
-        with _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window, self.rotary_scales) as run:
+        with _Pass(self.blocks, core_for, set(raw_layers), upto, self.mask_window, self.rotary_scales, masks) as run:
             try:
                 self.base(input_ids=input_ids, attention_mask=unused_mask, position_ids=positions, use_cache=False)
             except _Stop:

@@ -97,7 +97,7 @@ def reason(row: dict) -> str:
     if row["stage"] == "build" and "LongMemError" not in e:
         return "the generic tiny config does not build (not LongMem)"
     if row["stage"] == "build":
-        return "refused by the probe (logits not reproduced, attention called twice or with changing layout)"
+        return "refused by the probe (logits not reproduced; attention called twice, with changing layout or with a mask of its own)"
     return "fails a check"
 
 

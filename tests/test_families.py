@@ -223,6 +223,7 @@ def test_9_identity_start_gives_the_backbone_logits(family):
     ("mamba", "not attention in every layer"),  # a state-space model
     ("bloom", "does not use transformers' attention registry"),  # ALiBi inside its own attention: no hook
     ("gpt_oss", "attention sinks"),
+    ("doge", "passes its attention a mask of its own"),  # a learned dynamic mask: a no-op at random init, so the logits agree
 ])
 def test_unsupported_families_fail_with_one_line(model_type, says):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM

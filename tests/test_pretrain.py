@@ -67,7 +67,8 @@ def test_pretrain_end_to_end_saves_a_loadable_model(corpus, tmp_path):
     assert gen.shape == (1, ids.shape[1] + 5)
 
 
-def test_killed_run_resumes_exactly(corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("written", ["now", "before rng_state"])
+def test_killed_run_resumes_exactly(corpus, tmp_path, monkeypatch, written):
     full, killed = tmp_path / "full", tmp_path / "killed"
     assert main(args(corpus, full, "--max-steps", "7")) == 0
 
@@ -81,6 +82,11 @@ def test_killed_run_resumes_exactly(corpus, tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(args(corpus, killed, "--max-steps", "7"))
     monkeypatch.setattr(P, "save_checkpoint", real_save)
+    state = torch.load(killed / "checkpoint" / "state.pt", weights_only=False)
+    assert set(state["rng"]) == {"cpu"}  # on a GPU also "cuda"
+    if written == "before rng_state":  # the CPU generator's state alone, under its old name
+        state["torch_rng"] = state.pop("rng")["cpu"]
+        torch.save(state, killed / "checkpoint" / "state.pt")
     assert main(args(corpus, killed, "--max-steps", "7")) == 2  # refuses without --resume
     assert main(args(corpus, killed, "--max-steps", "7", "--resume")) == 0
 

@@ -2,8 +2,11 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from longmem import LongMem
 from longmem.cli import main
 from longmem.loading import load_model
 from longmem.training.config import TrainConfig
+from longmem.training.step import rng_state, set_rng_state
 
 TINY = ["--batch-size", "2", "--segment-length", "16", "--memory-size", "128", "--chunk-size", "2",
         "--topk-chunks", "4", "--lr", "3e-3", "--precision", "fp32", "--no-progress", "--eval-docs", "2",
@@ -155,6 +159,86 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_assets
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["step"] == 2  # the last good step's checkpoint, intact
     LongMem.from_pretrained(out / "checkpoint")
+
+
+def _nan_on_rank_1(rank: int, assets: dict, out: str, port: int) -> None:
+    """One process of a 2-process gloo job; rank 1's loss turns nan at its third step, rank 0's never does.
+    Writes the CLI's exit status to OUT/exit-RANK."""
+    import longmem.training.step as st
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    if rank == 1:
+        real, calls = st.next_token_loss, {"n": 0}
+
+        def poisoned(logits, targets, **kw):
+            calls["n"] += 1
+            loss = real(logits, targets, **kw)
+            return loss * float("nan") if calls["n"] == 3 else loss
+
+        st.next_token_loss = poisoned
+    code = main(train_args(assets, out, "--max-steps", "6", "--eval-every", "0", "--save-every", "1"))
+    Path(out + f"-exit-{rank}").write_text(str(code))
+
+
+def test_a_nan_loss_on_one_process_stops_every_process(tiny_assets, tmp_path):
+    """Only rank 1 sees the nan: both processes stop at the same step with the one-line error (without the
+    reduction rank 0 would go on into the next step's gradient all-reduce and wait there for ever)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assets = {k: tiny_assets[k] for k in ("backbone", "train", "val")}
+    out = str(tmp_path / "nan")
+    job = torch.multiprocessing.start_processes(_nan_on_rank_1, args=(assets, out, port), nprocs=2, join=False,
+                                                start_method="spawn")
+    deadline = time.time() + 240
+    try:
+        while not job.join(timeout=1):
+            assert time.time() < deadline, "a process did not stop"
+    finally:
+        for p in job.processes:
+            if p.is_alive():
+                p.kill()
+    assert [Path(out + f"-exit-{r}").read_text() for r in (0, 1)] == ["2", "2"]
+    assert torch.load(Path(out) / "checkpoint" / "trainer.pt", weights_only=False)["step"] == 2
+
+
+def test_rng_state_round_trip_on_cpu():
+    dropout = torch.nn.Dropout(0.5)
+    saved = rng_state(torch.device("cpu"))
+    assert set(saved) == {"cpu"}
+    first = (torch.rand(8), torch.randn(8), dropout(torch.ones(8)), torch.randint(0, 100, (8,)))
+    set_rng_state(saved, torch.device("cpu"))
+    second = (torch.rand(8), torch.randn(8), dropout(torch.ones(8)), torch.randint(0, 100, (8,)))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    set_rng_state(saved["cpu"], torch.device("cpu"))  # a checkpoint before the dict: the CPU state alone
+    assert torch.equal(torch.rand(8), first[0])
+
+
+def test_rng_state_keeps_the_accelerators_of_its_device(monkeypatch):
+    """The accelerator's branch, run on the CPU with a stand-in device module (no GPU here)."""
+
+    class FakeAccelerator:
+        state = torch.tensor([1, 2, 3], dtype=torch.uint8)
+        restored = []
+
+        def get_rng_state(self, device):
+            return self.state.clone()
+
+        def set_rng_state(self, state, device):
+            self.restored.append((state, device))
+
+    fake = FakeAccelerator()
+    monkeypatch.setattr(torch, "get_device_module", lambda device: fake)
+    gpu = torch.device("cuda", 1)
+    saved = rng_state(gpu)
+    assert set(saved) == {"cpu", "cuda"} and torch.equal(saved["cuda"], fake.state)
+    drawn = torch.rand(4)
+    set_rng_state(saved, gpu)
+    assert torch.equal(torch.rand(4), drawn)
+    assert len(fake.restored) == 1 and torch.equal(fake.restored[0][0], fake.state) and fake.restored[0][1] == gpu
+    set_rng_state(saved, torch.device("cpu"))  # a GPU run resumed on the CPU: the CPU state, the GPU's left out
+    assert len(fake.restored) == 1 and torch.equal(torch.rand(4), drawn)
 
 
 def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_assets, tmp_path):

@@ -38,7 +38,7 @@ from longmem.plots import plot_loss_curves
 from longmem.io import atomic_write
 from longmem.loading import load_tokenizer, resolve_device
 from longmem.model import next_token_loss
-from longmem.training.step import MicroBatch, Optimization, adamw, schedule, train_step
+from longmem.training.step import MicroBatch, Optimization, adamw, rng_state, schedule, set_rng_state, train_step
 
 # fields that define the network: a checkpoint resumes only into the same ones
 _SHAPE_FIELDS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "seq_len",
@@ -383,7 +383,7 @@ def resume(run: PretrainRun, device: torch.device) -> None:
     run.optim.optimizer.load_state_dict(state["optimizer"])
     run.optim.scheduler.load_state_dict(state["scheduler"])
     run.gen.set_state(state["sampler_rng"])
-    torch.set_rng_state(state["torch_rng"].cpu())
+    set_rng_state(state.get("rng", state.get("torch_rng")), device)  # "torch_rng": checkpoints before rng_state
     run.step, run.tokens_seen, run.train_seconds = state["step"], state["tokens_seen"], state["seconds"]
     if run.metrics_path.exists():  # drop what the killed run logged after its checkpoint
         with open(run.metrics_path) as f:
@@ -400,7 +400,7 @@ def checkpoint(run: PretrainRun) -> None:
     save_checkpoint(run.checkpoint_path, {
         "model": run.model.state_dict(), "optimizer": run.optim.optimizer.state_dict(),
         "scheduler": run.optim.scheduler.state_dict(), "sampler_rng": run.gen.get_state(),
-        "torch_rng": torch.get_rng_state(), "step": run.step, "tokens_seen": run.tokens_seen,
+        "rng": rng_state(next(run.model.parameters()).device), "step": run.step, "tokens_seen": run.tokens_seen,
         "seconds": run.train_seconds, "config": asdict(run.cfg),
     })
 

@@ -8,6 +8,9 @@ baselines), what ``longmem pretrain`` runs, and what ``benchmarks/adaptation_ste
     unscale -> clip the gradient norm -> optimizer step (skipped by the scaler on inf/nan) -> schedule
 
 Under DDP or FSDP the gradients are synchronised once, after the last micro-batch.
+
+``rng_state`` / ``set_rng_state``: the random state a training checkpoint keeps (torch's CPU generator and the
+accelerator's of the process's device), so a resumed run draws what the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -126,6 +129,27 @@ def train_step(net: torch.nn.Module, micro_batches: Iterable, optim: Optimizatio
     if hasattr(grad_norm, "full_tensor"):  # FSDP (a DTensor): the norm of the sharded gradients, already reduced
         grad_norm = grad_norm.full_tensor()
     return StepStats(loss_sum, float(grad_norm), tokens, finite=True)
+
+
+def rng_state(device: torch.device) -> dict:
+    """This process's torch random state: ``{"cpu": ...}``, plus ``{device.type: ...}`` (e.g. "cuda") for an
+    accelerator, the state of ``device`` only (under torchrun each process owns one device; reading every device's
+    would open a context on each). Python's and NumPy's global generators are not kept: training draws from its own
+    seeded generators (``data.streams``, ``adapt``), never from them."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        state[device.type] = torch.get_device_module(device).get_rng_state(device)
+    return state
+
+
+def set_rng_state(state, device: torch.device) -> None:
+    """Restore what ``rng_state`` returned. A bare tensor (checkpoints before the dict) is the CPU state alone;
+    an accelerator's state saved on another kind of device (a GPU run resumed on the CPU) is left out."""
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state}
+    torch.set_rng_state(state["cpu"].cpu())  # .cpu(): a checkpoint loaded with map_location=device moved it
+    if device.type != "cpu" and state.get(device.type) is not None:
+        torch.get_device_module(device).set_rng_state(state[device.type].cpu(), device)
 
 
 def _gradient_sync(net, last: bool):

@@ -51,7 +51,7 @@ from longmem.training.scale import (
     optimizer_state,
     shard,
 )
-from longmem.training.step import Optimization, adamw, schedule, train_step
+from longmem.training.step import Optimization, adamw, rng_state, schedule, set_rng_state, train_step
 
 
 # -- distributed -----------------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> dict:
     stop_reason, last, window_t = "max_steps", {}, time.time()
     while run.step < cfg.schedule.max_steps:
         stats = train_step(run.net, [run.streams.next_batch() for _ in range(cfg.optim.grad_accum)], run.optim, memory=run.memory)
-        if not all_ranks(stats.finite, run.world):  # every process stops at the same step
+        if not all_ranks(stats.finite, run):  # every process stops at the same step
             raise LongMemError(f"loss became {stats.loss} at step {run.step}; the last good checkpoint is kept in "
                                f"{run.out}/checkpoint. Lower --lr or use --precision fp32")
         run.step += 1
@@ -332,10 +332,11 @@ def resume_streams(run: Run, state: dict) -> None:
     """Counters, stream positions and RNG from the checkpoint; each row's memory rebuilt (before sharding)."""
     run.step, run.tokens, run.elapsed_before = state["step"], state["tokens"], state["elapsed"]
     run.streams.load_state_dict(state["streams"][run.rank])
-    torch.set_rng_state(state["rng"][run.rank])
-    device_rng = state.get("device_rng", [None] * run.world)[run.rank]  # checkpoints before it: none
-    if device_rng is not None:
-        torch.get_device_module(run.device).set_rng_state(device_rng, run.device)
+    rng = state["rng"][run.rank]
+    device_rng = state.get("device_rng")  # checkpoints written before rng_state: the device's state beside the CPU's
+    if device_rng is not None and device_rng[run.rank] is not None:
+        rng = {"cpu": rng, run.device.type: device_rng[run.rank]}
+    set_rng_state(rng, run.device)
     memories = state.get("memories")
     if memories is not None:  # the memory depends on trained weights: restored as it was (see keeps_memory)
         with tempfile.TemporaryDirectory(dir=run.out) as d:
@@ -358,8 +359,7 @@ def resume_optimizer(run: Run, state: dict) -> None:
 
 def checkpoint(run: Run) -> None:
     """Every process's RNG and stream positions, the model and optimizer, written by rank 0 atomically."""
-    mine = (torch.get_rng_state(), run.streams.state_dict(), device_rng_state(run.device),
-            memory_bytes(run) if keeps_memory(run.cfg) else None)
+    mine = (rng_state(run.device), run.streams.state_dict(), memory_bytes(run) if keeps_memory(run.cfg) else None)
     gathered = [mine]
     if run.world > 1:
         gathered = [None] * run.world
@@ -368,10 +368,10 @@ def checkpoint(run: Run) -> None:
     trainer = {"optimizer": optimizer_state(run.model, run.optim.optimizer), "optimizer_format": OPTIMIZER_FORMAT,
                **run.optim.state_dict(), "step": run.step, "tokens": run.tokens,
                "elapsed": run.elapsed_before + time.time() - run.t0, "streams": [g[1] for g in gathered],
-               "rng": [g[0] for g in gathered], "device_rng": [g[2] for g in gathered], "strategy": run.cfg.scale.strategy,
+               "rng": [g[0] for g in gathered], "strategy": run.cfg.scale.strategy,
                "lora": run.cfg.scale.lora}
     if keeps_memory(run.cfg):
-        trainer["memories"] = [g[3] for g in gathered]
+        trainer["memories"] = [g[2] for g in gathered]
     if unmerged is not None:
         trainer["lora_sidenet"] = unmerged
     if run.rank == 0:
@@ -393,13 +393,6 @@ def memory_bytes(run: Run) -> bytes:
     with tempfile.TemporaryDirectory(dir=run.out) as d:
         run.memory.save(Path(d) / "memory.safetensors")
         return (Path(d) / "memory.safetensors").read_bytes()
-
-
-def device_rng_state(device: torch.device):
-    """The accelerator's RNG state of this process's device (None on CPU)."""
-    if device.type == "cpu":
-        return None
-    return torch.get_device_module(device).get_rng_state(device)
 
 
 def model_weights(run: Run) -> tuple[dict | None, dict | None]:
@@ -453,11 +446,12 @@ def measure_staleness(run: Run) -> None:
         run.log({"step": run.step, "staleness": staleness(run.model, run.memory, run.streams.replay_segments(0)[-32:])})
 
 
-def all_ranks(flag: bool, world: int) -> bool:
-    """Whether ``flag`` holds on every process (one all-reduce; the flag itself in one process)."""
-    if world == 1:
+def all_ranks(flag: bool, run: Run) -> bool:
+    """Whether ``flag`` holds on every process (one all-reduce; the flag itself in one process). The flag travels
+    on the process's device: nccl reduces CUDA tensors only."""
+    if run.world == 1:
         return flag
-    t = torch.tensor([float(flag)])
+    t = torch.tensor([float(flag)], device=run.device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
     return bool(t.item())
 
@@ -465,11 +459,7 @@ def all_ranks(flag: bool, world: int) -> bool:
 def over_time_limit(run: Run) -> bool:
     """--max-minutes reached (on any process: all stop together)."""
     out_of_time = run.cfg.schedule.max_minutes is not None and (time.time() - run.t0) / 60 >= run.cfg.schedule.max_minutes
-    if run.world > 1:
-        flag = torch.tensor([float(out_of_time)])
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        out_of_time = bool(flag.item())
-    return out_of_time
+    return not all_ranks(not out_of_time, run)
 
 
 def gate_values(model) -> list[float]:
