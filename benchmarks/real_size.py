@@ -334,9 +334,10 @@ def _stamped_rounds(cases, args, N: int):
 def adaptation_rows(args, model, base, hf, banks, ids, sizes, amp, where, device):
     """One optimizer step per configuration and memory, interleaved with the references, for each segment."""
     from longmem.training.step import MicroBatch, train_step
-    from longmem.training.train import TrainConfig, make_optimization
+    from longmem.training.config import OptimConfig
+    from longmem.training.train import make_optimization
 
-    settings = TrainConfig(data=["(benchmark)"], precision=where["precision"], lr=1e-5, max_steps=10**9)
+    settings = OptimConfig(lr=1e-5)
     B = sizes["batch"]
     models, info = {}, []
     for name in args.configs:
@@ -347,13 +348,13 @@ def adaptation_rows(args, model, base, hf, banks, ids, sizes, amp, where, device
             continue
         with torch.enable_grad():
             skipped = sorted(m.sidenet.skipped_blocks())
-        models[name] = (m, make_optimization(settings, m.trainable_parameters(), amp))
+        models[name] = (m, make_optimization(settings, 10**9, m.trainable_parameters(), amp))
         info.append({"precision": where["precision"], "config": name, "trainable_params": sum(p.numel() for p in m.trainable_parameters()),
                      "skipped_blocks": skipped, "sidenet_blocks": m.sidenet.num_layers,
                      "grad_checkpointing": m.sidenet.grad_checkpointing})
     full = hf_copy(base, torch.float32).train().requires_grad_(True)  # fp32 weights; bf16 runs under autocast
     full.config.use_cache = False
-    optim_full = make_optimization(settings, list(full.parameters()), amp)
+    optim_full = make_optimization(settings, 10**9, list(full.parameters()), amp)
     rows, profiles = [], []
     for T in sizes["segments"]:
         seq = ids[:, :T + 1].expand(B, -1)
