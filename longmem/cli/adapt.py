@@ -6,7 +6,7 @@ import argparse
 import json
 import signal
 
-from longmem.training.adapt import AdaptConfig, run_adaptation
+from longmem.training.adapt import AdaptConfig, export, plot_curves, run_adaptation
 
 
 def _interrupt(signum, frame):
@@ -22,6 +22,10 @@ def _run(args: argparse.Namespace) -> int:
     cfg = AdaptConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     report = run_adaptation(args.backbone, args.out, cfg, max_minutes=args.max_minutes, max_steps=args.max_steps,
                             books=not args.no_books, progress=not args.no_progress)
+    if args.export:
+        folder = export(args.out, args.export, backbone=args.backbone)
+        plot_curves(args.out, folder / "curves.png")
+        report["exported"] = str(folder)
     print(json.dumps(report))
     return 0
 
@@ -39,6 +43,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the trained part, optimizer state and metrics.jsonl")
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop (and save) after this wall time (default: 60)")
     p.add_argument("--max-steps", type=int, help="stop at this optimizer step (counted over resumed runs)")
+    p.add_argument("--export", metavar="DIR", help="after the run, write a loadable model folder (only the trained part, "
+                                                   "bf16) and its learning curves to DIR; with --max-minutes 0, only that")
     p.add_argument("--no-books", action="store_true", help="no novels: filler haystacks only, no plain-text examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, typ, help_ in (
