@@ -25,7 +25,7 @@ def test_adapt_trains_the_memory_block_resumes_and_exports(tiny_assets, tmp_path
     assert set(trained) == expected | {f"scales.{j}"} and len(expected) > 2
     assert float(trained[f"scales.{j}"]) != 0.0  # the memory block came in
     assert main(args + ["--max-steps", "3", "--export", str(tmp_path / "cli-model")]) == 0  # resumed: one more step
-    assert (tmp_path / "cli-model" / "curves.png").stat().st_size > 0
+    assert (out / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "cli-model" / "adaptation.json").read_text())["step"] == 3
     state = json.loads((out / "state.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

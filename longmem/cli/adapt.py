@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+from pathlib import Path
 
 from longmem.training.adapt import AdaptConfig, export, plot_curves, run_adaptation
 
@@ -24,7 +25,7 @@ def _run(args: argparse.Namespace) -> int:
                             books=not args.no_books, progress=not args.no_progress)
     if args.export:
         folder = export(args.out, args.export, backbone=args.backbone)
-        plot_curves(args.out, folder / "curves.png")
+        plot_curves(args.out, Path(args.out) / "curves.png")
         report["exported"] = str(folder)
     print(json.dumps(report))
     return 0
@@ -44,7 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop (and save) after this wall time (default: 60)")
     p.add_argument("--max-steps", type=int, help="stop at this optimizer step (counted over resumed runs)")
     p.add_argument("--export", metavar="DIR", help="after the run, write a loadable model folder (only the trained part, "
-                                                   "bf16) and its learning curves to DIR; with --max-minutes 0, only that")
+                                                   "bf16) to DIR and the learning curves to OUT/curves.png; with "
+                                                   "--max-minutes 0, only that")
     p.add_argument("--no-books", action="store_true", help="no novels: filler haystacks only, no plain-text examples")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     for name, typ, help_ in (

@@ -249,12 +249,13 @@ class Adapter:
         began = time.monotonic()
         self._last_save = began
         bar = tqdm(desc="adapt", unit="step", initial=self.step, disable=not progress)
-        report = {}
+        report, first = {}, self.step
         try:
             report = self._loop(began, max_minutes, max_steps, bar)
         finally:  # Ctrl-C included: what was trained since the last save is kept
-            self.minutes += (time.monotonic() - self._last_save) / 60
-            self.save()
+            if self.step > first:  # a call that trained nothing (--max-minutes 0) leaves the run as it was
+                self.minutes += (time.monotonic() - self._last_save) / 60
+                self.save()
             bar.close()
         return report
 
