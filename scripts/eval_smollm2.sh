@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1
 t() { local name=$1; shift; local s=$(date +%s); "$@" > "$OUT/$name.txt" 2> "$OUT/$name.err"; echo "$name $(( $(date +%s) - s )) s" | tee -a "$OUT/times.txt"; }
 t demo $L demo "${MODEL[@]}" --json "$OUT/demo.json" --no-progress
 t facts $L eval facts "${MODEL[@]}" --tokens 16000 --json "$OUT/facts.json" --no-progress
-t facts_tiny $L eval facts --tokens 16000 --json "$OUT/facts_tiny.json" --no-progress
+t facts_tiny $L eval facts --model longmem-tiny --tokens 16000 --json "$OUT/facts_tiny.json" --no-progress
 t passkey_short $L eval passkey "${MODEL[@]}" --distances 1000 4000 --trials 20 --full-context --json "$OUT/passkey_short.json" --no-progress
 t passkey_long $L eval passkey "${MODEL[@]}" --distances 16000 32000 --trials 10 --json "$OUT/passkey_long.json" --no-progress
 $PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w').write(emma_text())"
