@@ -1,4 +1,4 @@
-"""Make a trained run the shipped default: its SideNet into models/longmem-tiny, next to the backbone there.
+"""Make a trained run the shipped longmem-tiny: its SideNet into models/longmem-tiny, next to the backbone there.
 
 The run must have been trained on that folder's backbone (the fingerprint is checked). Written: the run's
 ``sidenet.safetensors`` and ``longmem.json`` (its config: retrieval options included; the backbone by the relative

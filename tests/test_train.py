@@ -257,14 +257,14 @@ def test_init_from_starts_from_a_saved_sidenet_and_keeps_its_settings(tiny_asset
     fresh = LongMem.from_backbone(a["backbone"], start.config)
     assert any(not torch.equal(v, w) for v, w in zip(fresh.sidenet.state_dict().values(), after.sidenet.state_dict().values()))
     assert main(train_args(a, tmp_path / "x", "--init-from", str(first), "--method", "memtrm")) == 2
-    # retrieval options given with --init-from override the saved ones (how the shipped default was continued)
+    # retrieval options given with --init-from override the saved ones (how longmem-tiny was continued)
     third = tmp_path / "third"
     assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(third),
                  "--init-from", str(first), "--max-steps", "1", "--batch-size", "2", "--precision", "fp32",
                  "--no-progress", "--eval-every", "0", "--retrieval-query", "key", "--retrieval-next"]) == 0
     cfg = LongMem.from_pretrained(third).config
     assert (cfg.retrieval_query, cfg.retrieval_next, cfg.memory_size) == ("key", True, 128)
-    # ... and can turn an inherited option off again (back to the paper's retrieval from the shipped default)
+    # ... and can turn an inherited option off again (back to the paper's retrieval from longmem-tiny)
     fourth = tmp_path / "fourth"
     assert main(["train", "--backbone", str(a["backbone"]), "--data", str(a["train"]), "--out", str(fourth),
                  "--init-from", str(third), "--max-steps", "1", "--batch-size", "2", "--precision", "fp32",
