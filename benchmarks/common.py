@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
 
 from longmem.io import atomic_write  # noqa: E402
 
-# The shipped default model's shape (models/longmem-tiny): used when no --model is given in full mode.
+# longmem-tiny's shape (models/longmem-tiny): used when no --model is given in full mode.
 DEFAULT_SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=2048,
                      tie_word_embeddings=True)
@@ -69,7 +69,7 @@ def parser(name: str, description: str | None, full_repeats: int = 5) -> argpars
                    help="a LongMem checkpoint folder (e.g. models/longmem-tiny); default: a random-weight model of "
                         "the default shape (quick: a tiny one)")
     p.add_argument("--shape", choices=list(SHAPES), default=None,
-                   help="random-weight model shape without --model: default (the shipped model's: 8 x 256), quick "
+                   help="random-weight model shape without --model: default (longmem-tiny's: 8 x 256), quick "
                         "(4 x 64; the default with --quick) or paper (GPT-2 medium: 24 x 1024, 355M parameters)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     p.add_argument("--seed", type=int, default=0)

@@ -50,7 +50,7 @@ REAL = {
                          num_attention_heads=15, num_key_value_heads=5, head_dim=64, max_position_embeddings=8192,
                          rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
 }
-# -- comparison shapes: GPT-2 small-ish and the shipped default's Llama shape -----------------------------
+# -- comparison shapes: GPT-2 small-ish and longmem-tiny's Llama shape -----------------------------
 COMPARE = {
     "gpt2": dict(model_type="gpt2", vocab_size=8192, n_embd=256, n_layer=8, n_head=8, n_positions=1024,
                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0),

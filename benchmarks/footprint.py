@@ -42,7 +42,7 @@ SEGMENT = 1024  # banks are filled segment by segment, as training and ingest wr
 def build_parser():
     p = common.parser("footprint", __doc__)
     p.add_argument("--sizes", type=int, nargs="+", help=f"bank sizes in tokens (default {FULL_SIZES}; quick {QUICK_SIZES})")
-    p.add_argument("--heads", type=int, default=4, help="key/value heads of the bank rows (default 4, the default model's)")
+    p.add_argument("--heads", type=int, default=4, help="key/value heads of the bank rows (default 4, longmem-tiny's)")
     p.add_argument("--head-dim", type=int, default=64, help="Dh (default 64)")
     p.add_argument("--chunk-size", type=int, default=4)
     p.add_argument("--batch", type=int, default=None, help="training-step rows (default 8; quick 2)")

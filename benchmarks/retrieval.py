@@ -45,7 +45,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def build_parser():
     p = common.parser("retrieval", __doc__, full_repeats=3)
     p.add_argument("--sizes", type=int, nargs="+", help=f"memory sizes in tokens (default {FULL_SIZES}; quick {QUICK_SIZES})")
-    p.add_argument("--heads", type=int, default=4, help="key/value heads searched (default 4, the default model's)")
+    p.add_argument("--heads", type=int, default=4, help="key/value heads searched (default 4, longmem-tiny's)")
     p.add_argument("--head-dim", type=int, default=64, help="Dh (default 64, the paper's)")
     p.add_argument("--chunk-size", type=int, default=4, help="csz (default 4)")
     p.add_argument("--topk-chunks", type=int, default=16, help="k_c (default 16)")

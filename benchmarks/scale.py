@@ -28,7 +28,7 @@ The check builds a real small LongMem on the CPU and measures parameter, gradien
 (tensor sizes after a real step), activation bytes (distinct tensors autograd saves, via saved-tensor
 hooks, under autocast bf16) and the memory bank's allocation, and reports each against the formula.
 
-    python benchmarks/scale.py            # the plan + the check at the default model's shape (8 x 256)
+    python benchmarks/scale.py            # the plan + the check at longmem-tiny's shape (8 x 256)
     python benchmarks/scale.py --quick    # the plan + the check at a tiny shape (seconds)
 """
 

@@ -1,6 +1,6 @@
 """Serve load: `longmem serve` under 1, 4 and 16 concurrent clients, and its overhead over in-process calls.
 
-The real server runs in a subprocess (`python -m longmem.cli serve`, the shipped model unless --model), with
+The real server runs in a subprocess (`python -m longmem.cli serve`, longmem-tiny unless --model), with
 three memories holding a document each. For each client count, that many threads send requests back to
 back for ``--seconds``: a mix of chat completions (``--chat`` share), completions and document adds, each
 on a random memory, greedy, ``--new-tokens`` tokens. Per count: requests/s, p50/p99 latency, generated
@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer  # noqa: E402
+
 PROMPT = "It was a truth universally acknowledged, that a single man in possession of a good fortune"
 DOC = ("Mr Darcy lives at Pemberley in Derbyshire. Elizabeth Bennet walks to Netherfield in the rain. "
        "The pass key is 71432.\n") * 10
@@ -53,7 +55,7 @@ def start_server(args, store: Path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads or os.cpu_count()),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(common.ROOT)}
     cmd = [sys.executable, "-m", "longmem.cli", "serve", "--port", "0", "--store", str(store), "--quiet",
-           "--slots", str(args.slots), "--queue", str(args.queue), *(["--model", args.model] if args.model else [])]
+           "--slots", str(args.slots), "--queue", str(args.queue), "--model", args.model or TINY_MODEL.name]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     if "http://" not in line:
@@ -131,7 +133,6 @@ def main(argv=None) -> dict:
     import httpx
     import torch
 
-    from longmem.loading import load_model_and_tokenizer
     from longmem.serve import Engine
     from longmem.serve.engine import Params
 
@@ -146,7 +147,7 @@ def main(argv=None) -> dict:
             rows = [run_clients(base, n, seconds, args, acked, args.seed) for n in args.clients]
 
             # overhead at one client: the same completion over HTTP and in-process, interleaved
-            model, tok = load_model_and_tokenizer(args.model, "cpu")
+            model, tok = load_model_and_tokenizer(args.model or TINY_MODEL, "cpu")
             engine = Engine(model, tok, store, "local")
             params = Params(max_tokens=args.new_tokens, temperature=0.0, top_p=1.0, stops=(), seed=0)
             ids = engine.encode(PROMPT)
@@ -179,7 +180,7 @@ def main(argv=None) -> dict:
                common.target("overhead vs in-process, 1 client", overhead, "<=", 0.10,
                              f"HTTP {statistics.median(http_s) * 1000:.1f} ms, in-process "
                              f"{statistics.median(local_s) * 1000:.1f} ms per {args.new_tokens}-token completion")]
-    config = {"model": args.model or "longmem-tiny (shipped)", "seconds": seconds, "new_tokens": args.new_tokens,
+    config = {"model": args.model or TINY_MODEL.name, "seconds": seconds, "new_tokens": args.new_tokens,
               "mix": {"chat": args.chat, "add": args.adds, "completion": round(1 - args.chat - args.adds, 3)},
               "slots": args.slots, "queue": args.queue, "memories": len(MEMORIES), "torch_threads": torch.get_num_threads()}
     return common.finish(args, "serve_load", config, rows, targets,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from longmem.loading import load_model_and_tokenizer
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer
 from longmem.store import ingest_file
 from longmem.tokens import token_ids
 
@@ -43,7 +43,7 @@ def main() -> None:
     readme = max(i for i in range(call) if lines[i].lstrip().startswith("def pi("))
     assert NAME in text[:cut] and NAME not in "".join(lines[call - a.span:call]), "the name must be only in memory"
 
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model or TINY_MODEL)
     model.eval()
     tmp = Path("/tmp/longmem-etree-first-half.py")
     tmp.write_text(text[:cut])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from longmem.loading import load_model_and_tokenizer
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer
 from longmem.tokens import token_ids
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model or TINY_MODEL)
     model.eval()
     m, T = model.memory_layer, model.segment_length
     keys, values, tokens, previous = [], [], [], []

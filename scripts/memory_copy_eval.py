@@ -30,7 +30,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    model, tok = load_model_and_tokenizer(a.model, resolve_device(a.device))
+    model, tok = load_model_and_tokenizer(a.model or TINY_MODEL, resolve_device(a.device))
     if a.next_chunks:
         model.config = model.config.replace(retrieval_next=True)
     texts = [json.loads(line)["text"] for path in a.data for line in open(path)]

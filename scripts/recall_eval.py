@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from longmem.loading import load_model_and_tokenizer
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer
 from longmem.store import ingest_file
 from longmem.tokens import token_ids
 
@@ -35,7 +35,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model or TINY_MODEL)
     model.eval()
     rng = random.Random(a.seed)
     rows = []

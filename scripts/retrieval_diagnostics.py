@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from longmem.loading import load_model_and_tokenizer
+from longmem.loading import TINY_MODEL, load_model_and_tokenizer
 from longmem.tokens import token_ids
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    model, tok = load_model_and_tokenizer(a.model)
+    model, tok = load_model_and_tokenizer(a.model or TINY_MODEL)
     model.eval()
     T, kc, csz = model.segment_length, model.config.topk_chunks, model.config.chunk_size
     rng = random.Random(a.seed)
