@@ -15,7 +15,7 @@ def test_adapt_trains_the_memory_block_resumes_and_exports(tiny_assets, tmp_path
     out = tmp_path / "adapt"
     args = ["adapt", "--backbone", str(tiny_assets["backbone"]), "--out", str(out), "--no-books", "--no-progress",
             "--chat-fraction", "0", "--memory-max", "2048", "--local-max", "32", "--accumulate", "1", "--eval-every", "2"]
-    assert main(args + ["--max-steps", "2"]) == 0
+    assert main(args + ["--max-steps", "2", "--device", "cpu"]) == 0
     first = json.loads((out / "state.json").read_text())
     assert first["step"] == 2 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 2
     trained = load_file(str(out / "trained.safetensors"))

@@ -309,6 +309,8 @@ CASES = [
     cli("facts-text-missing", "cannot read", "eval", "facts", *M, "--text", "{missing}"),
     # -- adapt ---------------------------------------------------------------------------------
     cli("adapt-gguf-missing", "does not exist", "adapt", "--backbone", "{missing}.gguf", "--out", "{out}/adapt"),
+    cli("adapt-unknown-device", "unknown device", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
+        "--device", "gpu0"),
     cli("adapt-unknown-facts", "facts must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
         "--facts", "poems"),
     # -- serve ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def _run(args: argparse.Namespace) -> int:
     fields = set(AdaptConfig.__dataclass_fields__)
     cfg = AdaptConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
     report = run_adaptation(args.backbone, args.out, cfg, max_minutes=args.max_minutes, max_steps=args.max_steps,
-                            books=not args.no_books, progress=not args.no_progress)
+                            books=not args.no_books, progress=not args.no_progress, device=args.device)
     if args.export:
         folder = export(args.out, args.export, backbone=args.backbone)
         plot_curves(args.out, Path(args.out) / "curves.png")
@@ -44,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="folder for the trained part, optimizer state and metrics.jsonl")
     p.add_argument("--max-minutes", type=float, default=60.0, help="stop (and save) after this wall time (default: 60)")
     p.add_argument("--max-steps", type=int, help="stop at this optimizer step (counted over resumed runs)")
+    p.add_argument("--device", help="cpu (default), cuda, cuda:N or auto (a GPU when torch sees one)")
     p.add_argument("--export", metavar="DIR", help="after the run, write a loadable model folder (only the trained part, "
                                                    "bf16) to DIR and the learning curves to OUT/curves.png; with "
                                                    "--max-minutes 0, only that")

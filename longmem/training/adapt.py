@@ -38,7 +38,7 @@ from longmem.config import LongMemConfig
 from longmem.errors import LongMemError
 from longmem.gguf import package_file, package_reference
 from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
-from longmem.loading import resolve_tokenizer
+from longmem.loading import resolve_device, resolve_tokenizer
 from longmem.model import IGNORE, LongMem
 from longmem.plots import plot_loss_curves
 from longmem.tokens import token_ids
@@ -109,8 +109,8 @@ class Haystack:
         for start in tqdm(range(0, len(ids), T), desc=f"haystack {name}", unit="window", leave=False,
                           disable=not progress):
             k, v = model.memory_entries(ids_t[start:start + T].view(1, -1))
-            keys.append(k[0])
-            values.append(v[0])
+            keys.append(k[0].cpu())  # haystacks stay in host memory; each example's slice goes to the device
+            values.append(v[0].cpu())
         hay = cls(name, ids_t, torch.cat(keys, dim=1).contiguous(), torch.cat(values, dim=1).contiguous())
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +169,8 @@ def recall_example(model: LongMem, tokenizer, hay: Haystack, ep: Episode, memory
         values.append(hay.values[:, start + at:start + depth])
         lead = hay.ids[max(0, start + depth - 32):start + depth].tolist()  # the planted text is read in context
         k, v = model.memory_entries(torch.tensor([lead + piece]))
-        keys.append(k[0, :, len(lead):])
-        values.append(v[0, :, len(lead):])
+        keys.append(k[0, :, len(lead):].cpu())
+        values.append(v[0, :, len(lead):].cpu())
         at = depth
     keys.append(hay.keys[:, start + at:start + n])
     values.append(hay.values[:, start + at:start + n])
@@ -215,7 +215,7 @@ class Adapter:
             {"params": fast, "lr": cfg.fast_lr, "weight_decay": 0.0},
         ], betas=(0.9, 0.98), eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup))
-        self.optim = Optimization(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+        self.optim = Optimization(optimizer, scheduler, torch.amp.GradScaler(model.device.type, enabled=False),
                                   [params[n] for n in self.trained], cfg.grad_clip, None)
         self.step, self.examples, self.minutes = 0, 0, 0.0
         self.rng = random.Random(cfg.seed)
@@ -236,10 +236,11 @@ class Adapter:
         return recall_example(self.model, self.tok, hay, ep, memory, local, rng, chunk)
 
     def micro_batch(self, ex: Example) -> MicroBatch:
+        dev = self.model.device
         memory = self.model.new_memory(1)
         if ex.keys.shape[2]:
-            memory.add(ex.keys, ex.values)
-        return MicroBatch(ex.input_ids, ex.targets, memory=memory)
+            memory.add(ex.keys.to(dev), ex.values.to(dev))
+        return MicroBatch(ex.input_ids.to(dev), ex.targets.to(dev), memory=memory)
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -303,10 +304,11 @@ class Adapter:
                                 self.model.config.chunk_size)
             for mode in right:
                 memory = self.micro_batch(ex).memory if mode == "memory" else None
-                logits = self.model(ex.input_ids, memory=memory, update_memory=False).logits[0]
-                scored = ex.targets[0] != IGNORE
-                right[mode] += bool((logits[scored].argmax(-1) == ex.targets[0][scored]).all())
-                loss[mode] += float(torch.nn.functional.cross_entropy(logits[scored], ex.targets[0][scored])) / trials
+                logits = self.model(ex.input_ids.to(self.model.device), memory=memory, update_memory=False).logits[0]
+                targets = ex.targets[0].to(logits.device)
+                scored = targets != IGNORE
+                right[mode] += bool((logits[scored].argmax(-1) == targets[scored]).all())
+                loss[mode] += float(torch.nn.functional.cross_entropy(logits[scored], targets[scored])) / trials
         return {f"heldout_exact_{m}": right[m] / trials for m in right} | {f"heldout_loss_{m}": round(loss[m], 4) for m in loss}
 
     # -- persistence -------------------------------------------------------------------------------
@@ -320,7 +322,7 @@ class Adapter:
         """The trained tensors, the optimizer state and the step reached, each written atomically."""
         self.out.mkdir(parents=True, exist_ok=True)
         state = self.model.sidenet.state_dict()
-        tensors = {n: state[n].detach().float().contiguous() for n in self.trained}
+        tensors = {n: state[n].detach().float().cpu().contiguous() for n in self.trained}
         atomic_write(self.out / TRAINED, lambda tmp: save_file(tensors, tmp), fsync=True)
         atomic_write(self.out / OPTIMIZER, lambda tmp: save_file(_flat_optimizer(self.optim.optimizer), tmp), fsync=True)
         phases = self.phases[:-1] + [self.phases[-1] | {"to_step": self.step}]
@@ -367,7 +369,7 @@ def _flat_optimizer(optimizer: torch.optim.Optimizer) -> dict:
     index = {id(p): k for k, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
     for p, s in optimizer.state.items():
         for name, t in s.items():
-            flat[f"{index[id(p)]}.{name}"] = torch.as_tensor(t).detach().float().contiguous().clone()
+            flat[f"{index[id(p)]}.{name}"] = torch.as_tensor(t).detach().float().cpu().contiguous().clone()
     return flat or {"empty": torch.zeros(())}
 
 
@@ -378,7 +380,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, flat: dict) -> None:
             continue
         i, name = key.split(".", 1)
         p = params[int(i)]
-        optimizer.state[p][name] = t.reshape(()) if name == "step" else t.to(p.dtype)
+        optimizer.state[p][name] = t.reshape(()) if name == "step" else t.to(p.device, p.dtype)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -427,11 +429,13 @@ def default_config() -> LongMemConfig:
 
 
 def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_steps: int | None = None,
-                   books: bool = True, progress: bool = True) -> dict:
-    """Build (or resume) a recall adaptation in ``out`` and run it for ``max_minutes``."""
+                   books: bool = True, progress: bool = True, device=None) -> dict:
+    """Build (or resume) a recall adaptation in ``out`` and run it for ``max_minutes`` on ``device`` (default: the
+    CPU; ``auto``: a GPU when there is one)."""
     out = Path(out)
+    device = resolve_device(device or "cpu")
     backbone = backbone or default_backbone()
-    model = LongMem.from_backbone(backbone, default_config().replace(segment_length=None))
+    model = LongMem.from_backbone(backbone, default_config().replace(segment_length=None)).to(device)
     model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))  # 512, or a shorter context
     tokenizer = resolve_tokenizer(model.backbone.name)
     texts = austen_training_texts() if books else None
