@@ -24,7 +24,7 @@ def test_adapt_trains_the_memory_block_resumes_and_exports(tiny_assets, tmp_path
     expected = {n for n, _ in fresh.sidenet.named_parameters() if n.startswith(f"blocks.{j}.") or n == "gate"}
     assert set(trained) == expected | {f"scales.{j}"} and len(expected) > 2
     assert float(trained[f"scales.{j}"]) != 0.0  # the memory block came in
-    assert main(args + ["--max-steps", "3", "--export", str(tmp_path / "cli-model")]) == 0  # resumed: one more step
+    assert main(args + ["--max-steps", "3", "--precision", "bf16", "--export", str(tmp_path / "cli-model")]) == 0  # resumed
     assert (out / "curves.png").stat().st_size > 0
     assert json.loads((tmp_path / "cli-model" / "adaptation.json").read_text())["step"] == 3
     state = json.loads((out / "state.json").read_text())

@@ -311,6 +311,8 @@ CASES = [
     cli("adapt-gguf-missing", "does not exist", "adapt", "--backbone", "{missing}.gguf", "--out", "{out}/adapt"),
     cli("adapt-unknown-device", "unknown device", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
         "--device", "gpu0"),
+    cli("adapt-unknown-precision", "precision must be fp32 or bf16", "adapt", "--backbone", "{backbone}", "--out",
+        "{out}/adapt", "--precision", "fp16"),
     cli("adapt-unknown-facts", "facts must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
         "--facts", "poems"),
     # -- serve ---------------------------------------------------------------------------------

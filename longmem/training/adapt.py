@@ -35,6 +35,7 @@ from longmem.data.chat import has_chat_template, user_turn
 from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, read_austen_rdata
 from longmem.data.needles import FACT_SETS, FILLER, Episode, episode
 from longmem.config import LongMemConfig
+from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.gguf import package_file, package_reference
 from longmem.io import atomic_write, file_sha256, sha256_bytes, write_json
@@ -66,6 +67,7 @@ class AdaptConfig:
     facts: str = "all"  # which wordings: "passkey", "numbers", "all" or "varied" (data.needles.FACT_SETS)
     haystacks: str = "all"  # "filler" (the repeated filler sentences only) or "all" (also novels)
     grad_clip: float = 1.0
+    precision: str = "fp32"  # "bf16": forward and backward under bf16 autocast (weights and optimizer state stay fp32)
     eval_every: int = 50  # optimizer steps between held-out checks
     save_minutes: float = 10.0
     seed: int = 0
@@ -76,6 +78,8 @@ class AdaptConfig:
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
         if self.facts not in FACT_SETS:
             raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise LongMemError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.haystacks not in ("filler", "all"):
             raise LongMemError(f"haystacks must be filler or all, got {self.haystacks!r}")
         for name in ("text_fraction", "chat_fraction"):
@@ -216,7 +220,8 @@ class Adapter:
         ], betas=(0.9, 0.98), eps=1e-6)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup))
         self.optim = Optimization(optimizer, scheduler, torch.amp.GradScaler(model.device.type, enabled=False),
-                                  [params[n] for n in self.trained], cfg.grad_clip, None)
+                                  [params[n] for n in self.trained], cfg.grad_clip,
+                                  None if cfg.precision == "fp32" else parse_dtype(cfg.precision))
         self.step, self.examples, self.minutes = 0, 0, 0.0
         self.rng = random.Random(cfg.seed)
         self.phases = [{"from_step": 0, "config": asdict(cfg)}]  # one per run of ``adapt`` with its settings
