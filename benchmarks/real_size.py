@@ -21,6 +21,8 @@ same whatever the keys) in turn:
                    block-j       the shipped recipe (``adapt.trainable_names``): block j, alpha_j, the gate; the
                                  other blocks, alpha 0 and frozen, are skipped
                    full+ckpt     full, with gradient checkpointing of the SideNet blocks
+                   block-j / from-j, 8 tokens scored: a recall example (only the answer's last 8 tokens scored,
+                                 ``MicroBatch.scored_only``: the LM head runs only there)
                                                                                          | a full fine-tuning step of the
                                                                                          |   backbone (same batch, same
                                                                                          |   optimizer); HF forward, no grad
@@ -52,6 +54,7 @@ import common  # noqa: E402
 import ingest as ingest_bench  # noqa: E402  (the document and the tokenizer, as ingest.py makes them)
 
 CONFIGS = ("full", "from-j", "lora", "block-j", "full+ckpt")
+SCORED = 8  # answer tokens scored in the recall-example cases ("block-j, 8 tokens scored")
 
 
 def build_parser():
@@ -333,6 +336,7 @@ def _stamped_rounds(cases, args, N: int):
 
 def adaptation_rows(args, model, base, hf, banks, ids, sizes, amp, where, device):
     """One optimizer step per configuration and memory, interleaved with the references, for each segment."""
+    from longmem.model import IGNORE
     from longmem.training.step import MicroBatch, train_step
     from longmem.training.config import OptimConfig
     from longmem.training.train import make_optimization
@@ -364,6 +368,16 @@ def adaptation_rows(args, model, base, hf, banks, ids, sizes, amp, where, device
             return lambda: train_step(m, [MicroBatch(batch.input_ids, batch.targets, memory=bank)], optim)
 
         cases = {(name, M): step(m, optim, bank) for name, (m, optim) in models.items() for M, bank in banks.items()}
+        # a recall example of `longmem adapt`: only the answer's tokens scored, so the LM head runs only there
+        answer = batch.targets.clone()
+        answer[:, :-SCORED] = IGNORE
+        for name in ("block-j", "from-j"):
+            if name in models:
+                m, optim = models[name]
+                for M, bank in banks.items():
+                    cases[(f"{name}, {SCORED} tokens scored", M)] = (
+                        lambda m=m, optim=optim, bank=bank: train_step(
+                            m, [MicroBatch(batch.input_ids, answer, memory=bank, scored_only=True)], optim))
         cases[("full fine-tuning", 0)] = lambda: train_step(full, [batch], optim_full)
         cases[("HF forward, no grad", 0)] = torch.no_grad()(lambda: hf(batch.input_ids, use_cache=False))
         stats = common.interleaved(cases, args)

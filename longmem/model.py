@@ -280,7 +280,8 @@ class LongMem(MemoryLM):
     # -- forward -----------------------------------------------------------------------------------
 
     def forward(self, input_ids: torch.Tensor, memory: MemoryBank | None = None, labels: torch.Tensor | None = None,
-                update_memory: bool = True, cache: WindowCache | None = None) -> LongMemOutput:
+                update_memory: bool = True, cache: WindowCache | None = None,
+                logits_at: torch.Tensor | None = None) -> LongMemOutput:
         """One segment of B streams.
 
         Args:
@@ -290,15 +291,19 @@ class LongMem(MemoryLM):
             update_memory: write this segment's block-m keys/values to ``memory`` after reading it.
             cache: the window's earlier tokens (``new_cache``), extended in place; the new tokens take
                 the positions after them (incremental decoding).
+            logits_at: (B, T) bool: compute logits only at these positions (the scored ones, when training scores
+                a few); they come back as (1, N, V) in row-major order. Not with ``labels``.
         Returns:
             LongMemOutput with logits (B, T, V) and loss (when labels are given).
         """
+        if logits_at is not None and (labels is not None or logits_at.shape != input_ids.shape):
+            raise LongMemError("logits_at must be a (B, T) mask like input_ids, and cannot be given with labels")
         self.check_inputs(input_ids, labels, memory)
         start = len(cache) if cache is not None else 0
         positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         bb = self.backbone(input_ids, self.memory_layer, positions, cache=None if cache is None else cache.backbone)  # frozen
         logits = self.sidenet(self.backbone, bb.hidden_states, bb.layer_inputs, self.retriever(memory, bb.keys),
-                              cache=None if cache is None else cache.sidenet)
+                              cache=None if cache is None else cache.sidenet, logits_at=logits_at)
         if memory is not None and update_memory:
             memory.add(bb.keys, bb.values)  # write after read: a segment never retrieves itself
         return LongMemOutput(logits=logits, loss=None if labels is None else next_token_loss(logits, labels))

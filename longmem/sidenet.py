@@ -47,7 +47,7 @@ class SideNet(nn.Module):
         self._residual_from[-1] = (2 * (self.num_layers - 1), L)
 
     def forward(self, backbone: Backbone, hidden: list[torch.Tensor], layer_inputs: list[LayerInputs], retrieve=None,
-                cache=None) -> torch.Tensor:
+                cache=None, logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """Run the SideNet over one segment (or the newest tokens of one, with a cache).
 
         Args:
@@ -57,8 +57,10 @@ class SideNet(nn.Module):
                 block i runs with those of backbone block 2i+1, the block it copies.
             retrieve: callable(mem_q (B, H, T, Dh)) -> Retrieved or None; None runs without memory.
             cache: a ``KVCache`` with the window's earlier tokens (incremental decoding), updated in place.
+            logits_at: (B, T) bool, the positions whose logits are wanted (training that scores a few tokens skips
+                the LM head elsewhere); None: every position.
         Returns:
-            logits (B, T, V)
+            logits (B, T, V), or (1, N, V) for the N positions of ``logits_at`` in row-major order
         """
         def core_for(i):
             use_memory = i == self.memory_index and retrieve is not None
@@ -87,6 +89,8 @@ class SideNet(nn.Module):
                     y = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=use_memory)
                 x = y if self.scales is None else x + self.scales[i].to(dtype) * (y - x)  # identity start: alpha_i
             x = x + (hidden[hi] - hidden[lo]).to(dtype)  # eq (2)
+        if logits_at is not None:
+            x = x[logits_at][None]
         return backbone.logits(x, norm=self.norm)
 
     def skipped_blocks(self) -> set[int]:

@@ -63,3 +63,31 @@ def test_sigterm_stops_a_background_adaptation_through_its_save(tiny_assets, tmp
     assert proc.returncode == 130, err
     logged = len(metrics.read_text().splitlines())
     assert json.loads((out / "state.json").read_text())["step"] == logged >= 2
+
+
+def test_adapt_blocks_upper_trains_the_memory_block_and_those_above(tiny_assets, tmp_path):
+    """--blocks upper, resumed from a run that trained block j alone: it now trains blocks j..top, their scales and
+    the gate (fresh optimizer moments), and the exported model skips only the blocks below j."""
+    from conftest import VOCAB, make_llama
+
+    backbone = tmp_path / "backbone"  # deep enough to have blocks above the memory block
+    hf = make_llama(layers=8)
+    hf.resize_token_embeddings(len(tiny_assets["tokenizer"])) if len(tiny_assets["tokenizer"]) > VOCAB else None
+    hf.save_pretrained(backbone)
+    tiny_assets["tokenizer"].save_pretrained(backbone)
+    out = tmp_path / "adapt"
+    args = ["adapt", "--backbone", str(backbone), "--out", str(out), "--no-books", "--no-progress",
+            "--chat-fraction", "0", "--memory-max", "2048", "--local-max", "32", "--accumulate", "1", "--eval-every", "100"]
+    assert main(args + ["--max-steps", "1"]) == 0
+    before = load_file(str(out / "trained.safetensors"))
+    assert main(args + ["--max-steps", "2", "--blocks", "upper", "--export", str(tmp_path / "model")]) == 0
+    model = LongMem.from_pretrained(tmp_path / "model").eval()
+    j, top = model.sidenet.memory_index, model.sidenet.num_layers
+    assert j < top - 1  # there are blocks above j to train
+    trained = load_file(str(out / "trained.safetensors"))
+    assert {n.split(".")[1] for n in trained if n != "gate"} == {str(i) for i in range(j, top)}
+    assert set(before) < set(trained)
+    assert all(float(trained[f"scales.{i}"]) != 0.0 for i in range(j, top))  # each block above j came in
+    assert json.loads((out / "state.json").read_text())["config"]["blocks"] == "upper"
+    with torch.no_grad():
+        assert model.sidenet.skipped_blocks() == set(range(j))

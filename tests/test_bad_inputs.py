@@ -315,6 +315,8 @@ CASES = [
         "{out}/adapt", "--precision", "fp16"),
     cli("adapt-unknown-facts", "facts must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
         "--facts", "poems"),
+    cli("adapt-unknown-blocks", "blocks must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
+        "--blocks", "all"),
     # -- serve ---------------------------------------------------------------------------------
     cli("serve-public-host-without-keys", "binds to loopback only", "serve", *M, "--host", "0.0.0.0"),
     cli("serve-api-keys-missing", "no such file", "serve", *M, "--api-keys", "{missing}"),

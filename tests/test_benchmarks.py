@@ -165,8 +165,8 @@ def test_real_size_times_every_path_and_training_configuration(tmp_path, restore
         mine = [r for r in rows if r["precision"] == precision]
         assert {r["part"] for r in mine} == {"ingest", "window", "decode", "adaptation"}
         steps = {(r["case"], r["memory"], r["segment"]) for r in mine if r["part"] == "adaptation"}
-        assert steps >= {(c, M, T) for c in ("full", "from-j", "lora", "block-j", "full+ckpt") for M in (1024, 4096)
-                         for T in (32, 64)}
+        assert steps >= {(c, M, T) for c in ("full", "from-j", "lora", "block-j", "full+ckpt", "block-j, 8 tokens scored",
+                                             "from-j, 8 tokens scored") for M in (1024, 4096) for T in (32, 64)}
         assert {r["case"] for r in mine if r["part"] == "decode"} >= {"HF generate (KV cache)", "PlainBackbone (same Decoder)",
                                                                       "longmem, 4,096-token memory"}
     configs = {(c["precision"], c["config"]): c for c in data["training_configs"]}

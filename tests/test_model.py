@@ -167,6 +167,38 @@ def test_loss_is_hf_style_shifted_cross_entropy(model):
     assert_close(out.loss, ref)
 
 
+def test_logits_at_scored_positions_equal_the_full_logits_and_train_the_same(model):
+    """``logits_at`` (the LM head only where a token is scored) gives the full pass's logits at those positions, and a
+    training step that scores only there has the same loss and the same gradients."""
+    from longmem.model import IGNORE
+    from longmem.training.step import MicroBatch, Optimization, train_step
+
+    ids = segments(1)[0]
+    targets = torch.full_like(ids, IGNORE)
+    targets[0, 3], targets[0, 9], targets[1, 15] = 7, 8, 9
+    mem = model.new_memory(2)
+    model(segments(1, seed=1)[0], memory=mem)
+    full = model(ids, memory=mem, update_memory=False).logits
+    part = model(ids, memory=mem, update_memory=False, logits_at=targets != IGNORE).logits
+    assert part.shape == (1, 3, full.shape[-1])
+    assert_close(part[0], full[targets != IGNORE])
+    with pytest.raises(LongMemError, match="logits_at"):
+        model(ids, labels=ids, logits_at=targets != IGNORE)
+
+    losses, after = [], []
+    for scored_only in (False, True):  # one SGD step of each from the same weights: same loss, same update
+        net = copy.deepcopy(model).train()
+        params = list(net.trainable_parameters())
+        opt = Optimization(torch.optim.SGD(params, lr=0.5), None, torch.amp.GradScaler("cpu", enabled=False), params,
+                           None, None)
+        losses.append(train_step(net, [MicroBatch(ids, targets, memory=copy.deepcopy(mem), scored_only=scored_only)],
+                                 opt).loss)
+        after.append(torch.cat([p.detach().flatten() for p in params]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert not torch.equal(after[0], torch.cat([p.detach().flatten() for p in model.trainable_parameters()]))
+    assert_close(after[0], after[1])
+
+
 def test_save_pretrained_from_pretrained_gives_identical_logits(model, tmp_path):
     with torch.no_grad():
         for p in model.sidenet.parameters():

