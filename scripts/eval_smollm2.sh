@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The evaluations of the shipped smollm2-135m-longmem (RESULTS.md, "SmolLM2-135M-Instruct"): every figure there comes from this script.
 # Usage: scripts/eval_smollm2.sh [OUT]   (OUT default results/smollm2; needs r-cran-janeaustenr for Emma)
+#        MODEL=DIR scripts/eval_smollm2.sh OUT   evaluates another model folder (e.g. one `longmem adapt --export` wrote)
 set -euo pipefail
 OUT=${1:-results/smollm2}
 L=${LONGMEM:-.venv/bin/longmem}
-MODEL=(--model smollm2-135m-longmem)
+MODEL=(--model "${MODEL:-smollm2-135m-longmem}")
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT" "$OUT/data"
 export HF_HUB_OFFLINE=1
@@ -18,4 +19,7 @@ $PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w'
 t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16384 --json "$OUT/ppl_emma.json" --no-progress
 [ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
 t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
+# RULER's needle in a haystack through the harness (pip install 'longmem[ruler]'; its haystack is generated offline)
+t ruler $L eval harness --tasks niah_single_1 --model-args "pretrained=${MODEL:-smollm2-135m-longmem}" --memory on off \
+    --limit 10 --metadata '{"max_seq_lengths": [4096, 16384]}' --output "$OUT/ruler.json" --no-progress
 rm -rf "$OUT/data"
