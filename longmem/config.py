@@ -19,7 +19,7 @@ from longmem.errors import LongMemError
 BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("ip", "cosine")
 QUERIES = ("query", "key")
-INITS = ("paper", "identity")
+INITS = ("paper", "identity", "memory-delta")
 
 
 @dataclass
@@ -42,7 +42,9 @@ class LongMemConfig:
     # (RESULTS.md, "Why recall is hard for this model"). K doubles; a successor that is itself retrieved is taken once.
     retrieval_next: bool = False
     # how the SideNet starts: "paper" = copies of the backbone's odd blocks (section 3.2); "identity" = the same copies
-    # behind a residual scale alpha_i = 0 each, so that the untrained SideNet's logits are the backbone's (not in the paper)
+    # behind a residual scale alpha_i = 0 each, so that the untrained SideNet's logits are the backbone's (not in the paper);
+    # "memory-delta" = identity, with the memory block adding only what reading memory changes, so that without memory
+    # the SideNet stays the backbone whatever is trained (sidenet.py)
     sidenet_init: str = "paper"
 
     def __post_init__(self):

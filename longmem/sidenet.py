@@ -15,6 +15,12 @@ Identity start (``LongMemConfig.sidenet_init="identity"``, not in the paper): bl
 scale alpha_i, initialised to 0, and computes ``x + alpha_i * (Block_i(x) - x)``. With every alpha at 0,
 x_i = Hb[2i] by induction and the logits are the backbone's own, so adaptation starts from the
 backbone's language instead of relearning it. A block whose alpha is 0 and not trained is skipped.
+
+Memory-delta start (``sidenet_init="memory-delta"``, not in the paper): the identity start, where the memory block j
+adds only what reading memory changes, ``x + alpha_j * (Block_j(x, memory) - Block_j(x, no memory))``; block j runs
+twice (the second time on the same window keys, without memory). Without memory, or with an empty one, the
+SideNet is the backbone whatever was trained, so training for recall cannot cost the language that memory
+does not touch.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ class SideNet(nn.Module):
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
         # alpha_i, one scalar per block (identity start only): each its own parameter, so one block's can train alone
         self.scales = (nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(self.num_layers))
-                       if init == "identity" else None)
+                       if init in ("identity", "memory-delta") else None)
+        self.memory_delta = init == "memory-delta"
         self.requires_grad_(True)
         # recompute block activations in the backward pass instead of keeping them (training only)
         self.grad_checkpointing = False
@@ -62,12 +69,15 @@ class SideNet(nn.Module):
         Returns:
             logits (B, T, V), or (1, N, V) for the N positions of ``logits_at`` in row-major order
         """
+        window = {}  # memory-delta: block j's whole-window keys/values, for its second pass without memory
+
         def core_for(i):
             use_memory = i == self.memory_index and retrieve is not None
 
             def core(q, k, v, q_raw, k_raw, **local):
                 if cache is not None:
                     k, v = cache.update(i, k, v)
+                window[i] = (k, v)
                 if not use_memory:
                     return causal_attention(q, k, v, **local)
                 mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
@@ -75,13 +85,21 @@ class SideNet(nn.Module):
 
             return core
 
+        def without_memory(q, k, v, q_raw, k_raw, **local):  # block j again, on the keys its first pass cached
+            return causal_attention(q, *window[self.memory_index], **local)
+
         dtype = self.gate.dtype  # the SideNet's own (fp32 over a bf16 backbone, say); a no-op when they agree
         skipped = self.skipped_blocks()
         x = hidden[0].to(dtype)
         for i, block in enumerate(self.blocks):
             lo, hi = self._residual_from[i]
             use_memory = i == self.memory_index and retrieve is not None
-            if i not in skipped:
+            if self.memory_delta and i == self.memory_index:
+                if use_memory and i not in skipped:  # without memory block j adds nothing
+                    y = backbone.block_forward(block, x, layer_inputs[2 * i + 1], core_for(i), raw=True)
+                    y0 = backbone.block_forward(block, x, layer_inputs[2 * i + 1], without_memory)
+                    x = x + self.scales[i].to(dtype) * (y - y0)
+            elif i not in skipped:
                 # the memory layer is never recomputed: by the backward pass this segment is in the memory it read
                 if self.grad_checkpointing and torch.is_grad_enabled() and not use_memory:
                     y = checkpoint(backbone.block_forward, block, x, layer_inputs[2 * i + 1], core_for(i), use_reentrant=False)

@@ -218,6 +218,28 @@ def test_9_identity_start_gives_the_backbone_logits(family):
     assert (model(later, memory=mem, update_memory=False).logits - ref).abs().max() > 1e-4
 
 
+@torch.no_grad()
+def test_9_memory_delta_start_is_the_backbone_without_memory_whatever_is_trained(family):
+    """sidenet_init="memory-delta": with block j's scale, weights and the gate moved off their start, the model
+    without memory and with an empty memory still gives the backbone's logits; with memory it does not."""
+    hf, _ = family
+    model = LongMem.from_backbone(copy.deepcopy(hf), CFG.replace(sidenet_init="memory-delta")).eval()
+    x, later = ids(seed=1), ids(seed=2)
+    ref = hf(later).logits
+    mem = model.new_memory(2)
+    model(x, memory=mem)
+    assert_close(model(later, memory=mem, update_memory=False).logits, ref, rtol=0, atol=1e-5)  # alpha 0
+    j = model.sidenet.memory_index
+    model.sidenet.scales[j].fill_(1.5)
+    model.sidenet.gate.fill_(1.0)
+    torch.manual_seed(0)
+    for p in model.sidenet.blocks[j].parameters():
+        p.add_(0.05 * torch.randn_like(p))
+    assert_close(model(later).logits, ref, rtol=0, atol=1e-5)
+    assert_close(model(later, memory=model.new_memory(2)).logits, ref, rtol=0, atol=1e-5)
+    assert (model(later, memory=mem, update_memory=False).logits - ref).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("model_type, says", [
     ("t5", "encoder-decoder"),  # an encoder-decoder
     ("mamba", "not attention in every layer"),  # a state-space model

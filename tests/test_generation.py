@@ -52,6 +52,24 @@ def test_incremental_decoding_equals_full_recompute_across_slides(model, with_me
         assert mem.num_tokens(0) + mem.num_pending(0) == dec.moved > 0
 
 
+def test_memory_delta_decoding_equals_full_recompute(backbone_hf):
+    """sidenet_init="memory-delta": block j runs twice per step (with and without memory) over one KV cache."""
+    model = LongMem.from_backbone(backbone_hf, CFG.replace(sidenet_init="memory-delta")).eval()
+    j = model.sidenet.memory_index
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.sidenet.gate.fill_(1.0)
+        model.sidenet.scales[j].fill_(2.0)
+        for p in model.sidenet.blocks[j].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stream = torch.randint(0, VOCAB, (2, 40))
+    mem = model.new_memory(2)
+    dec = Decoder(model, 2, mem, window=12, keep=5)
+    got = torch.stack([dec.feed(stream[:, i:i + 1]) for i in range(40)], dim=1)
+    assert_close(got, reference_logits(model, stream, 12, 5, True).float(), rtol=1e-4, atol=1e-4)
+    assert dec.moved > 0
+
+
 def test_prompt_prefill_in_blocks_equals_token_by_token(model):
     torch.manual_seed(1)
     stream = torch.randint(0, VOCAB, (2, 30))

