@@ -5,7 +5,8 @@
 set -euo pipefail
 OUT=${1:-results/smollm2}
 L=${LONGMEM:-.venv/bin/longmem}
-MODEL=(--model "${MODEL:-smollm2-135m-longmem}")
+NAME=${MODEL:-smollm2-135m-longmem}
+MODEL=(--model "$NAME")
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT" "$OUT/data"
 export HF_HUB_OFFLINE=1
@@ -20,6 +21,6 @@ t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16
 [ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
 t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
 # RULER's needle in a haystack through the harness (pip install 'longmem[ruler]'; its haystack is generated offline)
-t ruler $L eval harness --tasks niah_single_1 --model-args "pretrained=${MODEL:-smollm2-135m-longmem}" --memory on off \
+t ruler $L eval harness --tasks niah_single_1 --model-args "pretrained=$NAME" --memory on off \
     --limit 10 --metadata '{"max_seq_lengths": [4096, 16384]}' --output "$OUT/ruler.json" --no-progress
 rm -rf "$OUT/data"

@@ -1,7 +1,7 @@
 """Which chunks the memory block fetches for the planted facts: for each fact of `longmem eval facts`, the number of
 the memory block's heads whose top-k chunks (at the token before the answer) include the fact's own chunks, and the
 answer's log-probability with memory. Usage: python scripts/facts_retrieval.py [MODEL] (default smollm2-135m-longmem).
-Output of the shipped model: results/smollm2/facts_retrieval.txt."""
+Output for the step-3,175 identity-start model: results/smollm2/identity-step3175/facts_retrieval.txt."""
 import sys
 
 import numpy as np

@@ -44,7 +44,7 @@ def test_the_smollm2_model_loads_from_its_trained_part_and_checks_the_backbone(t
     model, tok = load_model_and_tokenizer("smollm2-135m-longmem")  # a shipped model, by name
     s = model.sidenet
     with torch.no_grad():  # at inference: every block but the trained one is skipped
-        assert model.config.sidenet_init == "identity" and s.skipped_blocks() == set(range(s.num_layers)) - {s.memory_index}
+        assert model.config.sidenet_init == "memory-delta" and s.skipped_blocks() == set(range(s.num_layers)) - {s.memory_index}
     assert float(s.scales[s.memory_index]) != 0.0
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
     with pytest.raises(LongMemError, match="trained on another backbone"):

@@ -2,8 +2,10 @@
 
 This is how the shipped default over SmolLM2-135M-Instruct is made (``longmem adapt``), on two CPU cores:
 
-    the SideNet starts as the backbone (``sidenet_init="identity"``, every residual scale alpha_i = 0);
-    only the memory-augmented block j, its alpha_j and the gate train (the other blocks stay skipped);
+    the SideNet starts as the backbone (``sidenet_init="identity"``, every residual scale alpha_i = 0; or
+    ``"memory-delta"``, where block j adds only what reading memory changes, so the model without memory stays the
+    backbone: the shipped model's);
+    only the memory-augmented block j, its alpha_j and the gate train (``blocks="upper"``: the blocks above j too);
     each example: a long haystack in memory (filler, or novels), facts planted in it at random depths,
     the haystack's next tokens in the local window, a question, and the answer's tokens scored;
     a share of examples is plain text with its past in memory, every token scored, to keep the language.
