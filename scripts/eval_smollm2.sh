@@ -20,7 +20,10 @@ $PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w'
 t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16384 --json "$OUT/ppl_emma.json" --no-progress
 [ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
 t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
-# RULER's needle in a haystack through the harness (pip install 'longmem[ruler]'; its haystack is generated offline)
-t ruler $L eval harness --tasks niah_single_1 --model-args "pretrained=$NAME" --memory on off \
-    --limit 10 --metadata '{"max_seq_lengths": [4096, 16384]}' --output "$OUT/ruler.json" --no-progress
+# RULER's needle in a haystack through the harness (pip install 'longmem[ruler]'; its haystack is generated offline);
+# one run per length, since --limit takes the first examples of the task and they are all of the first length
+for n in 4096 16384; do
+  t ruler_$n $L eval harness --tasks niah_single_1 --model-args "pretrained=$NAME" --memory on off --limit 10 \
+      --metadata "{\"max_seq_lengths\": [$n]}" --output "$OUT/ruler_$n.json" --no-progress
+done
 rm -rf "$OUT/data"
