@@ -77,7 +77,8 @@ class SideNet(nn.Module):
             def core(q, k, v, q_raw, k_raw, **local):
                 if cache is not None:
                     k, v = cache.update(i, k, v)
-                window[i] = (k, v)
+                if use_memory:
+                    window[i] = (k, v)
                 if not use_memory:
                     return causal_attention(q, k, v, **local)
                 mem = retrieve(q_raw)  # retrieval query: this layer's query projection, before rotary
