@@ -20,6 +20,7 @@ BACKENDS = ("auto", "faiss", "torch")
 METRICS = ("ip", "cosine")
 QUERIES = ("query", "key")
 INITS = ("paper", "identity", "memory-delta")
+IDENTITY_INITS = ("identity", "memory-delta")  # the starts where the untrained SideNet is the backbone (residual scales)
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from longmem.attention import causal_attention, joint_attention
 from longmem.backbone import Backbone, LayerInputs
+from longmem.config import IDENTITY_INITS
 
 
 class SideNet(nn.Module):
@@ -45,7 +46,7 @@ class SideNet(nn.Module):
         self.gate = nn.Parameter(torch.zeros(backbone.num_heads))  # g, one per head; sigmoid(0) = 0.5
         # alpha_i, one scalar per block (identity start only): each its own parameter, so one block's can train alone
         self.scales = (nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(self.num_layers))
-                       if init in ("identity", "memory-delta") else None)
+                       if init in IDENTITY_INITS else None)
         self.memory_delta = init == "memory-delta"
         self.requires_grad_(True)
         # recompute block activations in the backward pass instead of keeping them (training only)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from longmem.data.chat import has_chat_template, user_turn
 from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, read_austen_rdata
 from longmem.data.needles import FACT_SETS, FILLER, Episode, episode
-from longmem.config import LongMemConfig
+from longmem.config import IDENTITY_INITS, LongMemConfig
 from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.gguf import package_file, package_reference
@@ -83,7 +83,7 @@ class AdaptConfig:
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
         if self.facts not in FACT_SETS:
             raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
-        if self.sidenet_init not in ("identity", "memory-delta"):
+        if self.sidenet_init not in IDENTITY_INITS:
             raise LongMemError(f"sidenet_init must be identity or memory-delta, got {self.sidenet_init!r}")
         if self.blocks not in BLOCK_SETS:
             raise LongMemError(f"blocks must be one of {BLOCK_SETS}, got {self.blocks!r}")
@@ -208,7 +208,7 @@ class Adapter:
 
     def __init__(self, model: LongMem, tokenizer, haystacks: dict[str, Haystack], out: Path, cfg: AdaptConfig,
                  text: str | None = None):
-        if model.config.sidenet_init not in ("identity", "memory-delta"):
+        if model.config.sidenet_init not in IDENTITY_INITS:
             raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity' or 'memory-delta'")
         if cfg.chat_fraction > 0 and not has_chat_template(tokenizer):
             raise LongMemError("this backbone's tokenizer has no chat template, so there can be no chat examples; "
