@@ -2,6 +2,7 @@
 distractor answers the same question."""
 
 import random
+import re
 
 import pytest
 
@@ -35,3 +36,26 @@ def _matches(question: str, template: str) -> bool:
     head = template.split("{")[0]
     tail = template.split("}")[-1]
     return question.startswith(head) and question.endswith(tail)
+
+
+def test_varied_distractors_mix_relations():
+    """Distractors are sometimes in the asked relation's wording and sometimes in another's."""
+    rng = random.Random(2)
+    same = other = 0
+    for _ in range(400):
+        ep = episode(rng, distractors=3, facts="varied")
+        asked = _relations_of(ep.statements[0])
+        if not asked:  # one of the plain templates (half of the varied episodes)
+            continue
+        for s in ep.statements[1:]:
+            if asked & _relations_of(s):
+                same += 1
+            else:
+                other += 1
+    assert same > 50 and other > 50, (same, other)
+
+
+def _relations_of(statement: str) -> set[int]:
+    """The RELATIONS whose statement wording ``statement`` fits."""
+    return {i for i, (template, _, _) in enumerate(RELATIONS)
+            if re.fullmatch(re.sub(r"\\\{\w+\\\}", ".+", re.escape(template)), statement)}

@@ -145,19 +145,22 @@ def episode(rng: random.Random, distractors: int = 0, chat: bool = False, facts:
 
 
 def _relation(rng: random.Random, distractors: int) -> Episode:
-    """An episode over one of the ``RELATIONS``; distractors use the same wording about something else (each
-    statement's question and answer differ from the others')."""
-    statement, question, answer = rng.choice(RELATIONS)
-    seen, filled = set(), []
+    """An episode over one of the ``RELATIONS``. Each distractor is about something else, in the same wording or
+    (half of them) in another relation's, as facts in a real text differ in what they relate; no statement holds
+    another's answer, and no two ask the same question."""
+    seen, filled = set(), []  # filled: (relation, its fields)
     while len(filled) < 1 + distractors:
+        relation = filled[0][0] if filled and rng.random() < 0.5 else rng.choice(RELATIONS)
+        statement, question, answer = relation
         w = made_up_word(rng).capitalize() if rng.random() < 0.5 else rng.choice(REAL_WORDS)
         f = dict(name=rng.choice(NAMES), noun=rng.choice(NOUNS), adj=rng.choice(ADJECTIVES), n=_number(rng), w=w)
         ident, value = question.format(**f), answer.format(**f).strip().rstrip(".")
         text = statement.format(**f)
-        if ident in seen or any(value in statement.format(**g) or answer.format(**g).strip().rstrip(".") in text
-                                for g in filled):
+        if ident in seen or any(value in s.format(**g) or a.format(**g).strip().rstrip(".") in text
+                                for (s, _, a), g in filled):
             continue
         seen.add(ident)
-        filled.append(f)
-    return Episode(statements=[statement.format(**f) for f in filled], question=question.format(**filled[0]),
-                   answer=answer.format(**filled[0]))
+        filled.append((relation, f))
+    (_, question, answer), asked = filled[0]
+    return Episode(statements=[s.format(**f) for (s, _, _), f in filled], question=question.format(**asked),
+                   answer=answer.format(**asked))
