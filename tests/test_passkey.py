@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from longmem import LongMem, LongMemConfig
-from longmem.eval.scoring import fill_memory
+from longmem.eval.scoring import WindowEntries, fill_memory
 from longmem.tokens import encode
 from longmem.cli import main
 from longmem.eval.passkey import FILLER, INTRO, KEY, QUESTION, answer_digits, build_prompt, read_and_answer
@@ -61,6 +61,22 @@ def test_generation_reads_the_memory_without_writing_it(checkpoint, tiny_assets)
             logp = torch.log_softmax(model(full, memory=memory, update_memory=False).logits[0].double(), -1)
             want = sum(float(logp[9 + i, t]) for i, t in enumerate(a))
             assert abs(got - want) < 1e-4
+
+
+def test_windows_read_once_fill_the_same_memory(checkpoint, tiny_assets):
+    """Pass-key prompts share their filler windows: with WindowEntries each is read once, and every memory holds
+    exactly what writing the whole text holds."""
+    model = LongMem.from_pretrained(checkpoint).eval()
+    entries = WindowEntries(model)
+    for key, lead_in in (("12345", 0), ("67890", 2), ("13579", 1)):
+        ids, _, _ = build_prompt(tiny_assets["tokenizer"], key, 500, lead_in=lead_in)
+        want, got = model.new_memory(1), model.new_memory(1)
+        fill_memory(model, want, ids)
+        fill_memory(model, got, ids, entries)
+        for a, b in zip(want.chronological(0), got.chronological(0)):
+            assert torch.equal(a, b)
+        assert got.num_pending(0) == want.num_pending(0)
+    assert entries.hits >= 10  # later prompts reuse filler windows of earlier ones (14 of 39 windows here)
 
 
 def test_backbone_mode_decodes_the_backbone_alone(checkpoint, tiny_assets):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from longmem.errors import LongMemError
 from longmem.baselines import PlainBackbone
-from longmem.eval.scoring import MODES, fill_memory, split_context
+from longmem.eval.scoring import MODES, WindowEntries, fill_memory, split_context
 from longmem.generation import Decoder, SamplingConfig, generate_stream
 from longmem.tokens import encode
 
@@ -124,6 +124,7 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
     results = {mode: {} for mode in modes}
     meta = {}
     bar = tqdm(total=len(distances) * trials, desc="passkey", unit="trial", disable=not progress, leave=False)
+    entries = WindowEntries(model)  # the filler's windows recur across trials: each is read once
     for distance in distances:
         tally = {mode: {"greedy": 0, "choice": 0, "key_logprob": 0.0, "skipped": 0} for mode in modes}
         actual, in_window = [], 0
@@ -146,7 +147,7 @@ def evaluate_passkey(model, tokenizer, distances: list[int], *, trials: int = 10
                 memory, net, context = None, model, local
                 if mode == "longmem":
                     memory = model.new_memory(1, **memory_kwargs)
-                    fill_memory(model, memory, mem_ids)
+                    fill_memory(model, memory, mem_ids, entries)
                 elif mode == "backbone":
                     net = PlainBackbone(model)
                 elif mode == FULL:

@@ -34,10 +34,40 @@ def split_context(ids: np.ndarray, local_len: int, chunk_size: int = 1) -> tuple
 
 
 @torch.no_grad()
-def fill_memory(model, memory, ids: np.ndarray) -> None:
+def fill_memory(model, memory, ids: np.ndarray, entries: "WindowEntries | None" = None) -> None:
     """Write ``ids`` into every row of ``memory`` (``model.write_memory``), so B continuations can later be
-    read against one past; nothing is scored."""
-    model.write_memory(torch.as_tensor(np.asarray(ids), dtype=torch.long).view(1, -1), memory)
+    read against one past; nothing is scored. With ``entries``, windows already seen are not read again."""
+    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long).view(1, -1)
+    if entries is None:
+        model.write_memory(ids, memory)
+        return
+    T = model.segment_length
+    for start in range(0, ids.shape[1], T):  # the windows write_memory reads, in its order
+        keys, values = entries.get(ids[:, start:start + T])
+        memory.add(keys.expand(memory.batch_size, -1, -1, -1), values.expand(memory.batch_size, -1, -1, -1))
+
+
+class WindowEntries:
+    """The memory entries of each window already read, by its token ids: what a window writes to a memory depends
+    on its tokens alone (``model.memory_entries``: the frozen backbone up to block m, positions from 0), so texts
+    that share windows (the pass-key test's filler, trial after trial) read each distinct window once. Holds at
+    most ``limit`` windows; past that, new windows are read and not kept."""
+
+    def __init__(self, model, limit: int = 256):
+        self.model, self.limit, self.kept = model, limit, {}
+        self.hits = self.misses = 0
+
+    def get(self, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = window.numpy().tobytes()
+        found = self.kept.get(key)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        found = self.model.memory_entries(window)
+        if len(self.kept) < self.limit:
+            self.kept[key] = found
+        return found
 
 
 @dataclass
