@@ -96,3 +96,21 @@ def test_adapt_blocks_upper_trains_the_memory_block_and_those_above(tiny_assets,
     assert json.loads((out / "state.json").read_text())["config"]["blocks"] == "upper"
     with torch.no_grad():
         assert model.sidenet.skipped_blocks() == set(range(j))
+
+
+def test_adapt_paper_start_trains_the_whole_sidenet(tiny_assets, tmp_path):
+    """--sidenet-init paper --blocks all, the paper's start and training (for comparison with the identity start):
+    every SideNet tensor trains, there are no residual scales, and the export loads as that model."""
+    out = tmp_path / "adapt"
+    args = ["adapt", "--backbone", str(tiny_assets["backbone"]), "--out", str(out), "--no-books", "--no-progress",
+            "--chat-fraction", "0", "--memory-max", "2048", "--local-max", "32", "--accumulate", "1", "--eval-every", "2",
+            "--sidenet-init", "paper", "--blocks", "all", "--max-steps", "2", "--export", str(tmp_path / "model")]
+    fresh = LongMem.from_backbone(tiny_assets["backbone"])  # the paper's start is LongMemConfig's default
+    assert main(args) == 0
+    trained = load_file(str(out / "trained.safetensors"))
+    assert set(trained) == {n for n, _ in fresh.sidenet.named_parameters()}
+    moved = [n for n, p in fresh.sidenet.named_parameters() if not torch.equal(p.detach(), trained[n])]
+    assert len(moved) > len(trained) // 2  # trained, not just saved
+    assert [json.loads(line)["alpha"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1.0, 1.0]
+    model = LongMem.from_pretrained(tmp_path / "model")
+    assert model.config.sidenet_init == "paper" and model.sidenet.scales is None

@@ -316,9 +316,9 @@ CASES = [
     cli("adapt-unknown-facts", "facts must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
         "--facts", "poems"),
     cli("adapt-unknown-blocks", "blocks must be one of", "adapt", "--backbone", "{backbone}", "--out", "{out}/adapt",
-        "--blocks", "all"),
-    cli("adapt-unknown-sidenet-init", "sidenet_init must be identity or memory-delta", "adapt", "--backbone", "{backbone}",
-        "--out", "{out}/adapt", "--sidenet-init", "paper"),
+        "--blocks", "every"),
+    cli("adapt-unknown-sidenet-init", "sidenet_init must be one of", "adapt", "--backbone", "{backbone}",
+        "--out", "{out}/adapt", "--sidenet-init", "zero"),
     # -- serve ---------------------------------------------------------------------------------
     cli("serve-public-host-without-keys", "binds to loopback only", "serve", *M, "--host", "0.0.0.0"),
     cli("serve-api-keys-missing", "no such file", "serve", *M, "--api-keys", "{missing}"),

@@ -36,7 +36,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("adapt", help="teach a SideNet to recall facts from its memory (the shipped default's recipe)",
                        description="Recall adaptation on a frozen backbone: the SideNet starts as the backbone "
                                    "(identity start), and only the memory-augmented block (with --blocks upper, also "
-                                   "the blocks above it), their residual scales and the gate train, on facts planted at "
+                                   "the blocks above it; with --blocks all, the whole SideNet), their residual scales "
+                                   "and the gate train, on facts planted at "
                                    "random depths in long haystacks held in memory, plus plain text. Resumable: run it "
                                    "again on the same --out to continue from the step reached. Prints the last "
                                    "held-out check as JSON.")
@@ -61,10 +62,11 @@ def add_parser(sub) -> None:
         ("local-max", int, "most haystack tokens before the question in the local window"),
         ("max-distractors", int, "most other facts planted beside the asked one"),
         ("chat-fraction", float, "share of recall examples written as chat turns"),
-        ("sidenet-init", str, "identity, or memory-delta (the memory block adds only what reading memory changes, so "
-                              "the model without memory stays the backbone)"),
-        ("blocks", str, "which SideNet blocks train: memory (the memory-augmented block only) or upper (it and every "
-                        "block above)"),
+        ("sidenet-init", str, "identity, memory-delta (the memory block adds only what reading memory changes, so "
+                              "the model without memory stays the backbone) or paper (the paper's start, for "
+                              "comparison; train it with --blocks all)"),
+        ("blocks", str, "which SideNet blocks train: memory (the memory-augmented block only), upper (it and every "
+                        "block above) or all (the whole SideNet, as the paper trains it)"),
         ("facts", str, "wordings of the planted facts: passkey, numbers, all (9 templates) or varied (all + 20 relations)"),
         ("haystacks", str, "haystacks: filler or all"),
         ("text-fraction", float, "share of plain-text examples"),

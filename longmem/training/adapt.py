@@ -5,7 +5,8 @@ This is how the shipped default over SmolLM2-135M-Instruct is made (``longmem ad
     the SideNet starts as the backbone (``sidenet_init="identity"``, every residual scale alpha_i = 0; or
     ``"memory-delta"``, where block j adds only what reading memory changes, so the model without memory stays the
     backbone: the shipped model's);
-    only the memory-augmented block j, its alpha_j and the gate train (``blocks="upper"``: the blocks above j too);
+    only the memory-augmented block j, its alpha_j and the gate train (``blocks="upper"``: the blocks above j too;
+    ``"all"``: the whole SideNet, which with ``sidenet_init="paper"`` is the paper's start and training, for comparison);
     each example: a long haystack in memory (filler, or novels), facts planted in it at random depths,
     the haystack's next tokens in the local window, a question, and the answer's tokens scored;
     a share of examples is plain text with its past in memory, every token scored, to keep the language.
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from longmem.data.chat import has_chat_template, user_turn
 from longmem.data.corpora import AUSTEN_DATA, AUSTEN_NOVELS, read_austen_rdata
 from longmem.data.needles import FACT_SETS, FILLER, Episode, episode
-from longmem.config import IDENTITY_INITS, LongMemConfig
+from longmem.config import INITS, LongMemConfig
 from longmem.dtypes import parse_dtype
 from longmem.errors import LongMemError
 from longmem.gguf import package_file, package_reference
@@ -51,7 +52,7 @@ TRAINED = "trained.safetensors"  # the trained SideNet tensors, fp32
 OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"
 METRICS = "metrics.jsonl"
-BLOCK_SETS = ("memory", "upper")  # which SideNet blocks adaptation trains (AdaptConfig.blocks)
+BLOCK_SETS = ("memory", "upper", "all")  # which SideNet blocks adaptation trains (AdaptConfig.blocks)
 
 
 @dataclass
@@ -83,8 +84,8 @@ class AdaptConfig:
                                f"{self.local_min}, {self.local_max}, {self.memory_min}, {self.memory_max}")
         if self.facts not in FACT_SETS:
             raise LongMemError(f"facts must be one of {FACT_SETS}, got {self.facts!r}")
-        if self.sidenet_init not in IDENTITY_INITS:
-            raise LongMemError(f"sidenet_init must be identity or memory-delta, got {self.sidenet_init!r}")
+        if self.sidenet_init not in INITS:
+            raise LongMemError(f"sidenet_init must be one of {INITS}, got {self.sidenet_init!r}")
         if self.blocks not in BLOCK_SETS:
             raise LongMemError(f"blocks must be one of {BLOCK_SETS}, got {self.blocks!r}")
         if self.precision not in ("fp32", "bf16"):
@@ -208,8 +209,6 @@ class Adapter:
 
     def __init__(self, model: LongMem, tokenizer, haystacks: dict[str, Haystack], out: Path, cfg: AdaptConfig,
                  text: str | None = None):
-        if model.config.sidenet_init not in IDENTITY_INITS:
-            raise LongMemError("recall adaptation needs a SideNet built with sidenet_init='identity' or 'memory-delta'")
         if cfg.chat_fraction > 0 and not has_chat_template(tokenizer):
             raise LongMemError("this backbone's tokenizer has no chat template, so there can be no chat examples; "
                                "pass --chat-fraction 0")
@@ -300,8 +299,9 @@ class Adapter:
                 self.save()
         return report
 
-    def alpha(self) -> float:  # the memory block's residual scale
-        return float(self.model.sidenet.scales[self.model.sidenet.memory_index].detach())
+    def alpha(self) -> float:  # the memory block's residual scale (1: the paper's start, which has none)
+        scales = self.model.sidenet.scales
+        return 1.0 if scales is None else float(scales[self.model.sidenet.memory_index].detach())
 
     @torch.no_grad()
     def check(self, trials: int = 8) -> dict:
@@ -368,7 +368,9 @@ class Adapter:
 
 def trainable_names(model: LongMem, blocks: str = "memory") -> list[str]:
     """What recall adaptation trains: the memory-augmented block j (``blocks="memory"``), or j and every block above it
-    (``"upper"``), with their residual scales, and the gate."""
+    (``"upper"``), with their residual scales, and the gate; or the whole SideNet (``"all"``, the paper's training)."""
+    if blocks == "all":
+        return sorted(n for n, _ in model.sidenet.named_parameters())
     j = model.sidenet.memory_index
     chosen = {j} if blocks == "memory" else set(range(j, model.sidenet.num_layers))
     return sorted(n for n, _ in model.sidenet.named_parameters()
