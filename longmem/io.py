@@ -31,6 +31,9 @@ SEAL = ("longmem_version", "format_version", "sha256")  # the keys write_result 
 CHECKPOINT_VERSION = 1
 CONFIG_FILE = "longmem.json"
 
+_UMASK = os.umask(0o022)  # read once, at import: os.umask can only be read by setting it
+os.umask(_UMASK)
+
 
 # --------------------------------------------------------------------------- writing and hashing
 
@@ -43,6 +46,7 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], None], fsync:
     tmp = f"{target}.tmp-{os.getpid()}"
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # as open() would; some writers (safetensors) create their files 0600
         if fsync:
             fsync_path(tmp)
         os.replace(tmp, target)

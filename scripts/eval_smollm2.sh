@@ -15,15 +15,16 @@ t demo $L demo "${MODEL[@]}" --json "$OUT/demo.json" --no-progress
 t facts $L eval facts "${MODEL[@]}" --tokens 16000 --json "$OUT/facts.json" --no-progress
 t facts_tiny $L eval facts --model longmem-tiny --tokens 16000 --json "$OUT/facts_tiny.json" --no-progress
 t passkey_short $L eval passkey "${MODEL[@]}" --distances 1000 4000 --trials 20 --full-context --json "$OUT/passkey_short.json" --no-progress
-t passkey_long $L eval passkey "${MODEL[@]}" --distances 16000 32000 --trials 10 --json "$OUT/passkey_long.json" --no-progress
+t passkey_long $L eval passkey "${MODEL[@]}" --distances 16000 32000 --trials 20 --json "$OUT/passkey_long.json" --no-progress
 $PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w').write(emma_text())"
 t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16384 --json "$OUT/ppl_emma.json" --no-progress
 [ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
 t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
-# RULER's needle in a haystack through the harness (pip install 'longmem[ruler]'; its haystack is generated offline);
-# one run per length, since --limit takes the first examples of the task and they are all of the first length
+# RULER through the harness (pip install 'longmem[ruler]'; its data are generated offline): a needle in a haystack,
+# the second of several keys, and variable tracking; one run per length, since --limit takes the first examples
+# of each task and they are all of the first length
 for n in 4096 16384; do
-  t ruler_$n $L eval harness --tasks niah_single_1 --model-args "pretrained=$NAME" --memory on off --limit 10 \
+  t ruler_$n $L eval harness --tasks niah_single_1 niah_multikey_2 vt --model-args "pretrained=$NAME" --memory on off --limit 10 \
       --metadata "{\"max_seq_lengths\": [$n]}" --output "$OUT/ruler_$n.json" --no-progress
 done
 rm -rf "$OUT/data"

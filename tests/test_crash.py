@@ -305,3 +305,19 @@ def test_saving_removes_what_a_writer_killed_mid_save_left_behind(tmp_path):
     live.write_bytes(b"another writer, still running")
     store.save("m", MemoryBank(1, num_heads=1, head_dim=2, chunk_size=1, memory_size=4))
     assert not stale.exists() and live.exists() and store.exists("m")
+
+
+def test_saved_files_are_readable_as_open_would_make_them(tiny_checkpoint, tmp_path):
+    """safetensors creates its files 0600; the atomic write gives them the mode open() would (umask 022: 0644), so a
+    model or a memory saved by one user can be read by another (a shared folder, a container's other user)."""
+    from longmem.memory import MemoryBank
+
+    old = os.umask(0o022)
+    try:
+        LongMem.from_pretrained(tiny_checkpoint).save_pretrained(tmp_path / "model")
+        MemoryStore(tmp_path / "memories").save("m", MemoryBank(1, num_heads=1, head_dim=2, chunk_size=1, memory_size=4))
+    finally:
+        os.umask(old)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
