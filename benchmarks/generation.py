@@ -10,6 +10,9 @@ token's forward per step, retrieval for that token only):
     recompute, full memory     the official code's way: for each new token, ``model(window)`` from
                                scratch over the whole local window, retrieving for every window token
     recompute, no memory       the same without memory
+    linears only (floor)       not a decoder: every nn.Linear of the model (backbone, SideNet, LM head) applied
+                               once to B single-token rows, back to back; what the weights alone cost per
+                               token on this machine, the floor under any decode loop of this model
 
 Prefill (feeding the prompt) is timed apart; tokens/s counts decoded tokens only (B x new tokens /
 decode time). The prompt plus the new tokens stay within the window (no slide), so every step costs
@@ -90,6 +93,19 @@ def main(argv=None) -> dict:
         common.sync(device)
         return time.perf_counter() - t0
 
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows_in = [torch.randn(B, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
+
+    @torch.no_grad()
+    def linears_case():
+        common.sync(device)
+        t0 = time.perf_counter()
+        for _ in range(N):
+            for m, x in zip(linears, rows_in):
+                m(x)
+        common.sync(device)
+        return time.perf_counter() - t0
+
     cases = {"kv cache, no memory": lambda: None, "kv cache, empty memory": lambda: model.new_memory(B),
              "kv cache, full memory": lambda: full_memory}
     rows, results = [], {}
@@ -97,9 +113,11 @@ def main(argv=None) -> dict:
         for fn in cases.values():
             kv_case(fn)
         recompute_case(full_memory)
+        linears_case()
     # interleaved repeats: load drift hits all cases alike
     samples = {name: ([], []) for name in cases}
     recompute = {"recompute, full memory": [], "recompute, no memory": []}
+    floor = []
     for _ in range(args.repeats):
         for name, fn in cases.items():
             pre, dec = kv_case(fn)
@@ -107,6 +125,7 @@ def main(argv=None) -> dict:
             samples[name][1].append(dec)
         recompute["recompute, full memory"].append(recompute_case(full_memory))
         recompute["recompute, no memory"].append(recompute_case(None))
+        floor.append(linears_case())
     assert all(full_memory.num_tokens(b) == M for b in range(B)), "decoding within the window must not write memory"
     for name, (pre, dec) in samples.items():
         d, p = common.summarize(dec), common.summarize(pre)
@@ -118,6 +137,10 @@ def main(argv=None) -> dict:
         results[name] = B * R / d["median_s"]
         rows.append({"case": name, "tokens": B * R, "tok_per_s": results[name], "ms_per_token": d["median_s"] / R * 1e3,
                      "min_ms_per_token": d["min_s"] / R * 1e3})
+    d = common.summarize(floor)
+    results["linears only (floor)"] = B * N / d["median_s"]
+    rows.append({"case": "linears only (floor)", "tokens": B * N, "tok_per_s": results["linears only (floor)"],
+                 "ms_per_token": d["median_s"] / N * 1e3, "min_ms_per_token": d["min_s"] / N * 1e3})
     base = results["kv cache, no memory"]
     for r in rows:
         r["vs_no_memory"] = r["tok_per_s"] / base
@@ -127,7 +150,8 @@ def main(argv=None) -> dict:
                       results["kv cache, full memory"] / results["recompute, full memory"], ">=", 5.0,
                       f"window {P}..{P + R} tokens recomputed per step"),
     ]
-    config = {"batch": B, "prompt": P, "new_tokens": N, "recompute_tokens": R, "memory_size_per_row": M, "window": W,
+    config = {"linears": len(linears), "linear_weight_mb": sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20,
+              "batch": B, "prompt": P, "new_tokens": N, "recompute_tokens": R, "memory_size_per_row": M, "window": W,
               "retrieval_backend": full_memory._backend(), "decoding": "greedy", "model": shape}
     return common.finish(args, "generation", config, rows, targets,
                          ["case", "tokens", "tok_per_s", "ms_per_token", "min_ms_per_token", "prefill_ms", "vs_no_memory"],
