@@ -17,6 +17,8 @@ t facts_tiny $L eval facts --model longmem-tiny --tokens 16000 --json "$OUT/fact
 t passkey_short $L eval passkey "${MODEL[@]}" --distances 1000 4000 --trials 20 --full-context --json "$OUT/passkey_short.json" --no-progress
 t passkey_long $L eval passkey "${MODEL[@]}" --distances 16000 32000 --trials 20 --json "$OUT/passkey_long.json" --no-progress
 $PY -c "from longmem.eval.facts import emma_text; open('$OUT/data/emma.txt', 'w').write(emma_text())"
+# the demo again on a held-out novel, the kind of text the model was adapted on (the default demo reads code)
+t demo_emma $L demo "${MODEL[@]}" --data "$OUT/data/emma.txt" --json "$OUT/demo_emma.json" --no-progress
 t ppl_emma $L eval ppl "${MODEL[@]}" --data "$OUT/data/emma.txt" --max-tokens 16384 --json "$OUT/ppl_emma.json" --no-progress
 [ -f "$OUT/data/corp/code/test.jsonl" ] || $L data code --out "$OUT/data/corp" > /dev/null
 t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --max-tokens 4096 --json "$OUT/ppl_code.json" --no-progress
@@ -24,7 +26,7 @@ t ppl_code $L eval ppl "${MODEL[@]}" --data "$OUT/data/corp/code/test.jsonl" --m
 # the second of several keys, and variable tracking; one run per length, since --limit takes the first examples
 # of each task and they are all of the first length
 for n in 4096 16384; do
-  t ruler_$n $L eval harness --tasks niah_single_1 niah_multikey_2 vt --model-args "pretrained=$NAME" --memory on off --limit 10 \
+  t ruler_$n $L eval harness --tasks niah_single_1 niah_multikey_2 ruler_vt --model-args "pretrained=$NAME" --memory on off --limit 10 \
       --metadata "{\"max_seq_lengths\": [$n]}" --output "$OUT/ruler_$n.json" --no-progress
 done
 rm -rf "$OUT/data"

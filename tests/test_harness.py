@@ -175,7 +175,15 @@ def test_unknown_task_is_one_line(checkpoint, cli, task_dir, capsys):
     assert cli("harness", "--tasks", "no_such_task", "--include-path", task_dir,
                "--model-args", f"pretrained={checkpoint}", "--no-progress") == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no_such_task" in err[0], err
+    assert len(err) == 1 and "no_such_task" in err[0] and "did you mean" not in err[0], err
+
+
+@pytest.mark.parametrize("name, meant", [("vt", "ruler_vt"), ("niah_singel_1", "niah_single_1")])
+def test_a_near_task_name_is_suggested(checkpoint, cli, task_dir, capsys, name, meant):
+    assert cli("harness", "--tasks", name, "--include-path", task_dir,
+               "--model-args", f"pretrained={checkpoint}", "--no-progress") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"did you mean {meant}" in err[0], err
 
 
 def _demos(n, seed=0):

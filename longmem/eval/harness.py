@@ -48,6 +48,7 @@ recomputation.
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 from collections import OrderedDict
@@ -392,6 +393,13 @@ def parse_model_args(text: str | None) -> dict:
         raise LongMemError(f"cannot read model arguments {text!r}; write them as key=value,key=value") from None
 
 
+def _near_task_names(name: str, known: list[str], n: int = 3) -> list[str]:
+    """Task names a mistyped or unprefixed ``name`` may have meant: ``vt`` -> ``ruler_vt``, ``niah_singel_1`` ->
+    ``niah_single_1``."""
+    affixed = sorted(k for k in known if k.endswith(f"_{name}") or k.startswith(f"{name}_"))[:n]
+    return affixed or difflib.get_close_matches(name, known, n=n, cutoff=0.85)
+
+
 def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", "backbone"), *, include_path=None,
                      num_fewshot: int | None = None, limit=None, metadata: dict | None = None,
                      progress: bool = True) -> dict:
@@ -413,7 +421,9 @@ def evaluate_harness(tasks: list[str], model_args: dict, memories=("on", "off", 
     missing = [t for t in tasks if not Path(t).is_file() and not manager.match_tasks([t])]
     if missing:
         where = f" or under {', '.join(map(str, include_path))}" if include_path else "; add --include-path DIR for your own"
-        raise LongMemError(f"unknown harness task(s) {', '.join(missing)}: not among the harness's tasks{where}")
+        near = sorted({n for t in missing for n in _near_task_names(t, manager.all_tasks)})
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise LongMemError(f"unknown harness task(s) {', '.join(missing)}: not among the harness's tasks{where}{hint}")
     report = {"modes": {}, "meta": {"tasks": list(tasks), "model_args": model_args, "num_fewshot": num_fewshot,
                                     "limit": limit, "lm_eval_version": lm_eval.__version__,
                                     "segment_length": first.model.segment_length}}
