@@ -432,8 +432,8 @@ def llama_cpp_rows(args, prompt, N: int, per_token: dict) -> tuple[list[dict], s
     try:
         import llama_cpp
     except ImportError:
-        return [], ("llama-cpp-python does not import here: PyPI has no binary wheel of it for this platform, and "
-                    "building its C++ source was beyond this machine's budget")
+        return [], ("llama-cpp-python is not installed: pip install 'longmem[llamacpp]' (it builds llama.cpp from "
+                    "source: cmake and a C++ compiler, minutes)")
     try:
         llm = llama_cpp.Llama(model_path=gguf, n_ctx=prompt.shape[1] + N + 8, n_threads=torch.get_num_threads(),
                               verbose=False)
