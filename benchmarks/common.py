@@ -34,6 +34,7 @@ if str(ROOT) not in sys.path:  # run as `python benchmarks/x.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from longmem.io import atomic_write  # noqa: E402
+from longmem.malloc import reuse_freed_memory  # noqa: E402
 
 # longmem-tiny's shape (models/longmem-tiny): used when no --model is given in full mode.
 DEFAULT_SHAPE = dict(vocab_size=8192, hidden_size=256, intermediate_size=688, num_hidden_layers=8,
@@ -73,6 +74,8 @@ def parser(name: str, description: str | None, full_repeats: int = 5) -> argpars
                         "(4 x 64; the default with --quick) or paper (GPT-2 medium: 24 x 1024, 355M parameters)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default os.cpu_count())")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system-malloc", action="store_true",
+                   help="leave glibc's malloc as it is (default: tuned as the longmem command line tunes it)")
     return p
 
 
@@ -97,6 +100,7 @@ def setup(args) -> torch.device:
         print(f"note: load average {args.load_at_start:.1f} on {os.cpu_count()} cores before this run: the figures are "
               f"contended (with another job running, --threads 1 avoids OpenMP oversubscription stalls)", file=sys.stderr)
     torch.set_num_threads(threads)
+    args.malloc = "system" if args.system_malloc or not reuse_freed_memory() else "reuse freed memory"
     try:  # faiss has its own OpenMP pool: give it the same number of threads
         import faiss
 
@@ -408,7 +412,8 @@ def finish(args, name: str, config: dict, results: list[dict], targets: list[dic
         "benchmark": name,
         "mode": args.mode,
         "command": " ".join([f"python benchmarks/{name}.py"] + args.argv),
-        "machine": {**machine_info(args.device), "load_avg_1m_start": getattr(args, "load_at_start", None)},
+        "machine": {**machine_info(args.device), "load_avg_1m_start": getattr(args, "load_at_start", None),
+                    "malloc": getattr(args, "malloc", None)},
         "config": config,
         "results": results,
         "targets": targets,

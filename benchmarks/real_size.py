@@ -13,6 +13,8 @@ same whatever the keys) in turn:
     decode       ``generate_stream`` (Decoder: KV caches, retrieval per token) with a     | ``model.generate`` of the HF copy
                  full memory, without memory, and ``PlainBackbone`` through the same       |   (its own KV cache), greedy,
                  Decoder; ms per token after the first (prefill apart)                   |   the same prompt and length
+                 linears only (floor): not a decoder; every nn.Linear a LongMem token runs (the backbone's, the
+                 SideNet blocks not skipped, the LM head) applied once to one row: the weights' cost alone
     adaptation   ``train_step`` on a ``MicroBatch`` with its own memory (``longmem adapt``'s path; AdamW, clipping
                  and autocast of ``longmem train``), for each training configuration, at segments 256 and 512:
                    full          the whole SideNet trains (every alpha too, so no block is skipped)
@@ -302,15 +304,36 @@ def decode_rows(args, model, hf, banks, prompt, N: int, where) -> list[dict]:
                     streamer=s, pad_token_id=0, eos_token_id=None)
         return s.t
 
+    # the floor: the weights a LongMem token reads, as matrix-vector products and nothing else
+    with torch.no_grad():
+        skipped = model.sidenet.skipped_blocks()
+    blocks = [b for i, b in enumerate(model.sidenet.blocks) if i not in skipped]
+    linears = [m for part in (model.backbone.model, *blocks) for m in part.modules() if isinstance(m, torch.nn.Linear)]
+    linears = list({id(m): m for m in linears}.values())  # the LM head once (a tied head is the embedding's weight)
+    rows_in = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype, device=device) for m in linears]
+
+    @torch.no_grad()
+    def linears_only():
+        stamps = [_now(device)]
+        for _ in range(N):
+            for m, x in zip(linears, rows_in):
+                m(x)
+            stamps.append(_now(device))
+        return stamps
+
     cases = {f"longmem, {M:,}-token memory": longmem(model, bank) for M, bank in banks.items()}
     cases["longmem, no memory"] = longmem(model, None)
     cases["PlainBackbone (same Decoder)"] = longmem(PlainBackbone(model), None)
     cases["HF generate (KV cache)"] = hf_generate
+    cases["linears only (floor)"] = linears_only
     per_token, prefill = _stamped_rounds(cases, args, N)
     ref = per_token["HF generate (KV cache)"]["median_s"]
     memory = {f"longmem, {M:,}-token memory": M for M in banks}
+    weight_mb = sum(m.weight.numel() * m.weight.element_size() for m in linears) / 1e6
     return [row("decode", name, where, s, 1, ref, "HF generate", memory=memory.get(name, 0), segment=prompt.shape[1],
-                prefill_ms=prefill[name]["median_s"] * 1e3, new_tokens=N) for name, s in per_token.items()]
+                prefill_ms=prefill[name]["median_s"] * 1e3, new_tokens=N,
+                **({"linears": len(linears), "weight_mb": weight_mb} if name == "linears only (floor)" else {}))
+            for name, s in per_token.items()]
 
 
 def _now(device) -> float:

@@ -163,8 +163,7 @@ def pretrain_rate(cfg: PretrainConfig, tokenizer, steps: int) -> float:
     device = resolve_device(cfg.device)
     torch.manual_seed(0)
     model = build_model(cfg, tokenizer).to(device)
-    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
-                fused=device.type == "cuda")
+    opt = adamw(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
     optim = Optimization(opt, None, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),
                          cfg.grad_clip, torch.bfloat16 if cfg.precision == "bf16" else None)
     x = torch.randint(len(tokenizer), (cfg.batch_size, cfg.seq_len + 1), device=device)

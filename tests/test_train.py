@@ -288,3 +288,29 @@ def test_a_damaged_trainer_state_is_detected_on_resume(tiny_assets, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert "trainer.pt is damaged (checksum mismatch)" in err and len(err.splitlines()) == 1
     assert state.read_bytes() == bytes(raw)  # left as it was
+
+
+def test_adamw_is_fused_on_cpu_and_updates_as_the_unfused_one():
+    from longmem.training.step import adamw
+
+    torch.manual_seed(0)
+    weights = [torch.randn(6, 5), torch.randn(5)]  # a matrix (decayed) and a vector (not decayed)
+    grads = [[torch.randn_like(w) for w in weights] for _ in range(3)]
+
+    def run(fused: bool):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = adamw(params, lr=1e-2)
+        assert all(g["fused"] for g in opt.param_groups)  # what `longmem train`, `adapt` and `pretrain` get on CPU
+        if not fused:
+            opt = torch.optim.AdamW(opt.param_groups, foreach=False)
+        assert [g["weight_decay"] for g in opt.param_groups] == [0.01, 0.0]
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        return params
+
+    fused, plain = run(True), run(False)
+    assert not torch.equal(fused[0], weights[0])
+    for a, b in zip(fused, plain):
+        assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -15,6 +15,7 @@ from longmem.cli import adapt, data, demo
 from longmem.cli import eval as evaluate
 from longmem.cli import memory, pretrain, serve, staleness, train
 from longmem.errors import LongMemError
+from longmem.malloc import reuse_freed_memory
 
 # each registers one or more subcommands via add_parser(subparsers), in this order in --help
 COMMANDS = (data, pretrain, train, adapt, demo, memory, staleness, evaluate, serve)
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
+    reuse_freed_memory()  # every command allocates the same large blocks over and over
     try:
         return int(args.func(args) or 0)
     except LongMemError as e:

@@ -335,8 +335,7 @@ def set_up(cfg: PretrainConfig, progress: bool) -> PretrainRun:
     if cfg.init_from and not resuming:
         load_init(model, cfg.init_from)
     model.to(device)
-    opt = adamw(model.parameters(), cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay,
-                fused=device.type == "cuda")
+    opt = adamw(model.parameters(), cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=cfg.weight_decay)
     sched = schedule(opt, warmup=cfg.warmup, total=cfg.max_steps, decay="cosine", final=cfg.min_lr_ratio)
     amp = torch.bfloat16 if cfg.precision == "bf16" else None
     optim = Optimization(opt, sched, torch.amp.GradScaler(device.type, enabled=False), list(model.parameters()),

@@ -65,14 +65,19 @@ class StepStats:
     finite: bool  # False: the loss was inf/nan and no optimizer step was taken
 
 
-def adamw(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.01,
-          fused: bool = False) -> torch.optim.AdamW:
+def adamw(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.01) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: 1-D parameters (norms, biases, LongMem's gate) are not
-    decayed (fairseq, the official release, decays all)."""
+    decayed (fairseq, the official release, decays all).
+
+    On CPU and CUDA it is torch's fused AdamW: one kernel over all parameters instead of a dozen passes (a full
+    SideNet of SmolLM2-135M, 53M parameters, steps in a third of the time on 2 CPU cores), the same update to
+    float rounding."""
     params = list(params)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float16, torch.bfloat16)
+                for p in params)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused or None)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, decay: str = "linear", final: float = 0.0) -> float:
