@@ -1,6 +1,6 @@
 """Real size: the shipped model over SmolLM2-135M-Instruct, every path against the backbone, in one run.
 
-The model is ``smollm2-135m-longmem`` (30-layer backbone, 15 identity-start SideNet blocks, memory layer m = 21,
+The model is ``smollm2-135m-longmem`` (30-layer backbone, 15 memory-delta-start SideNet blocks, memory layer m = 21,
 window 512); the reference is the same backbone run by transformers itself (a copy of the same weights, its
 default attention), on the same tokens, timed in the same rounds (interleaved, so load drift hits both alike).
 Each precision (fp32; bf16: weights in bf16, training under bf16 autocast with an fp32 SideNet, as

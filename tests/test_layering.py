@@ -18,7 +18,7 @@ PKG = Path(__file__).resolve().parent.parent / "longmem"
 TASKS = ("longmem.data", "longmem.training", "longmem.eval", "longmem.store", "longmem.stream_loss", "longmem.staleness")
 CORE = ("longmem.attention", "longmem.backbone", "longmem.baselines", "longmem.cache", "longmem.generation",
         "longmem.gguf", "longmem.loading", "longmem.memory", "longmem.model", "longmem.sidenet")
-BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.plots", "longmem.tokens")
+BASE = ("longmem.config", "longmem.dtypes", "longmem.errors", "longmem.io", "longmem.malloc", "longmem.plots", "longmem.tokens")
 
 
 def layer(module: str) -> int:
