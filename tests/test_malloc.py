@@ -1,5 +1,7 @@
-"""The command line's malloc setting: a large block freed and allocated again is reused, not faulted in anew."""
+"""The command line's malloc setting: a large block freed and allocated again is reused, not faulted in anew
+(unless ``LONGMEM_MALLOC=system`` opts out)."""
 
+import os
 import subprocess
 import sys
 
@@ -10,9 +12,9 @@ from longmem.malloc import reuse_freed_memory
 PROBE = r"""
 import resource, sys
 import torch
-if sys.argv[1] == "reuse":
+if sys.argv[1] != "system":
     from longmem.malloc import reuse_freed_memory
-    assert reuse_freed_memory()
+    assert reuse_freed_memory() == (sys.argv[1] == "reuse")  # "opted out": LONGMEM_MALLOC=system
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 pages = []
@@ -27,13 +29,15 @@ print(pages[-1])
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
-    def last_round_faults(mode: str) -> int:
-        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    def last_round_faults(mode: str, **env) -> int:
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                             env={**os.environ, "LONGMEM_MALLOC": "", **env})
         return int(out.stdout)
 
     system, reused = last_round_faults("system"), last_round_faults("reuse")
     assert system > 5_000  # 100 MB mapped afresh: one fault per 4 KB page (fewer with huge pages, still thousands)
     assert reused < system / 20
+    assert last_round_faults("opted out", LONGMEM_MALLOC="system") > system / 2  # glibc's default left alone
 
 
 def test_the_command_line_tunes_malloc_before_a_command_runs(monkeypatch, tmp_path):
