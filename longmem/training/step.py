@@ -69,9 +69,9 @@ def adamw(params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay:
     """AdamW with weight decay on matrices only: 1-D parameters (norms, biases, LongMem's gate) are not
     decayed (fairseq, the official release, decays all).
 
-    On CPU and CUDA it is torch's fused AdamW: one kernel over all parameters instead of a dozen passes (a full
-    SideNet of SmolLM2-135M, 53M parameters, steps in a third of the time on 2 CPU cores), the same update to
-    float rounding."""
+    On CPU and CUDA it is torch's fused AdamW: one kernel over all parameters instead of a dozen passes (for a full
+    SideNet of SmolLM2-135M, 53M parameters, 21 ms a step against 49 on 2 CPU cores), the same update to float
+    rounding."""
     params = list(params)
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
