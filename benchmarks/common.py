@@ -346,6 +346,22 @@ def make_model(args, device: torch.device, **config):
     return model, desc
 
 
+class LinearsFloor:
+    """The floor under any decode loop: every ``nn.Linear`` of ``modules`` (each once: a tied LM head once) applied to
+    B single-token rows, and nothing else; what the weights alone cost per decoded token."""
+
+    def __init__(self, modules, batch: int, device):
+        found = (m for part in modules for m in part.modules() if isinstance(m, torch.nn.Linear))
+        self.linears = list({id(m): m for m in found}.values())
+        self.inputs = [torch.randn(batch, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in self.linears]
+        self.weight_bytes = sum(m.weight.numel() * m.weight.element_size() for m in self.linears)
+
+    @torch.no_grad()
+    def token(self) -> None:
+        for m, x in zip(self.linears, self.inputs):
+            m(x)
+
+
 def fill_memory(bank, tokens: int, seed: int = 0, piece: int = 65536) -> None:
     """Write ``tokens`` random tokens into every row of ``bank`` (in pieces, so peak memory stays low).
 

@@ -93,16 +93,13 @@ def main(argv=None) -> dict:
         common.sync(device)
         return time.perf_counter() - t0
 
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    rows_in = [torch.randn(B, 1, m.in_features, device=device, dtype=m.weight.dtype) for m in linears]
+    floor_model = common.LinearsFloor([model], B, device)
 
-    @torch.no_grad()
     def linears_case():
         common.sync(device)
         t0 = time.perf_counter()
         for _ in range(N):
-            for m, x in zip(linears, rows_in):
-                m(x)
+            floor_model.token()
         common.sync(device)
         return time.perf_counter() - t0
 
@@ -150,7 +147,7 @@ def main(argv=None) -> dict:
                       results["kv cache, full memory"] / results["recompute, full memory"], ">=", 5.0,
                       f"window {P}..{P + R} tokens recomputed per step"),
     ]
-    config = {"linears": len(linears), "linear_weight_mb": sum(m.weight.numel() * m.weight.element_size() for m in linears) / 2**20,
+    config = {"linears": len(floor_model.linears), "linear_weight_mb": floor_model.weight_bytes / 2**20,
               "batch": B, "prompt": P, "new_tokens": N, "recompute_tokens": R, "memory_size_per_row": M, "window": W,
               "retrieval_backend": full_memory._backend(), "decoding": "greedy", "model": shape}
     return common.finish(args, "generation", config, rows, targets,

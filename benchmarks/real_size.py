@@ -308,16 +308,12 @@ def decode_rows(args, model, hf, banks, prompt, N: int, where) -> list[dict]:
     with torch.no_grad():
         skipped = model.sidenet.skipped_blocks()
     blocks = [b for i, b in enumerate(model.sidenet.blocks) if i not in skipped]
-    linears = [m for part in (model.backbone.model, *blocks) for m in part.modules() if isinstance(m, torch.nn.Linear)]
-    linears = list({id(m): m for m in linears}.values())  # the LM head once (a tied head is the embedding's weight)
-    rows_in = [torch.randn(1, 1, m.in_features, dtype=m.weight.dtype, device=device) for m in linears]
+    floor = common.LinearsFloor([model.backbone.model, *blocks], 1, device)
 
-    @torch.no_grad()
     def linears_only():
         stamps = [_now(device)]
         for _ in range(N):
-            for m, x in zip(linears, rows_in):
-                m(x)
+            floor.token()
             stamps.append(_now(device))
         return stamps
 
@@ -329,10 +325,9 @@ def decode_rows(args, model, hf, banks, prompt, N: int, where) -> list[dict]:
     per_token, prefill = _stamped_rounds(cases, args, N)
     ref = per_token["HF generate (KV cache)"]["median_s"]
     memory = {f"longmem, {M:,}-token memory": M for M in banks}
-    weight_mb = sum(m.weight.numel() * m.weight.element_size() for m in linears) / 1e6
     return [row("decode", name, where, s, 1, ref, "HF generate", memory=memory.get(name, 0), segment=prompt.shape[1],
                 prefill_ms=prefill[name]["median_s"] * 1e3, new_tokens=N,
-                **({"linears": len(linears), "weight_mb": weight_mb} if name == "linears only (floor)" else {}))
+                **({"linears": len(floor.linears), "weight_mb": floor.weight_bytes / 1e6} if name == "linears only (floor)" else {}))
             for name, s in per_token.items()]
 
 
